@@ -1,0 +1,113 @@
+"""What every DataModule of the package shares: a resolved tokenizer and loader construction.
+
+A DataModule tells the LightningModule what the data implies (vocabulary size, label names,
+image shape) through :meth:`TextDataModule.model_arguments`; the CLI fills those into the model's
+arguments so a YAML file never repeats them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_efficient.data.tokenizers import cached_tokenizer, check_special_tokens, load_tokenizer
+from lightning_efficient.errors import ConfigurationError
+
+__all__ = ["ListDataset", "EfficientDataModule", "TextDataModule"]
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over an in-memory list of examples."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class EfficientDataModule(pl.LightningDataModule):
+    """Base DataModule: batch size, workers and seed checks, and loader construction."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ConfigurationError(f"batch_size={batch_size} must be a positive integer")
+        if num_workers < 0:
+            raise ConfigurationError(f"num_workers={num_workers} must be >= 0")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def model_arguments(self) -> dict[str, Any]:
+        """Arguments that the data decides for the model (e.g. ``vocab_size``, ``num_labels``)."""
+        return {}
+
+    def _loader(self, items: Sequence[Any], collate: Callable, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            ListDataset(items),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class TextDataModule(EfficientDataModule):
+    """Base of the text DataModules: owns the tokenizer.
+
+    The tokenizer comes from ``tokenizer`` (a ``tokenizer.json`` or one of our checkpoints) or is
+    trained on the training texts and cached. It is resolved on first use, so that a ``predict``
+    run from a checkpoint never trains one.
+    """
+
+    tokenizer_kind: str = "wordpiece"
+    special_tokens: Sequence[str] = ()
+
+    def __init__(
+        self, tokenizer: str | None, vocab_size: int, batch_size: int, num_workers: int, seed: int
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if vocab_size <= len(self.special_tokens):
+            raise ConfigurationError(
+                f"vocab_size={vocab_size} must be larger than the {len(self.special_tokens)} special tokens"
+            )
+        self.tokenizer_source = tokenizer
+        self.target_vocab_size = vocab_size
+        self._tokenizer: Tokenizer | None = None
+
+    def tokenizer_training_texts(self) -> list[str]:
+        """The texts a new tokenizer is trained on (subclasses read their training files)."""
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded or trained (and cached) on first access."""
+        if self._tokenizer is None:
+            if self.tokenizer_source is not None:
+                tokenizer = load_tokenizer(self.tokenizer_source)
+                check_special_tokens(tokenizer, self.special_tokens, self.tokenizer_source)
+            else:
+                texts = self.tokenizer_training_texts()
+                tokenizer = cached_tokenizer(self.tokenizer_kind, texts, self.target_vocab_size)
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens of the resolved tokenizer."""
+        return self.tokenizer.get_vocab_size()
+
+    def model_arguments(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size}

@@ -1,0 +1,190 @@
+"""DataModule for image classification: Fashion-MNIST (28x28 grayscale) by default.
+
+Reads the embedded 12k-image Fashion-MNIST subset, a user's ``.npz`` with the same keys, or a
+csv / jsonl with a label column and one column per pixel (the Kaggle Fashion-MNIST layout).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_efficient.data.base import EfficientDataModule
+from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.errors import ConfigurationError, DataError
+
+__all__ = ["ImageClassificationDataModule", "FASHION_MNIST_LABELS"]
+
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+_NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise DataError(f"data file {path!r} does not exist or is not a file")
+    try:
+        with np.load(path) as archive:
+            missing = [k for k in _NPZ_KEYS[:2] if k not in archive.files]
+            if missing:
+                raise DataError(f"npz file {path!r} lacks arrays {missing}; it has {archive.files}, needs {list(_NPZ_KEYS)}")
+            return {k: archive[k] for k in _NPZ_KEYS if k in archive.files}
+    except (OSError, ValueError) as err:
+        raise DataError(f"data file {path!r} cannot be read as .npz: {err}") from err
+
+
+def _load_table(path: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    records = read_records(path)
+    labels = read_column(records, label_column, path)
+    pixel_columns = [c for c in records[0] if c != label_column]
+    side = math.isqrt(len(pixel_columns))
+    if side * side != len(pixel_columns) or side == 0:
+        raise DataError(
+            f"data file {path!r} has {len(pixel_columns)} pixel columns besides {label_column!r}; "
+            "expected a square image (e.g. 784 = 28x28)"
+        )
+    images = np.asarray([[float(r[c]) for c in pixel_columns] for r in records], dtype=np.float32)
+    return images.reshape(-1, side, side), np.asarray(labels)
+
+
+class ImageClassificationDataModule(EfficientDataModule):
+    """Square grayscale images with integer or string labels, for the ViT classifier.
+
+    Pixels are scaled to [0, 1] and standardised with the training set's mean and std.
+    Batches are ``{"pixel_values": (B, 1, H, W) float32, "labels": (B,) int64}``.
+
+    Args:
+        train_file: ``.npz`` with ``train_images`` / ``train_labels`` (and optionally
+            ``test_images`` / ``test_labels``), or a csv / jsonl with ``label_column`` and one
+            column per pixel; default: the embedded Fashion-MNIST subset (10k train, 2k test).
+        test_file: A csv / jsonl test set; an ``.npz`` train file supplies its own test arrays.
+        label_column: Label column of csv / jsonl files.
+        label_names: Class names in label order; default: Fashion-MNIST's names for the
+            embedded data, the sorted distinct labels otherwise.
+        val_fraction: Share of the training images held out for validation.
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the validation split.
+
+    Example:
+        >>> dm = ImageClassificationDataModule(batch_size=8)
+        >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["pixel_values"].shape
+        torch.Size([8, 1, 28, 28])
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        test_file: str | None = None,
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+        if not 0.0 < val_fraction < 0.5:
+            raise ConfigurationError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
+        self.train_file = train_file or embedded_path("fashion_mnist_12k.npz")
+        self.test_file = test_file
+        self.label_column = label_column
+        self.val_fraction = val_fraction
+        self._label_names = label_names if label_names is not None else (None if train_file else FASHION_MNIST_LABELS)
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._raw: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if self._raw is None:
+            if self.train_file.endswith(".npz"):
+                arrays = _load_npz(self.train_file)
+                raw = {"train": (arrays["train_images"], arrays["train_labels"])}
+                if "test_images" in arrays and "test_labels" in arrays:
+                    raw["test"] = (arrays["test_images"], arrays["test_labels"])
+            else:
+                raw = {"train": _load_table(self.train_file, self.label_column)}
+            if self.test_file:
+                raw["test"] = _load_table(self.test_file, self.label_column)
+            self._raw = raw
+        return self._raw
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names; index ``i`` is class ``i``."""
+        if self._label_names is None:
+            self._label_names = [str(v) for v in sorted(set(self._load()["train"][1].tolist()))]
+        return self._label_names
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images in pixels."""
+        return int(self._load()["train"][0].shape[-1])
+
+    def model_arguments(self) -> dict[str, Any]:
+        return {"num_labels": len(self.label_names), "image_size": self.image_size, "label_names": self.label_names}
+
+    def _label_ids(self, labels: np.ndarray, split: str) -> torch.Tensor:
+        names = self.label_names
+        if labels.dtype.kind in "iu" and self._label_names is not None and len(names) > int(labels.max()):
+            return torch.as_tensor(labels, dtype=torch.long)
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(v) for v in labels.tolist()} - set(index))
+        if unknown:
+            raise DataError(f"{split} labels {unknown[:10]} are not among the label names {names}")
+        return torch.tensor([index[str(v)] for v in labels.tolist()], dtype=torch.long)
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        raw = self._load()
+        images, labels = raw["train"]
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise DataError(f"training images of {self.train_file!r} have shape {images.shape}; expected (N, H, H)")
+        scale = 255.0 if images.dtype == np.uint8 or images.max() > 1.0 else 1.0
+        pixels = torch.as_tensor(images, dtype=torch.float32) / scale
+        mean, std = pixels.mean(), pixels.std().clamp_min(1e-6)
+        label_ids = self._label_ids(labels, "train")
+        train, val = split_indices(len(pixels), [self.val_fraction], self.seed)
+
+        def normalise(x: torch.Tensor) -> torch.Tensor:
+            return ((x - mean) / std).unsqueeze(1)  # (N, 1, H, W)
+
+        self.splits = {
+            "train": (normalise(pixels[train]), label_ids[train]),
+            "val": (normalise(pixels[val]), label_ids[val]),
+        }
+        if "test" in raw:
+            test_images, test_labels = raw["test"]
+            test_pixels = torch.as_tensor(test_images, dtype=torch.float32) / scale
+            self.splits["test"] = (normalise(test_pixels), self._label_ids(test_labels, "test"))
+        else:
+            self.splits["test"] = self.splits["val"]
+
+    @staticmethod
+    def _collate(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.stack([x for x, _ in examples]),
+            "labels": torch.stack([y for _, y in examples]),
+        }
+
+    def _items(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.splits[split]
+        return list(zip(images, labels))
+
+    def train_dataloader(self):
+        return self._loader(self._items("train"), self._collate, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self._items("val"), self._collate, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self._items("test"), self._collate, shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader(self._items("test"), self._collate, shuffle=False)

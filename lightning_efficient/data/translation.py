@@ -1,0 +1,169 @@
+"""DataModule for machine translation: verse-aligned English -> French by default.
+
+The default is the embedded World English Bible / Louis Segond 1910 verse pairs; a user's jsonl
+or csv files with a source and a target column work the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_efficient.data.base import TextDataModule
+from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.data.text import pad_batch
+from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
+from lightning_efficient.errors import ConfigurationError, DataError
+
+__all__ = ["TranslationDataModule"]
+
+
+class TranslationDataModule(TextDataModule):
+    """Sentence pairs for an encoder-decoder model, with one subword vocabulary for both sides.
+
+    Pairs whose source or target exceeds ``max_length`` tokens are left out of training and
+    evaluation (Bible verses are long-tailed); ``predict`` truncates instead. Batches are
+    ``{"input_ids", "attention_mask", "labels", "source_text", "target_text"}`` where
+    ``labels`` holds the target ids padded with -100.
+
+    Args:
+        train_files: jsonl / csv files of pairs; default: the embedded en-fr verse pairs.
+        source_column: Column of the source sentence.
+        target_column: Column of the reference translation.
+        val_files: Validation files; default: ``val_fraction`` of the training pairs.
+        val_fraction: Share held out for validation when ``val_files`` is not given.
+        test_fraction: Share held out for ``test``.
+        max_val_samples: Cap on validation / test pairs (BLEU needs generation, which is slow).
+        predict_files: Source sentences to translate (txt, jsonl or csv, ``source_column``);
+            default: the validation sources.
+        tokenizer: A ``tokenizer.json`` or a checkpoint of ours; default: train a shared BPE
+            vocabulary on both sides of the training pairs (cached).
+        vocab_size: Target size of a newly trained vocabulary.
+        max_length: Longest source or target in tokens, ``</s>`` included.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the held-out split.
+
+    Example:
+        >>> dm = TranslationDataModule(vocab_size=8000, max_length=48)  # doctest: +SKIP
+        >>> dm.setup("fit"); sorted(next(iter(dm.train_dataloader())))  # doctest: +SKIP
+        ['attention_mask', 'input_ids', 'labels', 'source_text', 'target_text']
+    """
+
+    tokenizer_kind = "bpe"
+    special_tokens = MT_SPECIAL_TOKENS
+
+    def __init__(
+        self,
+        train_files: list[str] | None = None,
+        source_column: str = "en",
+        target_column: str = "fr",
+        val_files: list[str] | None = None,
+        val_fraction: float = 0.02,
+        test_fraction: float = 0.02,
+        max_val_samples: int | None = 256,
+        predict_files: list[str] | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 16000,
+        max_length: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 0.5:
+                raise ConfigurationError(f"{name}={value} must lie in [0, 0.5)")
+        if max_length < 4:
+            raise ConfigurationError(f"max_length={max_length} must be at least 4")
+        if max_val_samples is not None and max_val_samples <= 0:
+            raise ConfigurationError(f"max_val_samples={max_val_samples} must be positive or None")
+        self.train_files = list(train_files) if train_files else [embedded_path("bible_en_fr.jsonl.gz")]
+        self.source_column = source_column
+        self.target_column = target_column
+        self.val_files = val_files
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.max_val_samples = max_val_samples
+        self.predict_files = predict_files
+        self.max_length = max_length
+        self._pairs: dict[str, list[tuple[str, str]]] = {}
+        self.splits: dict[str, list[tuple[list[int], list[int], str, str]]] = {}
+
+    def _read_pairs(self, files: Sequence[str]) -> list[tuple[str, str]]:
+        pairs: list[tuple[str, str]] = []
+        for file in files:
+            records = read_records(file, self.source_column)
+            sources = read_column(records, self.source_column, file)
+            targets = read_column(records, self.target_column, file)
+            pairs.extend((str(s), str(t)) for s, t in zip(sources, targets) if str(s).strip() and str(t).strip())
+        return pairs
+
+    def _load_pairs(self) -> None:
+        if self._pairs:
+            return
+        pairs = self._read_pairs(self.train_files)
+        if self.val_files:
+            train, test = split_indices(len(pairs), [self.test_fraction], self.seed)
+            self._pairs = {"train": [pairs[i] for i in train], "val": self._read_pairs(self.val_files), "test": [pairs[i] for i in test]}
+        else:
+            parts = split_indices(len(pairs), [self.val_fraction, self.test_fraction], self.seed)
+            self._pairs = {name: [pairs[i] for i in part] for name, part in zip(("train", "val", "test"), parts)}
+
+    def tokenizer_training_texts(self) -> list[str]:
+        self._load_pairs()
+        return [text for pair in self._pairs["train"] for text in pair]
+
+    def setup(self, stage: str) -> None:
+        if self.splits or (stage == "predict" and self.predict_files):
+            return  # predicting from files needs no training data
+        self._load_pairs()
+        for name, pairs in self._pairs.items():
+            sources = self.tokenizer.encode_batch([s for s, _ in pairs])
+            targets = self.tokenizer.encode_batch([t for _, t in pairs])
+            kept = [
+                (src.ids, tgt.ids, s, t)
+                for src, tgt, (s, t) in zip(sources, targets, pairs)
+                if len(src.ids) <= self.max_length and len(tgt.ids) <= self.max_length
+            ]
+            if name != "train" and self.max_val_samples is not None:
+                kept = kept[: self.max_val_samples]
+            self.splits[name] = kept
+        if not self.splits["train"]:
+            raise DataError(f"no training pair of {self.train_files} fits max_length={self.max_length} tokens")
+
+    def _collate(self, examples: list[tuple[list[int], list[int], str, str]]) -> dict[str, Any]:
+        input_ids, attention_mask = pad_batch([src for src, _, _, _ in examples])
+        targets, target_mask = pad_batch([tgt for _, tgt, _, _ in examples])
+        labels = targets.masked_fill(target_mask == 0, -100)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "source_text": [s for _, _, s, _ in examples],
+            "target_text": [t for _, _, _, t in examples],
+        }
+
+    def _collate_predict(self, texts: list[str]) -> dict[str, Any]:
+        encoded = [e.ids[: self.max_length - 1] + e.ids[-1:] for e in self.tokenizer.encode_batch(texts)]
+        input_ids, attention_mask = pad_batch(encoded)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "source_text": texts}
+
+    def train_dataloader(self):
+        return self._loader(self.splits["train"], self._collate, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.splits["val"], self._collate, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.splits["test"], self._collate, shuffle=False)
+
+    def predict_dataloader(self):
+        if self.predict_files:
+            texts = []
+            for file in self.predict_files:
+                texts.extend(str(t) for t in read_column(read_records(file, self.source_column), self.source_column, file))
+        else:
+            texts = [s for _, _, s, _ in self.splits["val"]]
+        return self._loader(texts, self._collate_predict, shuffle=False)

@@ -1,0 +1,156 @@
+"""The base LightningModule of the package: optimizer defaults and self-describing checkpoints.
+
+Every checkpoint written by one of our modules carries, under ``checkpoint["lightning_efficient"]``,
+the module's class name and (for text models) the tokenizer, so ``predict`` needs nothing but the
+checkpoint, and loading a checkpoint into the wrong model type fails with a message saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from tokenizers import Tokenizer
+
+from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+
+__all__ = ["EfficientModule", "decay_parameter_groups", "require_argument", "warmup_schedule"]
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split parameters into a weight-decayed group and a no-decay group (biases, norm weights).
+
+    The rule works on any model: a parameter with fewer than two dimensions (bias, LayerNorm
+    scale) gets no weight decay, as in the BERT recipe.
+
+    Example:
+        >>> groups = decay_parameter_groups(torch.nn.Linear(3, 2), weight_decay=0.01)
+        >>> [len(g["params"]) for g in groups], [g["weight_decay"] for g in groups]
+        ([1, 1], [0.01, 0.0])
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def warmup_schedule(step: int, warmup_steps: int, total_steps: int, shape: str) -> float:
+    """LR multiplier: linear warmup to 1, then ``linear`` / ``cosine`` decay to 0, or ``constant``.
+
+    Example:
+        >>> [round(warmup_schedule(s, 2, 10, "linear"), 3) for s in (0, 1, 2, 6, 10)]
+        [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if shape == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def require_argument(name: str, value: Any, hint: str) -> Any:
+    """Return ``value``, or fail naming ``name`` when it is missing or not positive."""
+    if value is None:
+        raise ConfigurationError(f"{name} is required: {hint} (the lightning-efficient CLI fills it from the data)")
+    if isinstance(value, int) and value <= 0:
+        raise ConfigurationError(f"{name}={value} must be a positive integer")
+    return value
+
+
+class EfficientModule(pl.LightningModule):
+    """Base of the package's LightningModules.
+
+    Provides AdamW with BERT-style decay groups and a warmup schedule (LightningCLI's
+    ``optimizer:`` / ``lr_scheduler:`` blocks replace it), checkpoint metadata, and the check that
+    the data the trainer feeds matches the model (vocabulary, labels).
+
+    Args:
+        learning_rate: Peak learning rate of the default AdamW.
+        weight_decay: Decoupled weight decay of matrices (biases and norms get none).
+        warmup_fraction: Share of the run's optimizer steps spent warming the LR up linearly.
+        lr_schedule: ``linear`` or ``cosine`` decay to zero after warmup, or ``constant``.
+    """
+
+    #: Whether the model needs a tokenizer (text models) in its checkpoints.
+    needs_tokenizer: bool = False
+
+    def __init__(self, learning_rate: float, weight_decay: float, warmup_fraction: float, lr_schedule: str) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ConfigurationError(f"learning_rate={learning_rate} must be positive")
+        if weight_decay < 0:
+            raise ConfigurationError(f"weight_decay={weight_decay} must be >= 0")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ConfigurationError(f"warmup_fraction={warmup_fraction} must lie in [0, 1)")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigurationError(f"lr_schedule={lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+        self.tokenizer: Tokenizer | None = None
+
+    # -- data / model consistency ---------------------------------------------------------------
+    def data_requirements(self) -> dict[str, Any]:
+        """The values of ``datamodule.model_arguments()`` that this model must equal."""
+        return {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if self.needs_tokenizer and getattr(datamodule, "tokenizer", None) is not None:
+            self.tokenizer = datamodule.tokenizer
+        if hasattr(datamodule, "model_arguments") and not (stage == "predict" and getattr(datamodule, "predict_files", None)):
+            given = datamodule.model_arguments()
+            for name, expected in self.data_requirements().items():
+                if name in given and given[name] != expected:
+                    raise ConfigurationError(
+                        f"{type(self).__name__}: {name}={expected!r} does not match the data, which has "
+                        f"{name}={given[name]!r} ({type(datamodule).__name__}); set {name} to the data's value "
+                        "(the lightning-efficient CLI fills it in when left unset)"
+                    )
+
+    # -- optimizer ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            decay_parameter_groups(self, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.98), eps=1e-6
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_fraction * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_schedule(step, warmup, total, hp.lr_schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta: dict[str, Any] = {"module": type(self).__name__}
+        if self.tokenizer is not None:
+            meta["tokenizer"] = self.tokenizer.to_str()
+        checkpoint[CHECKPOINT_KEY] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
+        if meta.get("module") != type(self).__name__:
+            raise CheckpointMismatchError(
+                f"the checkpoint was written by {meta.get('module')}, not by {type(self).__name__}; "
+                f"use a {meta.get('module')} config for it, or a {type(self).__name__} checkpoint"
+            )
+        if meta.get("tokenizer"):
+            self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer from the data module or checkpoint, or a clear error."""
+        if self.tokenizer is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} has no tokenizer: run it with one of our text DataModules "
+                "or load it from one of our checkpoints"
+            )
+        return self.tokenizer

@@ -1,0 +1,405 @@
+"""BERT LightningModules: masked-LM pretraining and sequence classification.
+
+Both wrap transformers' BERT classes built from a config (random init, nothing downloaded), so
+their weights load with ``from_pretrained`` after ``module.model.save_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS, CHECKPOINT_KEY
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
+from lightning_efficient.models.base import EfficientModule, require_argument
+from lightning_efficient.models.presets import ModelSize, resolve_size
+
+__all__ = ["mask_tokens", "bert_config", "BertMLM", "BertClassifier"]
+
+MASK_TOKEN_ID = BERT_SPECIAL_TOKENS.index("[MASK]")
+NUM_SPECIAL = len(BERT_SPECIAL_TOKENS)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generator: torch.Generator,
+    vocab_size: int,
+    probability: float = 0.15,
+    mask_token_id: int = MASK_TOKEN_ID,
+    num_special: int = NUM_SPECIAL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: pick ``probability`` of the real tokens; 80% -> [MASK], 10% random, 10% kept.
+
+    Special tokens (ids below ``num_special``) and padding are never picked; at least one token
+    per batch is. Random draws come from ``generator`` (on the CPU), so a run that checkpoints
+    the generator's state resumes with the same masks.
+
+    Args:
+        input_ids: ``(B, T)`` token ids.
+        attention_mask: ``(B, T)``, 1 for real tokens.
+        generator: CPU generator owning the masking randomness.
+        vocab_size: Random replacements are drawn from ``[num_special, vocab_size)``.
+        probability: Share of tokens to predict.
+        mask_token_id: Id of ``[MASK]``.
+        num_special: Ids below this are special tokens.
+
+    Returns:
+        ``(masked_input_ids, labels)``; ``labels`` is -100 wherever no prediction is asked.
+
+    Example:
+        >>> ids = torch.arange(5, 25).view(2, 10)
+        >>> masked, labels = mask_tokens(ids, torch.ones_like(ids), torch.Generator().manual_seed(0), 30)
+        >>> bool(((labels == -100) | (labels == ids)).all()), int((labels != -100).sum()) >= 1
+        (True, True)
+    """
+    shape = input_ids.shape
+    candidates = (attention_mask.cpu() == 1) & (input_ids.cpu() >= num_special)
+    chosen = (torch.rand(shape, generator=generator) < probability) & candidates
+    if not chosen.any() and candidates.any():
+        chosen.view(-1)[candidates.view(-1).nonzero()[0]] = True
+    action = torch.rand(shape, generator=generator)
+    random_tokens = torch.randint(num_special, vocab_size, shape, generator=generator)
+    device = input_ids.device
+    chosen = chosen.to(device)
+    labels = input_ids.masked_fill(~chosen, -100)
+    masked = input_ids.clone()
+    masked[chosen & (action.to(device) < 0.8)] = mask_token_id
+    replace = chosen & (action.to(device) >= 0.8) & (action.to(device) < 0.9)
+    masked[replace] = random_tokens.to(device)[replace]
+    return masked, labels
+
+
+def bert_config(size: ModelSize, vocab_size: int, max_length: int, dropout: float, **extra: Any) -> BertConfig:
+    """A transformers ``BertConfig`` of the given shape (special-token ids of our WordPiece)."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.ffn_size,
+        max_position_embeddings=max_length,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        pad_token_id=0,
+        **extra,
+    )
+
+
+class BertMLM(EfficientModule):
+    """Masked-LM pretraining of a BERT encoder, predicting only at the masked positions.
+
+    The encoder runs on the whole sequence, but the vocabulary projection (the costliest layer
+    with a 30k vocabulary) runs only on the ~15% masked positions: the hidden states are gathered
+    before the head. ``head_on_masked_only=False`` gives the textbook full-sequence head (same
+    loss, for comparison). Logs ``train/loss``, ``train/accuracy``, ``val/loss``,
+    ``val/accuracy`` and ``val/perplexity``.
+
+    Args:
+        vocab_size: Vocabulary size; must equal the tokenizer's (``datamodule.vocab_size``).
+        preset: Named size (``tiny``, ``small``, ``base``); fields below override it.
+        hidden_size: Width of the encoder.
+        num_layers: Number of Transformer blocks.
+        num_heads: Attention heads (must divide ``hidden_size``).
+        ffn_size: FFN inner width.
+        max_length: Longest sequence (position embeddings).
+        mlm_probability: Share of tokens masked.
+        head_on_masked_only: Gather masked positions before the prediction head.
+        dropout: Dropout of hidden states and attention probabilities.
+        learning_rate: Peak LR of the default AdamW.
+        weight_decay: Weight decay of the default AdamW.
+        warmup_fraction: Share of steps of linear LR warmup.
+        lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        seed: Seed of the masking generator (its state is checkpointed).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_efficient.data import MLMDataModule
+        >>> dm = MLMDataModule(vocab_size=3000, max_length=32, batch_size=8)  # doctest: +SKIP
+        >>> model = BertMLM(vocab_size=dm.vocab_size, preset="tiny")  # doctest: +SKIP
+        >>> pl.Trainer(max_steps=5, logger=False).fit(model, dm)  # doctest: +SKIP
+    """
+
+    needs_tokenizer = True
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        preset: str = "small",
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        ffn_size: int | None = None,
+        max_length: int = 512,
+        mlm_probability: float = 0.15,
+        head_on_masked_only: bool = True,
+        dropout: float = 0.1,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        lr_schedule: str = "linear",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        self.save_hyperparameters()
+        vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ConfigurationError(f"mlm_probability={mlm_probability} must lie in (0, 1)")
+        self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
+        self.model = BertForMaskedLM(bert_config(self.size, vocab_size, max_length, dropout))
+        self.mask_generator = torch.Generator().manual_seed(seed)
+        self.train_accuracy = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+
+    def data_requirements(self) -> dict[str, Any]:
+        return {"vocab_size": self.hparams.vocab_size}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits at every position, ``(B, T, V)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def masked_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(M, V)`` and targets ``(M,)`` at the ``M`` positions where ``labels != -100``."""
+        if not self.hparams.head_on_masked_only:
+            logits = self(input_ids, attention_mask)  # (B, T, V)
+            keep = labels != -100
+            return logits[keep], labels[keep]
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        keep = labels != -100
+        return self.model.cls(hidden[keep]), labels[keep]  # (M, V): the head sees masked positions only
+
+    def _step(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        masked, labels = mask_tokens(
+            batch["input_ids"], batch["attention_mask"], generator, self.hparams.vocab_size, self.hparams.mlm_probability
+        )
+        logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
+        loss = F.cross_entropy(logits.float(), targets)
+        correct = (logits.argmax(-1) == targets).float()
+        return loss, correct
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, correct = self._step(batch, self.mask_generator)
+        self.train_accuracy(correct)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", self.train_accuracy)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_generator = torch.Generator().manual_seed(self.hparams.seed + 1)  # same masks every epoch
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct = self._step(batch, self._eval_generator)
+        self.val_loss.update(loss, weight=correct.numel())
+        self.val_accuracy.update(correct)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/perplexity", torch.exp(self.val_loss.compute().clamp_max(50.0)))
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct = self._step(batch, self._eval_generator)
+        self.log("test/loss", loss, batch_size=correct.numel())
+        self.log("test/accuracy", correct.mean(), batch_size=correct.numel())
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Fill ``[MASK]`` tokens of each text; texts without one get 15% masked at random (seeded)."""
+        tokenizer = self.require_tokenizer()
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        given = input_ids == MASK_TOKEN_ID
+        masked, labels = mask_tokens(
+            input_ids, attention_mask, torch.Generator().manual_seed(self.hparams.seed + batch_idx),
+            self.hparams.vocab_size, self.hparams.mlm_probability,
+        )  # fmt: skip
+        rows_with_mask = given.any(dim=1, keepdim=True)
+        masked = torch.where(rows_with_mask, input_ids, masked)
+        positions = torch.where(rows_with_mask, given, labels != -100)
+        hidden = self.model.bert(input_ids=masked, attention_mask=attention_mask).last_hidden_state
+        predicted = masked.clone()
+        predicted[positions] = self.model.cls(hidden[positions]).argmax(-1)
+        results = []
+        for row in range(input_ids.shape[0]):
+            length = int(attention_mask[row].sum())
+            result = {
+                "text": batch["text"][row],
+                "masked": tokenizer.decode(masked[row, :length].tolist(), skip_special_tokens=False),
+                "prediction": tokenizer.decode(predicted[row, :length].tolist()),
+            }
+            if not bool(rows_with_mask[row]):
+                hits = (predicted[row] == input_ids[row])[positions[row]]
+                result["accuracy"] = float(hits.float().mean()) if hits.numel() else None
+            results.append(result)
+        return results
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY]["mask_generator"] = self.mask_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(CHECKPOINT_KEY, {}).get("mask_generator")
+        if state is not None:
+            self.mask_generator.set_state(state)
+
+
+class BertClassifier(EfficientModule):
+    """Sequence classification with a BERT encoder, optionally initialised from a ``BertMLM`` checkpoint.
+
+    With ``pretrained_checkpoint`` the encoder weights (embeddings and blocks) come from a masked-LM
+    pretraining run; the pooler and the classifier start fresh. The shapes must match the
+    checkpoint's; a mismatch names the differing fields. Logs loss, accuracy and macro F1.
+
+    Args:
+        vocab_size: Vocabulary size; must equal the tokenizer's.
+        num_labels: Number of classes; must equal the data's.
+        label_names: Class names (for ``predict`` output); default ``["0", "1", ...]``.
+        pretrained_checkpoint: A ``BertMLM`` ``.ckpt`` whose encoder initialises this model.
+        preset: Named size; fields below override it.
+        hidden_size: Width of the encoder.
+        num_layers: Number of Transformer blocks.
+        num_heads: Attention heads.
+        ffn_size: FFN inner width.
+        max_length: Longest sequence (position embeddings).
+        dropout: Dropout of hidden states, attention and the classifier.
+        learning_rate: Peak LR of the default AdamW.
+        weight_decay: Weight decay of the default AdamW.
+        warmup_fraction: Share of steps of linear LR warmup.
+        lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+
+    Example:
+        >>> from lightning_efficient.data import BROWN_PROSE, TextClassificationDataModule
+        >>> dm = TextClassificationDataModule(label_map=BROWN_PROSE)  # doctest: +SKIP
+        >>> model = BertClassifier(vocab_size=dm.vocab_size, num_labels=dm.num_labels, preset="tiny")  # doctest: +SKIP
+    """
+
+    needs_tokenizer = True
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        num_labels: int | None = None,
+        label_names: list[str] | None = None,
+        pretrained_checkpoint: str | None = None,
+        preset: str = "small",
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        ffn_size: int | None = None,
+        max_length: int = 512,
+        dropout: float = 0.1,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        lr_schedule: str = "linear",
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        self.save_hyperparameters()
+        vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
+        num_labels = require_argument("num_labels", num_labels, "pass datamodule.num_labels")
+        if num_labels < 2:
+            raise ConfigurationError(f"num_labels={num_labels} must be at least 2")
+        if label_names is not None and len(label_names) != num_labels:
+            raise ConfigurationError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
+        self.label_names = label_names or [str(i) for i in range(num_labels)]
+        self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
+        config = bert_config(self.size, vocab_size, max_length, dropout, num_labels=num_labels)
+        self.model = BertForSequenceClassification(config)
+        self.initialised_from: str | None = None
+        if pretrained_checkpoint is not None:
+            self.load_encoder(pretrained_checkpoint)
+        metrics = {"num_classes": num_labels}
+        self.val_accuracy = MulticlassAccuracy(**metrics, average="micro")
+        self.val_f1 = MulticlassF1Score(**metrics, average="macro")
+        self.test_accuracy = MulticlassAccuracy(**metrics, average="micro")
+        self.test_f1 = MulticlassF1Score(**metrics, average="macro")
+
+    def load_encoder(self, checkpoint_path: str) -> None:
+        """Copy the encoder (embeddings + blocks) of a ``BertMLM`` checkpoint into this model.
+
+        Raises:
+            DataError: The file is missing or unreadable.
+            CheckpointMismatchError: It is not a ``BertMLM`` checkpoint, or its shapes differ.
+        """
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise DataError(f"pretrained_checkpoint {checkpoint_path!r} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        written_by = checkpoint.get(CHECKPOINT_KEY, {}).get("module")
+        if written_by != "BertMLM":
+            raise CheckpointMismatchError(
+                f"pretrained_checkpoint {checkpoint_path!r} was written by {written_by}; it must be a BertMLM checkpoint"
+            )
+        theirs = checkpoint.get("hyper_parameters", {})
+        source = resolve_size(
+            theirs.get("preset", "small"), theirs.get("hidden_size"), theirs.get("num_layers"),
+            theirs.get("num_heads"), theirs.get("ffn_size"),
+        )  # fmt: skip
+        ours = {**vars(self.size), "vocab_size": self.hparams.vocab_size, "max_length": self.hparams.max_length}
+        pretrained = {**vars(source), "vocab_size": theirs.get("vocab_size"), "max_length": theirs.get("max_length", 512)}
+        differing = {k: (ours[k], pretrained[k]) for k in ours if ours[k] != pretrained[k]}
+        if differing:
+            detail = ", ".join(f"{k}: ours {a} vs checkpoint {b}" for k, (a, b) in differing.items())
+            raise CheckpointMismatchError(f"pretrained_checkpoint {checkpoint_path!r} has another shape ({detail})")
+        prefix = "model.bert."
+        encoder = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        missing, unexpected = self.model.bert.load_state_dict(encoder, strict=False)
+        missing = [k for k in missing if not k.startswith("pooler.")]
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"pretrained_checkpoint {checkpoint_path!r}: encoder keys missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        self.initialised_from = str(path)
+
+    def data_requirements(self) -> dict[str, Any]:
+        return {"vocab_size": self.hparams.vocab_size, "num_labels": self.hparams.num_labels}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits, ``(B, num_labels)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy: Any, f1: Any) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        accuracy(logits, batch["labels"])
+        f1(logits, batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=True)
+        self.log(f"{stage}/f1", f1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy, self.val_f1)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy, self.test_f1)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Predicted label name and class probabilities of each text."""
+        probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        return [
+            {"text": text, "label": self.label_names[int(p.argmax())], "probabilities": dict(zip(self.label_names, p.tolist()))}
+            for text, p in zip(batch["text"], probabilities)
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The pretrained weights are part of this checkpoint now: reloading it must not need that file.
+        checkpoint["hyper_parameters"]["pretrained_checkpoint"] = None
+        checkpoint[CHECKPOINT_KEY]["initialised_from"] = self.initialised_from
