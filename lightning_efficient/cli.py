@@ -57,7 +57,8 @@ class EfficientCLI(LightningCLI):
         super().__init__(**kwargs)
 
     def _subcommand_config(self) -> Any:
-        return self.config[self.subcommand] if self.subcommand else self.config
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -105,7 +106,8 @@ class EfficientCLI(LightningCLI):
         if datamodule is not None:
             # Keep the instance that already resolved its tokenizer and read its files.
             self.datamodule = datamodule
-            self.config_init[self.subcommand]["data"] = datamodule
+            subcommand = self.config_init.get("subcommand")
+            (self.config_init[subcommand] if subcommand else self.config_init)["data"] = datamodule
 
 
 def main(args: list[str] | None = None) -> None:

@@ -34,7 +34,12 @@ class ListDataset(Dataset):
 
 
 class EfficientDataModule(pl.LightningDataModule):
-    """Base DataModule: batch size, workers and seed checks, and loader construction."""
+    """Base DataModule: batch size, workers and seed checks, and loader construction.
+
+    Our DataModules do not call ``save_hyperparameters``: names such as ``vocab_size`` mean the
+    *target* size here and the *actual* size in the model, and Lightning refuses to log two
+    different values under one key. The CLI's saved ``config.yaml`` records every argument.
+    """
 
     def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()

@@ -89,7 +89,6 @@ class ImageClassificationDataModule(EfficientDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
         if not 0.0 < val_fraction < 0.5:
             raise ConfigurationError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
         self.train_file = train_file or embedded_path("fashion_mnist_12k.npz")

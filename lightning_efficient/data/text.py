@@ -113,7 +113,6 @@ class MLMDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        self.save_hyperparameters()
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         _check_max_length(max_length, 8)
@@ -239,7 +238,6 @@ class TextClassificationDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        self.save_hyperparameters()
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
         _check_max_length(max_length, 3)

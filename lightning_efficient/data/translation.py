@@ -71,7 +71,6 @@ class TranslationDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        self.save_hyperparameters()
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 0.5:
                 raise ConfigurationError(f"{name}={value} must lie in [0, 0.5)")

@@ -1,0 +1,85 @@
+import gzip
+
+import pytest
+
+from lightning_efficient import DataError
+from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl_gz", "csv"])
+def test_table_formats_read_the_same_rows(user_files, fmt):
+    rows = read_records(user_files[fmt])
+    reference = read_records(user_files["jsonl"])
+    assert [r["sentence"] for r in rows] == [r["sentence"] for r in reference]
+    assert [r["category"] for r in rows] == [r["category"] for r in reference]
+
+
+def test_txt_gives_one_text_per_non_empty_line(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first line\n\n  second line  \n", encoding="utf-8")
+    assert read_records(path, "body") == [{"body": "first line"}, {"body": "second line"}]
+
+
+def test_embedded_files_ship_with_the_package():
+    assert len(read_records(embedded_path("austen.txt.gz"))) > 60000
+    assert len(read_records(embedded_path("bible_en_fr.jsonl.gz"))) == 31102
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl' does not exist"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(b"this is not gzip")
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz' cannot be read"):
+        read_records(path)
+
+
+def test_invalid_json_line_is_located(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl', line 2: not valid JSON"):
+        read_records(path)
+
+
+def test_unsupported_suffix_lists_allowed(tmp_path):
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"unsupported format '\.parquet'; allowed: \.jsonl, \.json, \.csv, \.txt"):
+        read_records(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.csv.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_records(path)
+
+
+def test_missing_column_lists_available(user_files):
+    rows = read_records(user_files["csv"])
+    with pytest.raises(DataError, match=r"column 'label' is not in data file .*available columns: category, sentence, source_doc"):
+        read_column(rows, "label", user_files["csv"])
+
+
+def test_split_is_seeded_disjoint_and_sized():
+    rest, val, test = split_indices(100, [0.1, 0.2], seed=3)
+    assert (len(rest), len(val), len(test)) == (70, 10, 20)
+    assert sorted(rest + val + test) == list(range(100))
+    assert split_indices(100, [0.1, 0.2], seed=3) == [rest, val, test]
+    assert split_indices(100, [0.1, 0.2], seed=4) != [rest, val, test]
+
+
+def test_split_keeps_groups_together():
+    groups = [i // 10 for i in range(200)]  # 20 groups of 10
+    rest, val = split_indices(200, [0.25], seed=0, groups=groups)
+    assert len(val) == 50
+    assert not {groups[i] for i in rest} & {groups[i] for i in val}
+
+
+def test_split_rejects_bad_fractions():
+    with pytest.raises(DataError, match=r"must each lie in \[0, 1\) and sum to less than 1"):
+        split_indices(10, [0.6, 0.5], seed=0)
