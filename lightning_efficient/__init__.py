@@ -3,9 +3,13 @@
 Example:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import MLMDataModule, BertMLM
-    >>> dm = MLMDataModule(vocab_size=3000, max_length=32, batch_size=8)  # doctest: +SKIP
-    >>> model = BertMLM(vocab_size=dm.vocab_size, preset="tiny")  # doctest: +SKIP
-    >>> pl.Trainer(max_steps=10).fit(model, dm)  # doctest: +SKIP
+    >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)  # embedded Austen + Brown
+    >>> model = BertMLM(vocab_size=dm.vocab_size, preset="tiny")
+    >>> trainer = pl.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+    ...                      enable_checkpointing=False, enable_model_summary=False)
+    >>> trainer.fit(model, dm)
+    >>> sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+    ['val/accuracy', 'val/loss', 'val/perplexity']
 """
 
 from lightning_efficient.data import (

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private tokenizer cache and small user data files in every supported format."""
+"""Shared fixtures: small user data files in every supported format."""
 
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ from lightning_efficient.data.files import embedded_path, read_records
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep trained tokenizers in a per-session cache, never in the user's home."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -89,8 +89,9 @@ class MLMDataModule(TextDataModule):
         seed: Seed of the held-out split.
 
     Example:
-        >>> dm = MLMDataModule(max_length=64, batch_size=4, vocab_size=2000)  # doctest: +SKIP
-        >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["input_ids"].shape  # doctest: +SKIP
+        >>> dm = MLMDataModule(max_length=64, batch_size=4, vocab_size=2000)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))["input_ids"].shape
         torch.Size([4, 64])
     """
 
@@ -211,8 +212,8 @@ class TextClassificationDataModule(TextDataModule):
         seed: Seed of the held-out split.
 
     Example:
-        >>> dm = TextClassificationDataModule(label_map=BROWN_PROSE)  # doctest: +SKIP
-        >>> dm.setup("fit"); dm.label_names  # doctest: +SKIP
+        >>> dm = TextClassificationDataModule(label_map=BROWN_PROSE)
+        >>> dm.label_names
         ['imaginative', 'informative']
     """
 

@@ -45,8 +45,9 @@ class TranslationDataModule(TextDataModule):
         seed: Seed of the held-out split.
 
     Example:
-        >>> dm = TranslationDataModule(vocab_size=8000, max_length=48)  # doctest: +SKIP
-        >>> dm.setup("fit"); sorted(next(iter(dm.train_dataloader())))  # doctest: +SKIP
+        >>> dm = TranslationDataModule(vocab_size=2000, max_length=32, batch_size=4)
+        >>> dm.setup("fit")
+        >>> sorted(next(iter(dm.train_dataloader())))
         ['attention_mask', 'input_ids', 'labels', 'source_text', 'target_text']
     """
 

@@ -119,11 +119,13 @@ class BertMLM(EfficientModule):
         seed: Seed of the masking generator (its state is checkpointed).
 
     Example:
-        >>> import lightning.pytorch as pl
-        >>> from lightning_efficient.data import MLMDataModule
-        >>> dm = MLMDataModule(vocab_size=3000, max_length=32, batch_size=8)  # doctest: +SKIP
-        >>> model = BertMLM(vocab_size=dm.vocab_size, preset="tiny")  # doctest: +SKIP
-        >>> pl.Trainer(max_steps=5, logger=False).fit(model, dm)  # doctest: +SKIP
+        >>> model = BertMLM(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
+        >>> ids = torch.randint(5, 100, (2, 16))
+        >>> model(ids).shape
+        torch.Size([2, 16, 100])
+        >>> loss, correct = model._step({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, model.mask_generator)
+        >>> loss.shape, correct.ndim  # loss over the masked positions only
+        (torch.Size([]), 1)
     """
 
     needs_tokenizer = True
@@ -278,9 +280,9 @@ class BertClassifier(EfficientModule):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
 
     Example:
-        >>> from lightning_efficient.data import BROWN_PROSE, TextClassificationDataModule
-        >>> dm = TextClassificationDataModule(label_map=BROWN_PROSE)  # doctest: +SKIP
-        >>> model = BertClassifier(vocab_size=dm.vocab_size, num_labels=dm.num_labels, preset="tiny")  # doctest: +SKIP
+        >>> model = BertClassifier(vocab_size=100, num_labels=2, label_names=["imaginative", "informative"], preset="tiny")
+        >>> model(torch.randint(5, 100, (3, 12))).shape
+        torch.Size([3, 2])
     """
 
     needs_tokenizer = True

@@ -82,9 +82,10 @@ class Translation(EfficientModule):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
 
     Example:
-        >>> from lightning_efficient.data import TranslationDataModule
-        >>> dm = TranslationDataModule(vocab_size=4000)  # doctest: +SKIP
-        >>> model = Translation(vocab_size=dm.vocab_size, preset="tiny")  # doctest: +SKIP
+        >>> model = Translation(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
+        >>> source, target = torch.randint(3, 100, (2, 9)), torch.randint(3, 100, (2, 7))
+        >>> model(source, torch.ones_like(source), target).shape  # teacher-forced logits
+        torch.Size([2, 7, 100])
     """
 
     needs_tokenizer = True
