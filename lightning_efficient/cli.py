@@ -43,7 +43,7 @@ def _accepts(cls: type, name: str) -> bool:
 
 def checkpoint_module_name(ckpt_path: str | Path) -> str | None:
     """Name of the LightningModule class that wrote a checkpoint of ours (None for foreign ones)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # no tensor is read
     return checkpoint.get(CHECKPOINT_KEY, {}).get("module")
 
 

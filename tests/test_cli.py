@@ -127,3 +127,11 @@ def test_finetune_config_takes_tokenizer_from_pretrained_checkpoint(small_mlm_ch
     )
     assert cli.datamodule.tokenizer_source == small_mlm_checkpoint
     assert isinstance(cli.model, BertClassifier) and cli.model.hparams.vocab_size == cli.datamodule.vocab_size
+
+
+def test_optimizer_from_the_command_line_replaces_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05", "--optimizer.momentum", "0.9"]
+    optimizer = EfficientCLI(args=args, run=False).model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9

@@ -103,8 +103,8 @@ def test_masked_only_head_equals_full_head_loss(mlm_data):
     full = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", head_on_masked_only=False).eval()
     full.load_state_dict(fast.state_dict())
     batch = next(iter(mlm_data.train_dataloader()))
-    loss_fast, _ = fast._step(batch, torch.Generator().manual_seed(3))
-    loss_full, _ = full._step(batch, torch.Generator().manual_seed(3))
+    loss_fast, _, _ = fast._step(batch, torch.Generator().manual_seed(3))
+    loss_full, _, _ = full._step(batch, torch.Generator().manual_seed(3))
     # Reference: cross-entropy over the full (B, T, V) logits at the masked positions, written out.
     masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(3), mlm_data.vocab_size)
     logits = fast(masked, batch["attention_mask"])

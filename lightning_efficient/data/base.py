@@ -90,6 +90,11 @@ class TextDataModule(EfficientDataModule):
         self.target_vocab_size = vocab_size
         self._tokenizer: Tokenizer | None = None
 
+    def prepare_data(self) -> None:
+        """Train (or load) the tokenizer once per machine; Lightning calls this on local rank 0
+        only, so under DDP the other ranks find it in the cache."""
+        _ = self.tokenizer  # resolve: load, or train and cache
+
     def tokenizer_training_texts(self) -> list[str]:
         """The texts a new tokenizer is trained on (subclasses read their training files)."""
         raise NotImplementedError

@@ -148,7 +148,7 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
         except Exception as err:  # tokenizers raises a plain Exception on bad JSON
             raise DataError(f"tokenizer file {str(path)!r} cannot be parsed: {err}") from err
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
     except Exception as err:
         raise DataError(f"checkpoint {str(path)!r} cannot be read: {err}") from err
     meta = checkpoint.get(CHECKPOINT_KEY, {}) if isinstance(checkpoint, dict) else {}
