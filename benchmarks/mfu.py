@@ -1,0 +1,213 @@
+"""Model FLOPs utilisation (MFU) of the main job, against this machine's measured fp32 matmul peak.
+
+Claim measured: training the main job (``configs/bert/small_mlm.yaml``: ``BertMLM`` preset small,
+hidden 256, 4 layers, 4 heads, FFN 1024, masked-only MLM head, 30522-token WordPiece,
+``MLMDataModule`` batch 32 x 128) through ``Trainer.fit`` reaches an MFU >= 40% of the fp32
+matmul peak measured on this machine.
+
+* Peak: square fp32 ``torch.mm`` of a few sizes (default 1024, 2048, 4096), each timed
+  ``--matmul-repeats`` times (default 5) after a warmup; GFLOP/s = 2 n^3 / t; the best over all
+  sizes and all probes is the peak.
+* FLOPs per step: ``torch.utils.flop_counter.FlopCounterMode`` around one training step
+  (``BertMLM._step`` forward + ``backward``) on one real batch. With the masked-only head this
+  counts the vocabulary projection at the masked positions only: the work actually done. The
+  full-sequence head's count is printed for reference. The AdamW step is not counted (about a
+  dozen element-wise FLOPs per parameter, well under 1% of the step; the estimate is printed).
+  FlopCounterMode counts matmuls and attention only; layer norms, GELU, softmax and dropout
+  cost time but count no FLOPs, as is usual for MFU.
+* Step time: steady-state ``Trainer.fit`` (``logger=False``, no checkpointing, progress bar,
+  model summary or validation), measured by a Callback as the interval between consecutive
+  ``on_train_batch_start`` calls (so data loading and all Lightning overhead are included),
+  first ``--warmup`` batches of each run dropped. Achieved FLOP/s = FLOPs per step / median step
+  time; MFU = achieved / peak.
+
+Peak probes and training runs alternate in one process (probe, run, probe, run, ..., probe), so
+both see the same machine conditions; the peak is the best probe, the step time the median over
+all runs.
+
+Command (defaults: 2 rounds x (3 warmup + 8 timed steps), a few minutes on 2 cores):
+
+    LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/mfu.py --rounds 2 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_efficient import BertMLM, MLMDataModule
+
+# Settings of configs/bert/small_mlm.yaml (the main job).
+PRESET = "small"
+LEARNING_RATE = 1e-3
+WARMUP_FRACTION = 0.1
+MLM_PROBABILITY = 0.15
+ADAMW_FLOPS_PER_PARAMETER = 12  # rough count of the element-wise work of one AdamW update
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2, help="training runs, each preceded by a peak probe")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per training run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of every run")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square matmul sizes")
+    parser.add_argument("--matmul-repeats", type=int, default=5, help="timed matmuls per size and probe")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=0.40, help="pass if MFU >= target")
+    return parser.parse_args()
+
+
+def matmul_peak(sizes: list[int], repeats: int) -> dict[int, float]:
+    """Best fp32 GFLOP/s of square ``torch.mm`` for each size (one warmup, then ``repeats`` timed)."""
+    best: dict[int, float] = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warmup
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            fastest = min(fastest, time.perf_counter() - start)
+        best[n] = 2 * n**3 / fastest / 1e9
+    return best
+
+
+def build_module(vocab_size: int, max_length: int, masked_only: bool, seed: int) -> BertMLM:
+    """The main job's ``BertMLM`` (head variant selectable, for the reference FLOP count)."""
+    return BertMLM(
+        vocab_size=vocab_size,
+        preset=PRESET,
+        max_length=max_length,
+        mlm_probability=MLM_PROBABILITY,
+        head_on_masked_only=masked_only,
+        learning_rate=LEARNING_RATE,
+        warmup_fraction=WARMUP_FRACTION,
+        seed=seed,
+    )
+
+
+def count_step_flops(module: BertMLM, batch: dict[str, torch.Tensor], seed: int) -> tuple[int, dict[str, int]]:
+    """FLOPs of one training step's forward + backward (``_step`` + ``backward``), and per-op counts."""
+    module.train()
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = module._step(batch, torch.Generator().manual_seed(seed))
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    per_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops(), per_op
+
+
+class BatchStartTimer(pl.Callback):
+    """Records ``time.perf_counter()`` at every ``on_train_batch_start``."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def lightning_step_times(datamodule: MLMDataModule, args: argparse.Namespace) -> list[float]:
+    """Steady-state seconds per training batch of the main job through ``Trainer.fit``."""
+    torch.manual_seed(args.seed)
+    model = build_module(datamodule.vocab_size, args.max_length, True, args.seed)
+    timer = BatchStartTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    intervals = [b - a for a, b in zip(timer.starts, timer.starts[1:])]
+    return intervals[args.warmup :]
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-``fit`` banner and hints that are not errors here."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def main() -> None:
+    """Count FLOPs, alternate peak probes and training runs, print the table and the verdict."""
+    args = parse_args()
+    quiet_lightning()
+    torch.manual_seed(args.seed)
+    datamodule = MLMDataModule(vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size)
+    datamodule.setup("fit")
+    vocab_size = datamodule.vocab_size
+    tokens = args.batch_size * args.max_length
+    print(
+        f"main job: BERT-{PRESET} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+    # FLOPs of one step, on one real batch (same masks for both head variants).
+    batch = next(iter(datamodule.train_dataloader()))
+    model = build_module(vocab_size, args.max_length, True, args.seed)
+    flops, per_op = count_step_flops(model, batch, args.seed)
+    full_flops, _ = count_step_flops(build_module(vocab_size, args.max_length, False, args.seed), batch, args.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    adamw_flops = ADAMW_FLOPS_PER_PARAMETER * parameters
+    del model
+    print(f"FLOPs per step (forward + backward, masked-only head): {flops / 1e9:.1f} GFLOP "
+          f"({', '.join(f'{op} {n / 1e9:.1f}' for op, n in per_op.items())})")
+    print(f"  reference, full-sequence head: {full_flops / 1e9:.1f} GFLOP; AdamW step (not counted): "
+          f"~{adamw_flops / 1e9:.2f} GFLOP for {parameters / 1e6:.1f}M parameters ({adamw_flops / flops:.2%})")
+
+    # Alternate peak probes and training runs.
+    peaks: dict[int, float] = {}
+    step_times: list[float] = []
+    for round_index in range(args.rounds + 1):
+        probe = matmul_peak(args.sizes, args.matmul_repeats)
+        for n, gflops in probe.items():
+            peaks[n] = max(peaks.get(n, 0.0), gflops)
+        line = f"probe {round_index + 1}: matmul GFLOP/s " + ", ".join(f"{n}: {g:.1f}" for n, g in probe.items())
+        if round_index < args.rounds:
+            times = lightning_step_times(datamodule, args)
+            step_times += times
+            line += f"; run {round_index + 1}: median step {statistics.median(times):.3f} s"
+        print(line)
+
+    peak_size = max(peaks, key=peaks.get)
+    peak = peaks[peak_size] * 1e9
+    step = statistics.median(step_times)
+    achieved = flops / step
+    mfu = achieved / peak
+    print()
+    print(f"{'fp32 matmul peak (best of sizes)':40}{peak / 1e9:>14.1f} GFLOP/s  (n = {peak_size})")
+    print(f"{'FLOPs per step (masked-only head)':40}{flops / 1e9:>14.1f} GFLOP")
+    print(f"{'  reference: full-sequence head':40}{full_flops / 1e9:>14.1f} GFLOP  (not computed by the main job)")
+    print(f"{'median step time (Trainer.fit)':40}{step:>14.4f} s  ({len(step_times)} steps)")
+    print(f"{'tokens/s':40}{tokens / step:>14.1f}")
+    print(f"{'achieved':40}{achieved / 1e9:>14.1f} GFLOP/s")
+    print(f"{'MFU':40}{mfu:>14.1%}")
+    verdict = "PASS" if mfu >= args.target else "FAIL"
+    print(f"\n{verdict}: MFU {mfu:.1%} of the measured fp32 peak (target >= {args.target:.0%})")
+
+
+if __name__ == "__main__":
+    main()
