@@ -1,0 +1,18 @@
+import importlib.util
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_then_finetune(tmp_path):
+    metrics = load("pretrain_then_finetune").main(["--preset", "tiny", "--steps", "6", "--vocab-size", "2000", "--root", str(tmp_path)])
+    assert {"val/loss", "val/accuracy", "val/f1"} <= set(metrics)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert (tmp_path / "mlm.ckpt").is_file()
