@@ -19,7 +19,8 @@ from lightning_efficient.data import (
     TextClassificationDataModule,
     TranslationDataModule,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
+from lightning_efficient.blocks import BlockStack, find_block_stacks
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.predictions import JsonlPredictionWriter
 
@@ -30,15 +31,18 @@ __all__ = [
     "PRESETS",
     "BertClassifier",
     "BertMLM",
+    "BlockStack",
     "CheckpointMismatchError",
     "ConfigurationError",
     "DataError",
     "ImageClassificationDataModule",
     "JsonlPredictionWriter",
     "MLMDataModule",
+    "NoTargetModulesError",
     "TextClassificationDataModule",
     "Translation",
     "TranslationDataModule",
     "ViTClassifier",
     "__version__",
+    "find_block_stacks",
 ]

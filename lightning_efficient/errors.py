@@ -6,7 +6,7 @@ without reading our source.
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "DataError", "CheckpointMismatchError"]
+__all__ = ["ConfigurationError", "DataError", "CheckpointMismatchError", "NoTargetModulesError"]
 
 
 class ConfigurationError(ValueError):
@@ -26,3 +26,10 @@ class DataError(ConfigurationError):
 
 class CheckpointMismatchError(ConfigurationError):
     """A checkpoint was written by a different model type or holds no tokenizer."""
+
+
+class NoTargetModulesError(ConfigurationError):
+    """A technique found nothing to act on (no block stack, no module matching a pattern).
+
+    Techniques raise it instead of silently doing nothing.
+    """
