@@ -51,9 +51,28 @@ class EfficientDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
 
+    #: Drop the last, smaller training batch (MLM blocks: every batch the same shape).
+    drop_last_train: bool = False
+
     def model_arguments(self) -> dict[str, Any]:
         """Arguments that the data decides for the model (e.g. ``vocab_size``, ``num_labels``)."""
         return {}
+
+    def split_items(self, split: str) -> Sequence[Any]:
+        """The examples of ``split`` (``train``, ``val``, ``test``) prepared by ``setup``."""
+        return self.splits[split]
+
+    def _collate(self, examples: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.split_items("train"), self._collate, shuffle=True, drop_last=self.drop_last_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.split_items("val"), self._collate, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split_items("test"), self._collate, shuffle=False)
 
     def _loader(self, items: Sequence[Any], collate: Callable, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(

@@ -172,18 +172,9 @@ class ImageClassificationDataModule(EfficientDataModule):
             "labels": torch.stack([y for _, y in examples]),
         }
 
-    def _items(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def split_items(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.splits[split]
         return list(zip(images, labels))
 
-    def train_dataloader(self):
-        return self._loader(self._items("train"), self._collate, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self._items("val"), self._collate, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self._items("test"), self._collate, shuffle=False)
-
     def predict_dataloader(self):
-        return self._loader(self._items("test"), self._collate, shuffle=False)
+        return self._loader(self.split_items("test"), self._collate, shuffle=False)

@@ -97,6 +97,7 @@ class MLMDataModule(TextDataModule):
 
     tokenizer_kind = "wordpiece"
     special_tokens = BERT_SPECIAL_TOKENS
+    drop_last_train = True
 
     def __init__(
         self,
@@ -165,15 +166,6 @@ class MLMDataModule(TextDataModule):
         batch: dict[str, Any] = self._collate([e.ids[: self.max_length] for e in encodings])
         batch["text"] = texts
         return batch
-
-    def train_dataloader(self):
-        return self._loader(self.splits["train"], self._collate, shuffle=True, drop_last=True)
-
-    def val_dataloader(self):
-        return self._loader(self.splits["val"], self._collate, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self.splits["test"], self._collate, shuffle=False)
 
     def predict_dataloader(self):
         if self.predict_files:
@@ -341,15 +333,6 @@ class TextClassificationDataModule(TextDataModule):
     def _collate_predict(self, texts: list[str]) -> dict[str, Any]:
         input_ids, attention_mask = pad_batch(self._encode(texts))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "text": texts}
-
-    def train_dataloader(self):
-        return self._loader(self.splits["train"], self._collate, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.splits["val"], self._collate, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self.splits["test"], self._collate, shuffle=False)
 
     def predict_dataloader(self):
         texts = _read_texts(self.predict_files, self.text_column) if self.predict_files else self._rows["val"][0]

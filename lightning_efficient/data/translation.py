@@ -150,15 +150,6 @@ class TranslationDataModule(TextDataModule):
         input_ids, attention_mask = pad_batch(encoded)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "source_text": texts}
 
-    def train_dataloader(self):
-        return self._loader(self.splits["train"], self._collate, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.splits["val"], self._collate, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self.splits["test"], self._collate, shuffle=False)
-
     def predict_dataloader(self):
         if self.predict_files:
             texts = []
