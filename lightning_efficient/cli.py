@@ -96,8 +96,9 @@ class EfficientCLI(LightningCLI):
         if data_cfg is not None and model_cfg is not None and getattr(data_cfg, "class_path", None):
             data_cls = _import_class(data_cfg.class_path)
             model_cls = _import_class(model_cfg.class_path)
-            unset = [k for k, v in model_cfg.init_args.items() if v is None and _accepts(model_cls, k)]
-            if unset and hasattr(data_cls, "model_arguments"):
+            provided = getattr(data_cls, "model_argument_names", ())
+            unset = [k for k, v in model_cfg.init_args.items() if v is None and k in provided and _accepts(model_cls, k)]
+            if unset:  # e.g. predict --ckpt_path: the checkpoint's hyperparameters already set them
                 datamodule = data_cls(**data_cfg.init_args.as_dict())
                 for name, value in datamodule.model_arguments().items():
                     if name in unset:

@@ -135,3 +135,34 @@ def test_optimizer_from_the_command_line_replaces_the_default(tmp_path, monkeypa
     optimizer = EfficientCLI(args=args, run=False).model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
+
+
+def test_model_argument_names_match_model_arguments(user_files):
+    from lightning_efficient import ImageClassificationDataModule, TextClassificationDataModule, TranslationDataModule
+
+    modules = [
+        MLMDataModule(train_files=[user_files["txt"]], text_column="sentence", vocab_size=300),
+        TextClassificationDataModule(train_files=[user_files["jsonl"]], text_column="sentence", label_column="category", vocab_size=300),
+        TranslationDataModule(train_files=[user_files["pairs"]], source_column="src", target_column="tgt", vocab_size=300),
+        ImageClassificationDataModule(),
+    ]
+    for dm in modules:
+        assert tuple(dm.model_arguments()) == type(dm).model_argument_names, type(dm).__name__
+
+
+def test_predict_from_checkpoint_reads_no_training_data(tmp_path, monkeypatch, user_files):
+    """With --ckpt_path and predict_files, the training files are never opened (they may be gone)."""
+    monkeypatch.chdir(tmp_path)
+    config = str(CONFIGS / "bert/tiny_classify_prose.yaml")
+    train = tmp_path / "train.jsonl"
+    train.write_text(Path(user_files["jsonl"]).read_text())
+    data_args = ["--data.init_args.train_files", f"[{train}]", "--data.init_args.text_column", "sentence",
+                 "--data.init_args.label_column", "category", "--data.init_args.group_column", "source_doc"]  # fmt: skip
+    main(["fit", "-c", config, *data_args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    train.unlink()
+    (tmp_path / "new.txt").write_text("The jury said the election was fair .\nShe smiled and left the room .\n")
+    main(["predict", "-c", config, *data_args, "--data.init_args.predict_files", f"[{tmp_path / 'new.txt'}]",
+          "--ckpt_path", "runs/bert_tiny_classify_prose/checkpoints/last.ckpt"])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "runs/bert_tiny_classify_prose/predictions.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["The jury said the election was fair .", "She smiled and left the room ."]
+    assert {r["label"] for r in rows} <= {"imaginative", "informative"}

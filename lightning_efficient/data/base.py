@@ -53,6 +53,8 @@ class EfficientDataModule(pl.LightningDataModule):
 
     #: Drop the last, smaller training batch (MLM blocks: every batch the same shape).
     drop_last_train: bool = False
+    #: The keys of :meth:`model_arguments`, known without reading any data.
+    model_argument_names: tuple[str, ...] = ()
 
     def model_arguments(self) -> dict[str, Any]:
         """Arguments that the data decides for the model (e.g. ``vocab_size``, ``num_labels``)."""
@@ -96,6 +98,7 @@ class TextDataModule(EfficientDataModule):
 
     tokenizer_kind: str = "wordpiece"
     special_tokens: Sequence[str] = ()
+    model_argument_names = ("vocab_size",)
 
     def __init__(
         self, tokenizer: str | None, vocab_size: int, batch_size: int, num_workers: int, seed: int

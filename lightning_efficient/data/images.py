@@ -125,6 +125,8 @@ class ImageClassificationDataModule(EfficientDataModule):
         """Side of the square images in pixels."""
         return int(self._load()["train"][0].shape[-1])
 
+    model_argument_names = ("num_labels", "image_size", "label_names")
+
     def model_arguments(self) -> dict[str, Any]:
         return {"num_labels": len(self.label_names), "image_size": self.image_size, "label_names": self.label_names}
 

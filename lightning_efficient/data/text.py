@@ -311,6 +311,8 @@ class TextClassificationDataModule(TextDataModule):
         """Number of classes in the training split."""
         return len(self.label_names)
 
+    model_argument_names = ("vocab_size", "num_labels", "label_names")
+
     def model_arguments(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "num_labels": self.num_labels, "label_names": self.label_names}
 
