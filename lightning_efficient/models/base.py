@@ -8,6 +8,7 @@ checkpoint, and loading a checkpoint into the wrong model type fails with a mess
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,7 +18,14 @@ from tokenizers import Tokenizer
 from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 
-__all__ = ["EfficientModule", "decay_parameter_groups", "require_argument", "warmup_schedule"]
+__all__ = [
+    "EfficientModule",
+    "capture_rng_state",
+    "decay_parameter_groups",
+    "require_argument",
+    "restore_rng_state",
+    "warmup_schedule",
+]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 
@@ -53,6 +61,35 @@ def warmup_schedule(step: int, warmup_steps: int, total_steps: int, shape: str) 
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global random states a training step draws from (torch CPU and CUDA, Python ``random``).
+
+    Dropout draws from torch's global generator, so an exact resume needs it back. Only tensors
+    and plain values, so a checkpoint holding it loads with ``torch.load(weights_only=True)``.
+
+    Example:
+        >>> state = capture_rng_state()
+        >>> a = torch.rand(2)
+        >>> restore_rng_state(state)
+        >>> torch.equal(a, torch.rand(2))
+        True
+    """
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def require_argument(name: str, value: Any, hint: str) -> Any:
@@ -129,7 +166,7 @@ class EfficientModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta: dict[str, Any] = {"module": type(self).__name__}
+        meta: dict[str, Any] = {"module": type(self).__name__, "rng": capture_rng_state()}
         if self.tokenizer is not None:
             meta["tokenizer"] = self.tokenizer.to_str()
         checkpoint[CHECKPOINT_KEY] = meta
@@ -145,6 +182,10 @@ class EfficientModule(pl.LightningModule):
             )
         if meta.get("tokenizer"):
             self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+        if "rng" in meta and self._trainer is not None and self.trainer.state.fn == "fit":
+            # Resuming training: continue the global random streams (dropout) where they were.
+            # Loading weights for inference or fine-tuning leaves the caller's RNG alone.
+            restore_rng_state(meta["rng"])
 
     def require_tokenizer(self) -> Tokenizer:
         """The tokenizer from the data module or checkpoint, or a clear error."""

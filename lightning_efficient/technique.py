@@ -1,0 +1,342 @@
+"""The contract every technique callback of the package follows.
+
+A technique is a Lightning ``Callback`` that changes *how* a model trains (which blocks run,
+which weights are masked, which examples are drawn) without changing the user's LightningModule.
+:class:`Technique` is its base class. It fixes, once for every technique:
+
+- **Arguments** are validated in ``__init__``; a bad value raises :class:`ConfigurationError`
+  naming the value and the allowed set, before any training starts (see :func:`check_choice`,
+  :func:`check_range`).
+- **Model surgery** (hooks on blocks, masks, wrappers) happens in :meth:`apply`, which the base
+  calls from ``setup``: the first hook of a run, before Lightning loads a checkpoint's weights. So a
+  fresh run and a resumed run see the same structure when the weights arrive. :meth:`remove`
+  undoes it (the base calls it at ``teardown`` unless :attr:`Technique.keep_after_fit`).
+- **State** (``state_dict`` / ``load_state_dict``) holds only tensors and plain Python values, so
+  a checkpoint loads with ``torch.load(weights_only=True)``; the base checks this each time a
+  checkpoint is written (:func:`check_plain_state`).
+- **Metrics** are logged as ``<name>/<metric>`` (:meth:`Technique.log_metrics`).
+- **Composition** is declared: the Lightning hooks the technique implements
+  (:attr:`Technique.hooks`, verified when the class is defined), the techniques it must come
+  before in ``trainer.callbacks`` (:attr:`Technique.runs_before`) and those it cannot run with
+  (:attr:`Technique.conflicts_with`). ``setup`` checks every technique in the trainer against
+  these, and refuses distributed runs for techniques not marked :attr:`Technique.distributed_safe`.
+
+Example:
+    >>> import torch
+    >>> class Scale(Technique):
+    ...     '''Multiply every block's output by ``factor`` during training (a toy).'''
+    ...     name = "scale"
+    ...     def __init__(self, factor: float = 1.0) -> None:
+    ...         super().__init__()
+    ...         self.factor = check_range("factor", factor, low=0.0, low_inclusive=False)
+    ...     def apply(self, pl_module):
+    ...         return [b.register_forward_hook(lambda m, i, o: o * self.factor) for b in pl_module]
+    >>> Scale(factor=0)
+    Traceback (most recent call last):
+    ...
+    lightning_efficient.errors.ConfigurationError: factor=0 must be > 0.0
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> technique = Scale(factor=2.0)
+    >>> technique.attach(model)
+    >>> technique.is_applied
+    True
+    >>> technique.detach(model)
+    >>> technique.is_applied
+    False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_efficient.errors import ConfigurationError
+
+__all__ = [
+    "Technique",
+    "check_choice",
+    "check_composition",
+    "check_plain_state",
+    "check_range",
+]
+
+#: Hooks of ``Callback`` that a technique may implement (for the declaration check).
+CALLBACK_HOOKS: frozenset[str] = frozenset(
+    name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown")
+)
+
+#: Types a technique's state may hold besides tensors, at any depth (``weights_only`` loadable).
+PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else fail naming both.
+
+    Example:
+        >>> check_choice("schedule", "cubic", ("cubic", "linear"))
+        'cubic'
+        >>> check_choice("schedule", "cubc", ("cubic", "linear"))
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: schedule='cubc' is unknown; choose one of: 'cubic', 'linear'
+    """
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is unknown; choose one of: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> Any:
+    """Return ``value`` if it is a finite number within the bounds, else fail naming the range.
+
+    Example:
+        >>> check_range("drop_rate", 0.5, low=0.0, high=1.0, high_inclusive=False)
+        0.5
+        >>> check_range("drop_rate", 1.0, low=0.0, high=1.0, high_inclusive=False)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: drop_rate=1.0 must lie in [0.0, 1.0)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name}={value!r} must be a finite number")
+    too_low = low is not None and (value < low or (value == low and not low_inclusive))
+    too_high = high is not None and (value > high or (value == high and not high_inclusive))
+    if too_low or too_high:
+        if low is not None and high is not None:
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+            raise ConfigurationError(f"{name}={value!r} must lie in {bounds}")
+        if low is not None:
+            raise ConfigurationError(f"{name}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
+        raise ConfigurationError(f"{name}={value!r} must be {'<=' if high_inclusive else '<'} {high}")
+    return value
+
+
+def check_plain_state(state: Any, owner: str, where: str = "state") -> None:
+    """Fail unless ``state`` holds only tensors and plain values (``weights_only`` loadable).
+
+    Allowed: tensors, ``bool``/``int``/``float``/``str``/``None``, and lists, tuples and dicts
+    with string or integer keys of those.
+
+    Example:
+        >>> check_plain_state({"step": 3, "rng": torch.zeros(2)}, "demo")
+        >>> check_plain_state({"when": object()}, "demo")
+        Traceback (most recent call last):
+        ...
+        TypeError: demo: state['when'] is a object; a technique's state may hold only tensors, numbers, strings, None, and lists/tuples/dicts of them
+    """
+    if isinstance(state, (torch.Tensor, *PLAIN_TYPES)):
+        return
+    if isinstance(state, (list, tuple)):
+        for i, item in enumerate(state):
+            check_plain_state(item, owner, f"{where}[{i}]")
+        return
+    if isinstance(state, dict):
+        for key, item in state.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{owner}: {where} has a key {key!r} of type {type(key).__name__}; keys must be str or int")
+            check_plain_state(item, owner, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{owner}: {where} is a {type(state).__name__}; a technique's state may hold only tensors, "
+        "numbers, strings, None, and lists/tuples/dicts of them"
+    )
+
+
+def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> None:
+    """Check the techniques among ``callbacks`` against each other's declarations.
+
+    Raises:
+        ConfigurationError: Two techniques conflict, two instances of one technique are given,
+            a technique comes after one it must run before, or a technique that is not
+            distributed-safe runs with ``world_size > 1``. The message names both techniques
+            and the fix.
+
+    Example:
+        >>> class A(Technique):
+        ...     name = "a"
+        >>> class B(Technique):
+        ...     name = "b"
+        ...     runs_before = ("a",)
+        >>> check_composition([A(), B()])
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: b must run before a: put B before A in trainer.callbacks
+    """
+    techniques = [cb for cb in callbacks if isinstance(cb, Technique)]
+    position = {}
+    for index, technique in enumerate(techniques):
+        if technique.name in position:
+            raise ConfigurationError(
+                f"{technique.name} is given twice in trainer.callbacks; pass one {type(technique).__name__}"
+            )
+        position[technique.name] = index
+        if world_size > 1 and not technique.distributed_safe:
+            raise ConfigurationError(
+                f"{technique.name} is not verified for distributed training (world_size={world_size}); "
+                "run it on one device, or remove it"
+            )
+    for technique in techniques:
+        for other in techniques:
+            if other is technique:
+                continue
+            if other.name in technique.conflicts_with:
+                raise ConfigurationError(
+                    f"{technique.name} cannot run with {other.name}; remove {type(technique).__name__} "
+                    f"or {type(other).__name__} from trainer.callbacks"
+                )
+            if other.name in technique.runs_before and position[other.name] < position[technique.name]:
+                raise ConfigurationError(
+                    f"{technique.name} must run before {other.name}: put {type(technique).__name__} before "
+                    f"{type(other).__name__} in trainer.callbacks"
+                )
+
+
+class Technique(Callback):
+    """Base class of every technique callback (see the module docstring for the contract).
+
+    Subclasses set :attr:`name`, validate arguments in ``__init__`` (calling
+    ``super().__init__()``), and implement :meth:`apply` (return a handle or a list of
+    handles with ``.remove()`` for automatic undo, or implement :meth:`remove` themselves).
+
+    Attributes:
+        name: Short snake_case name: the prefix of the technique's metrics and the word used in
+            composition rules and error messages.
+        hooks: The ``Callback`` hooks the subclass implements on top of the base's ``setup``,
+            ``teardown`` and ``on_save_checkpoint`` (see :meth:`used_hooks`). Checked when the class
+            is defined: an undeclared or missing hook raises ``TypeError``.
+        runs_before: Names of techniques that must come *after* this one in ``trainer.callbacks``.
+        conflicts_with: Names of techniques this one cannot run with.
+        distributed_safe: Whether the technique is verified under DDP (every rank makes the same
+            decisions). The contract suite runs such techniques on 2 processes.
+        keep_after_fit: Keep the surgery after ``fit`` (e.g. pruning masks, which are the
+            product) instead of undoing it at ``teardown``.
+    """
+
+    name: ClassVar[str] = "technique"
+    hooks: ClassVar[tuple[str, ...]] = ()
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    conflicts_with: ClassVar[tuple[str, ...]] = ()
+    distributed_safe: ClassVar[bool] = False
+    keep_after_fit: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._applied_to: nn.Module | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base_hooks = {name for name in CALLBACK_HOOKS if name in vars(Technique)}
+        implemented = {
+            name
+            for name in CALLBACK_HOOKS
+            if getattr(cls, name) is not getattr(Callback, name) and getattr(cls, name) is not getattr(Technique, name, None)
+        }
+        declared = set(cls.hooks) - base_hooks
+        unknown = set(cls.hooks) - CALLBACK_HOOKS
+        if unknown:
+            raise TypeError(f"{cls.__name__}.hooks names {sorted(unknown)}, which are not Lightning Callback hooks")
+        if implemented != declared:
+            missing, extra = sorted(implemented - declared), sorted(declared - implemented)
+            raise TypeError(
+                f"{cls.__name__}.hooks must list exactly the Callback hooks it implements: "
+                f"undeclared {missing}, declared but not implemented {extra}"
+            )
+
+    @classmethod
+    def used_hooks(cls) -> tuple[str, ...]:
+        """Every ``Callback`` hook the technique runs in: the base's plus :attr:`hooks`."""
+        return tuple(sorted({name for name in CALLBACK_HOOKS if name in vars(Technique)} | set(cls.hooks)))
+
+    @property
+    def state_key(self) -> str:
+        return f"lightning_efficient.{self.name}"
+
+    # -- surgery --------------------------------------------------------------------------------
+    @property
+    def is_applied(self) -> bool:
+        """Whether :meth:`apply` has run on a model and not been undone."""
+        return self._applied_to is not None
+
+    def apply(self, pl_module: nn.Module) -> Any:
+        """Change the model (add hooks, masks, wrappers). Called once per model, before weights load.
+
+        Returns:
+            Nothing, or a handle / list of handles whose ``remove()`` undoes the change; the base
+            keeps them and :meth:`remove` calls them in reverse order.
+        """
+        return None
+
+    def remove(self, pl_module: nn.Module) -> None:
+        """Undo :meth:`apply`. The default removes the handles ``apply`` returned."""
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+
+    def attach(self, pl_module: nn.Module) -> None:
+        """Apply the surgery to ``pl_module`` unless it is already applied to it (idempotent).
+
+        Raises:
+            ConfigurationError: The technique is already applied to a different model.
+        """
+        if self._applied_to is pl_module:
+            return
+        if self._applied_to is not None:
+            raise ConfigurationError(
+                f"{self.name} is already applied to another model; use one {type(self).__name__} per model"
+            )
+        handles = self.apply(pl_module)
+        if handles is not None:
+            self._handles = list(handles) if isinstance(handles, (list, tuple)) else [handles]
+        self._applied_to = pl_module
+
+    def detach(self, pl_module: nn.Module) -> None:
+        """Undo the surgery on ``pl_module`` if it is applied there."""
+        if self._applied_to is pl_module:
+            self.remove(pl_module)
+            self._applied_to = None
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the composition of techniques, then apply the surgery (before weights load)."""
+        check_composition(trainer.callbacks, world_size=trainer.world_size)
+        self.attach(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Undo the surgery after the stage, unless :attr:`keep_after_fit`."""
+        if not self.keep_after_fit:
+            self.detach(pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse to write a checkpoint that ``torch.load(weights_only=True)`` could not read."""
+        check_plain_state(self.state_dict(), type(self).__name__)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def log_metrics(self, pl_module: pl.LightningModule, metrics: Mapping[str, float | torch.Tensor]) -> None:
+        """Log ``metrics`` as ``<name>/<metric>`` at the current step."""
+        pl_module.log_dict(
+            {f"{self.name}/{key}": value for key, value in metrics.items()}, on_step=True, on_epoch=False
+        )
+
+    def adjust_step_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, flops: float) -> float:
+        """Correct the FLOPs the :class:`~lightning_efficient.monitor.EfficiencyMonitor` counted this step.
+
+        The monitor counts the matrix products that run in the training step's forward pass, so
+        skipped blocks, dropped tokens and a grown or pruned structure are already reflected.
+        Override only for work the monitor cannot see (e.g. a scoring pass in a data loader).
+        """
+        return flops
