@@ -16,6 +16,8 @@ from lightning_efficient.data import (
     BROWN_PROSE,
     ImageClassificationDataModule,
     MLMDataModule,
+    ResumableDataLoader,
+    ResumableSampler,
     TextClassificationDataModule,
     TranslationDataModule,
 )
@@ -23,6 +25,7 @@ from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.predictions import JsonlPredictionWriter
+from lightning_efficient.technique import Technique
 
 __version__ = "0.1.0"
 
@@ -39,6 +42,9 @@ __all__ = [
     "JsonlPredictionWriter",
     "MLMDataModule",
     "NoTargetModulesError",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "Technique",
     "TextClassificationDataModule",
     "Translation",
     "TranslationDataModule",

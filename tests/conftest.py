@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 from lightning_efficient.data.files import embedded_path, read_records
+
+# Shared test helpers (``techniques.py``: the contract suite's table) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")

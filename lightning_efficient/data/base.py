@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_efficient.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_efficient.data.tokenizers import cached_tokenizer, check_special_tokens, load_tokenizer
 from lightning_efficient.errors import ConfigurationError
 
@@ -67,7 +69,7 @@ class EfficientDataModule(pl.LightningDataModule):
     def _collate(self, examples: list[Any]) -> Any:
         raise NotImplementedError
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.split_items("train"), self._collate, shuffle=True, drop_last=self.drop_last_train)
 
     def val_dataloader(self) -> DataLoader:
@@ -77,15 +79,36 @@ class EfficientDataModule(pl.LightningDataModule):
         return self._loader(self.split_items("test"), self._collate, shuffle=False)
 
     def _loader(self, items: Sequence[Any], collate: Callable, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            ListDataset(items),
+        """A loader over ``items`` whose ``iter()`` never draws from the global RNG.
+
+        ``shuffle=True`` (training) gives a :class:`ResumableDataLoader`: this process's share of
+        a permutation fixed by ``(seed, epoch)``, resumed mid-epoch exactly from a checkpoint.
+        Otherwise the items come in order (under DDP Lightning shards them, as usual).
+        """
+        dataset = ListDataset(items)
+        options: dict[str, Any] = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, **self._data_parallel_ranks())
+        return ResumableDataLoader(dataset, sampler=sampler, **options)
+
+    def _data_parallel_ranks(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of the data-parallel group, from the Trainer's strategy.
+
+        Empty without a Trainer or with a single-device strategy: the sampler then asks
+        ``torch.distributed``. Under tensor parallelism only the data-parallel ranks split the data.
+        """
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return {}
+        return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]}
 
 
 class TextDataModule(EfficientDataModule):

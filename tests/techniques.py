@@ -1,0 +1,144 @@
+"""The technique table that the contract suite (``test_contract.py``) runs, one row per technique.
+
+A technique issue registers its callback by appending a :class:`TechniqueCase` to :data:`CASES`
+(and its YAML fragment to ``configs/techniques/``). The suite then checks, for every row: it fits
+on the tiny BERT, MT and ViT models; the YAML fragment instantiates it through the CLI; it
+deep-copies and pickles; a run interrupted at each of ``interrupt_at`` and resumed equals the
+uninterrupted run exactly (weights, optimizer, LR schedule, technique state, RNG, losses); it
+refuses a model it cannot act on; every pair of rows composes (or fails with a clear error if
+they declare a conflict); and rows whose technique is ``distributed_safe`` run on DDP with 2 CPU
+processes.
+
+The rows here today are the reference technique of :mod:`lightning_efficient.testing` and a
+variant of it, so that the pairwise tests have a pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_efficient import (
+    BertMLM,
+    ImageClassificationDataModule,
+    MLMDataModule,
+    Translation,
+    TranslationDataModule,
+    ViTClassifier,
+)
+from lightning_efficient.technique import Technique
+from lightning_efficient.testing import BlockOutputNoise
+
+FAMILIES = ("bert", "mt", "vit")
+
+
+class FirstBlockNoise(BlockOutputNoise):
+    """A second reference technique (noise on the first block of each stack only)."""
+
+    name = "first_block_noise"
+
+    def apply(self, pl_module: nn.Module) -> list[Any]:
+        from lightning_efficient.blocks import find_block_stacks
+
+        return [stack.blocks[0].register_forward_hook(self._hook) for stack in find_block_stacks(pl_module, self.block_paths)]
+
+
+class BlocklessModule(pl.LightningModule):
+    """A model with no Transformer block stack: techniques acting on blocks must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).pow(2).mean()
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@dataclass(frozen=True)
+class TechniqueCase:
+    """One row of the contract suite.
+
+    Attributes:
+        id: The row's name in test ids.
+        build: Returns a fresh technique with the row's arguments.
+        yaml: A LightningCLI config fragment that appends the technique to ``trainer.callbacks``
+            (``trainer: {callbacks+: [...]}``): the content of its ``configs/techniques/`` file.
+        families: Model families it must fit on (``bert``, ``mt``, ``vit``).
+        resume_family: The family the interrupt/resume runs use.
+        interrupt_at: Optimizer steps after which a run is interrupted and resumed: include a
+            mid-epoch step and each schedule transition (the suite's epochs are 4 steps long).
+        steps: Length of the uninterrupted run.
+        unsupported: Builds a model the technique must refuse (None: it works on any model).
+        expected_error: The error type raised on ``unsupported``.
+    """
+
+    id: str
+    build: Callable[[], Technique]
+    yaml: str
+    families: tuple[str, ...] = FAMILIES
+    resume_family: str = "bert"
+    interrupt_at: tuple[int, ...] = (3, 4, 6)
+    steps: int = 8
+    unsupported: Callable[[], pl.LightningModule] | None = BlocklessModule
+    expected_error: type[Exception] = ValueError
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CASES: list[TechniqueCase] = [
+    TechniqueCase(
+        id="block_noise",
+        build=lambda: BlockOutputNoise(std=0.05, start_step=3, seed=1),
+        yaml="""
+trainer:
+  callbacks+:
+    - class_path: lightning_efficient.testing.BlockOutputNoise
+      init_args:
+        std: 0.05
+        start_step: 3
+""",
+    ),
+    TechniqueCase(
+        id="first_block_noise",
+        build=lambda: FirstBlockNoise(std=0.1, start_step=5, seed=2),
+        yaml="""
+trainer:
+  callbacks+:
+    - class_path: techniques.FirstBlockNoise
+      init_args:
+        std: 0.1
+        start_step: 5
+""",
+        families=("bert",),
+        interrupt_at=(5,),
+    ),
+]
+
+
+# -- tiny models and data of each family ------------------------------------------------------
+def tiny_family(family: str, files: dict[str, str]) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """A tiny model of ``family`` and a DataModule over the test's small user files.
+
+    Epochs are made short by the trainer (``limit_train_batches``), not by the data.
+    """
+    if family == "bert":
+        dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=33, batch_size=8)
+        return BertMLM(vocab_size=dm.vocab_size, preset="tiny", max_length=33, warmup_fraction=0.25), dm
+    if family == "mt":
+        dm = TranslationDataModule(
+            train_files=[files["pairs"]], source_column="src", target_column="tgt", vocab_size=500, max_length=40, batch_size=8
+        )
+        return Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=40, bleu_batches=0, warmup_fraction=0.25), dm
+    if family == "vit":
+        return ViTClassifier(num_labels=10, preset="tiny", warmup_fraction=0.25), ImageClassificationDataModule(batch_size=16)
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")

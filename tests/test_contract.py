@@ -1,0 +1,232 @@
+"""The technique contract suite: every row of ``techniques.CASES`` must pass all of these.
+
+See ``tests/techniques.py`` for what a row declares and how a technique issue registers one.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from techniques import CASES, TechniqueCase, tiny_family
+
+from lightning_efficient.technique import Technique, check_plain_state
+
+ROWS = {case.id: case for case in CASES}
+DDP_TIMEOUT_S = 300
+STEPS_PER_EPOCH = 4
+
+
+class Recorder(Callback):
+    """Records each step's loss and, at the end of fit, everything that must survive a resume."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.final: dict[str, Any] = {}
+        self.applied: set[bool] = set()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.applied |= {cb.is_applied for cb in trainer.callbacks if isinstance(cb, Technique)}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metric_names = set(trainer.callback_metrics)
+        self.final = {
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+            "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict()),
+            "techniques": {
+                cb.name: copy.deepcopy(cb.state_dict()) for cb in trainer.callbacks if isinstance(cb, Technique)
+            },
+            "rng": torch.get_rng_state(),
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+
+
+def fit(
+    cases: list[TechniqueCase],
+    family: str,
+    files: dict[str, str],
+    root: Path,
+    steps: int,
+    ckpt_path: str | None = None,
+    save_every_step: bool = False,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> tuple[Recorder, list[Technique]]:
+    """Train the tiny ``family`` model with the rows' techniques; return the recorder and them."""
+    pl.seed_everything(seed, verbose=False)
+    model, dm = tiny_family(family, files)
+    techniques = [case.build() for case in cases]
+    recorder = Recorder()
+    callbacks: list[Callback] = [*techniques, recorder]
+    if save_every_step:
+        callbacks.append(ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        limit_train_batches=STEPS_PER_EPOCH,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=save_every_step,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return recorder, techniques
+
+
+def assert_same(actual: Any, expected: Any, where: str) -> None:
+    """Exact equality of nested states (tensors bit for bit)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{where}: length differs"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def check_resume(cases: list[TechniqueCase], family: str, files: dict[str, str], tmp_path: Path, steps: int, interrupt_at: tuple[int, ...]) -> None:
+    """Interrupt at each step of ``interrupt_at``, resume, and compare with the uninterrupted run."""
+    full, _ = fit(cases, family, files, tmp_path / "full", steps, save_every_step=True)
+    for k in interrupt_at:
+        checkpoint = tmp_path / "full" / f"step={k}.ckpt"
+        state = torch.load(checkpoint, weights_only=True)  # the whole checkpoint is weights_only loadable
+        for case in cases:
+            check_plain_state(state["callbacks"][f"lightning_efficient.{case.build().name}"], case.id)
+        resumed, _ = fit(cases, family, files, tmp_path / f"resumed_{k}", steps, ckpt_path=str(checkpoint), seed=1234)
+        where = f"resumed after step {k}"
+        assert {s: v for s, v in resumed.losses.items()} == {s: v for s, v in full.losses.items() if s > k}, where
+        assert_same(resumed.final, full.final, where)
+
+
+# -- per row -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fits_every_family(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    for family in case.families:
+        recorder, (technique,) = fit([case], family, user_files, tmp_path / family, steps=3)
+        assert len(recorder.losses) == 3 and all(torch.isfinite(torch.tensor(list(recorder.losses.values())))), family
+        assert recorder.applied == {True}, f"{family}: the surgery was not in place during training"
+        foreign = {m for m in recorder.metric_names if not m.startswith(("train/", "val/", "test/", f"{technique.name}/"))}
+        assert not foreign, f"{family}: metrics not named <technique>/<metric>: {sorted(foreign)}"
+        assert not technique.is_applied or technique.keep_after_fit, f"{family}: surgery not undone at teardown"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_resume_equals_uninterrupted_run(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    assert any(k % STEPS_PER_EPOCH for k in case.interrupt_at), "interrupt at least once mid-epoch"
+    check_resume([case], case.resume_family, user_files, tmp_path, case.steps, case.interrupt_at)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_copies_and_pickles(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    technique = case.build()
+    for clone in (copy.deepcopy(technique), pickle.loads(pickle.dumps(technique))):
+        assert type(clone) is type(technique)
+        assert_same(clone.state_dict(), technique.state_dict(), "fresh copy")
+    _, (trained,) = fit([case], "bert", user_files, tmp_path, steps=2)
+    for clone in (copy.deepcopy(trained), pickle.loads(pickle.dumps(trained))):
+        assert_same(clone.state_dict(), trained.state_dict(), "copy after fit")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_declares_its_hooks_and_plain_state(case: TechniqueCase) -> None:
+    technique = case.build()
+    assert technique.name != Technique.name and technique.name.isidentifier()
+    for hook in technique.used_hooks():
+        assert getattr(type(technique), hook) is not getattr(Callback, hook), f"{hook} is declared but not implemented"
+    check_plain_state(technique.state_dict(), case.id)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.unsupported is not None], ids=lambda c: c.id)
+def test_refuses_unsupported_model(case: TechniqueCase, tmp_path: Path) -> None:
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[case.build()])  # fmt: skip
+    model = case.unsupported()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(case.expected_error) as error:
+        trainer.fit(model)
+    assert type(model).__name__ in str(error.value)
+    assert trainer.global_step == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+CONFIGS = {"bert": "bert/tiny_mlm.yaml", "mt": "mt/tiny_en_fr.yaml", "vit": "vit/tiny_fashion.yaml"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_instantiates_from_yaml_through_the_cli(case: TechniqueCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row's fragment appends the technique to a config's callbacks (``callbacks+:``)."""
+    from lightning_efficient.cli import EfficientCLI
+
+    fragment = tmp_path / "technique.yaml"
+    fragment.write_text(case.yaml)
+    monkeypatch.chdir(tmp_path)  # the config's relative run paths land in tmp_path
+    family = "vit" if "vit" in case.families else case.families[0]  # ViT needs no tokenizer: fastest
+    config = Path(__file__).parents[1] / "configs" / CONFIGS[family]
+    cli = EfficientCLI(args=["-c", str(config), "-c", str(fragment)], run=False)
+    techniques = [cb for cb in cli.trainer.callbacks if isinstance(cb, Technique)]
+    assert [type(t) for t in techniques] == [type(case.build())]
+    assert len(cli.trainer.callbacks) > 1, "the fragment must append to the config's callbacks, not replace them"
+
+
+# -- pairs -------------------------------------------------------------------------------------
+PAIRS = list(itertools.combinations(CASES, 2))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0].id}+{p[1].id}")
+def test_pairs_compose_and_resume(pair: tuple[TechniqueCase, TechniqueCase], user_files: dict[str, str], tmp_path: Path) -> None:
+    first, second = pair
+    a, b = first.build(), second.build()
+    if a.name in b.conflicts_with or b.name in a.conflicts_with:
+        with pytest.raises(ValueError, match=f"{a.name}|{b.name}"):
+            fit(list(pair), "bert", user_files, tmp_path, steps=1)
+        return
+    ordered = list(pair) if a.name not in b.runs_before else [second, first]
+    check_resume(ordered, "bert", user_files, tmp_path, steps=6, interrupt_at=(3,))
+
+
+# -- distributed -------------------------------------------------------------------------------
+DDP_CASES = [c for c in CASES if c.build().distributed_safe]
+
+
+@pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: c.id)
+def test_ddp_two_processes(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    """Two gloo processes train with the technique, under a hard timeout: same decisions on both ranks."""
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(worker), case.id, json.dumps(user_files), str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"DDP run of {case.id} hung for {DDP_TIMEOUT_S} s:\n{timeout.stderr}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3
+    assert_same(ranks[1]["technique"], ranks[0]["technique"], "technique state across ranks")
+    assert_same(ranks[1]["weights"], ranks[0]["weights"], "weights across ranks")
+    assert ranks[0]["batch_hash"] != ranks[1]["batch_hash"], "each rank must see its own shard"
