@@ -13,14 +13,16 @@ tokens/s of a hand-written PyTorch loop doing the same work on the same HF model
   ``decay_parameter_groups`` with betas (0.9, 0.98), eps 1e-6, and a ``LambdaLR`` warmup/decay
   stepped every batch.
 
-What is timed, on both sides, is the interval from the start of batch i to the start of batch
-i+1: it includes fetching the next batch and, on the Lightning side, every hook, the
-``self.log`` calls, the training accuracy (on logged steps) and the loop machinery. Lightning records it with a
-Callback at ``on_train_batch_start``; the hand loop records it right after ``next(iterator)``.
-The first ``--warmup`` batches of every run are dropped. Runs are interleaved in one process
-(Lightning, hand loop, hand loop, Lightning, ...: the side that goes first alternates, and
-garbage is collected before every run), each with a fresh model from the same seed; the verdict
-uses the median step time over all timed steps of each side.
+What is timed, on both sides, is one whole step including fetching its batch: on the Lightning
+side the interval from the start of batch i to the start of batch i+1 (every hook, the
+``self.log`` calls, the training accuracy on logged steps and the loop machinery included;
+``harness.StepTimer``), on the hand side one call of the loop body (``next(iterator)`` + step).
+The first ``--warmup`` steps of every run are dropped. Runs are interleaved in one process by
+``benchmarks/harness.py`` (Lightning, hand loop, hand loop, Lightning, ...: the side that goes
+first alternates, garbage is collected before every run), each with a fresh model from the same
+seed; both sides must see the same first batch and give the same first loss (printed per round).
+The verdict uses the harness's ratio: the median over rounds of (hand median step time /
+Lightning median step time) = Lightning tokens/s / hand tokens/s.
 
 Command (defaults: 4 rounds x (3 warmup + 10 timed steps) per side, about 3 minutes on 2 cores):
 
@@ -30,79 +32,60 @@ Command (defaults: 4 rounds x (3 warmup + 10 timed steps) per side, about 3 minu
 from __future__ import annotations
 
 import argparse
-import gc
-import logging
-import statistics
-import time
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 from transformers import BertForMaskedLM
 
 from lightning_efficient import BertMLM, MLMDataModule
 from lightning_efficient.models.base import decay_parameter_groups, warmup_schedule
 from lightning_efficient.models.bert import bert_config, mask_tokens
-from lightning_efficient.models.presets import resolve_size
+from lightning_efficient.models.presets import PRESETS, resolve_size
 
 # Settings of configs/bert/small_mlm.yaml (the main job).
-PRESET = "small"
 LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 DROPOUT = 0.1
 MLM_PROBABILITY = 0.15
+LIGHTNING, HAND = "Lightning (ours)", "hand loop"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (even: each side goes first equally)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of every run")
+    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=10, warmup=3)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
+    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.95, help="pass if Lightning tokens/s >= target x hand loop")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-class BatchStartTimer(pl.Callback):
-    """Records ``time.perf_counter()`` at every ``on_train_batch_start``, and the first batch's loss."""
+class FirstBatchProbe(pl.Callback):
+    """Appends ``(first loss, checksum of the first batch's token ids)`` of a run to ``record``."""
 
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-        self.first_loss: float | None = None
-        self.first_batch_sum: int | None = None
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.starts.append(time.perf_counter())
-        if self.first_batch_sum is None:
-            self.first_batch_sum = int(batch["input_ids"].sum())
+    def __init__(self, record: list[tuple[float, int]]) -> None:
+        self.record = record
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.first_loss is None:
-            self.first_loss = float(outputs["loss"].detach())
+        if batch_idx == 0:
+            self.record.append((float(outputs["loss"].detach()), int(batch["input_ids"].sum())))
 
 
-def lightning_run(datamodule: MLMDataModule, args: argparse.Namespace) -> tuple[list[float], float, int]:
-    """Train ``BertMLM`` with ``Trainer.fit`` for ``warmup + steps + 1`` batches.
-
-    Returns:
-        The ``steps`` timed batch-to-batch intervals (seconds), the first batch's loss and a
-        checksum of the first batch's token ids (to check both sides see the same data).
-    """
-    torch.manual_seed(args.seed)
+def lightning_job(datamodule: MLMDataModule, args: argparse.Namespace, record: list[tuple[float, int]]) -> LightningJob:
+    """``BertMLM`` of the main job, trained by ``Trainer.fit`` on CPU (the hand loop's device)."""
     model = BertMLM(
         vocab_size=datamodule.vocab_size,
-        preset=PRESET,
+        preset=args.preset,
         max_length=args.max_length,
         mlm_probability=MLM_PROBABILITY,
         head_on_masked_only=True,
@@ -112,38 +95,17 @@ def lightning_run(datamodule: MLMDataModule, args: argparse.Namespace) -> tuple[
         warmup_fraction=WARMUP_FRACTION,
         seed=args.seed,
     )
-    timer = BatchStartTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    trainer.fit(model, datamodule=datamodule)
-    intervals = [b - a for a, b in zip(timer.starts, timer.starts[1:])]
-    assert timer.first_loss is not None and timer.first_batch_sum is not None
-    return intervals[args.warmup :], timer.first_loss, timer.first_batch_sum
+    return LightningJob(model, datamodule, [FirstBatchProbe(record)], {"accelerator": "cpu"})
 
 
-def hand_run(datamodule: MLMDataModule, args: argparse.Namespace) -> tuple[list[float], float, int]:
-    """The same training as :func:`lightning_run`, written as a plain PyTorch loop.
-
-    Returns:
-        The ``steps`` timed batch-to-batch intervals (seconds), the first batch's loss and a
-        checksum of the first batch's token ids.
-    """
-    torch.manual_seed(args.seed)
+def hand_step(
+    datamodule: MLMDataModule, args: argparse.Namespace, record: list[tuple[float, int]]
+) -> Callable[[], None]:
+    """The same training as :func:`lightning_job`, as a plain PyTorch loop body: one call = one step."""
     vocab_size = datamodule.vocab_size
-    config = bert_config(resolve_size(PRESET), vocab_size, args.max_length, DROPOUT)
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(bert_config(resolve_size(args.preset), vocab_size, args.max_length, DROPOUT))
     model.train()
-    total = args.warmup + args.steps + 1
+    total = args.warmup + args.steps + 1  # = the Lightning side's max_steps, so the LR schedules match
     warmup_steps = int(WARMUP_FRACTION * total)
     optimizer = torch.optim.AdamW(
         decay_parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-6
@@ -153,11 +115,11 @@ def hand_run(datamodule: MLMDataModule, args: argparse.Namespace) -> tuple[list[
     )
     generator = torch.Generator().manual_seed(args.seed)
     iterator = iter(datamodule.train_dataloader())
-    starts: list[float] = []
-    first_loss, first_batch_sum = 0.0, 0
-    for step in range(total):
+    recorded = False
+
+    def step() -> None:
+        nonlocal recorded
         batch = next(iterator)
-        starts.append(time.perf_counter())
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         masked, labels = mask_tokens(input_ids, attention_mask, generator, vocab_size, MLM_PROBABILITY)
         hidden = model.bert(input_ids=masked, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -168,59 +130,45 @@ def hand_run(datamodule: MLMDataModule, args: argparse.Namespace) -> tuple[list[
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if step == 0:
-            first_loss, first_batch_sum = float(loss.detach()), int(input_ids.sum())
-    intervals = [b - a for a, b in zip(starts, starts[1:])]
-    return intervals[args.warmup :], first_loss, first_batch_sum
+        if not recorded:  # first step of this run
+            record.append((float(loss.detach()), int(input_ids.sum())))
+            recorded = True
+
+    return step
 
 
-def quiet_lightning() -> None:
-    """Silence Lightning's per-``fit`` banner and the few-workers hint (they are not errors here)."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-def main() -> None:
-    """Interleave Lightning and hand-loop runs, then print the table and the verdict."""
-    args = parse_args()
-    quiet_lightning()
-    datamodule = MLMDataModule(vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Interleave Lightning and hand-loop runs, then print the table and the verdict; returns the numbers."""
+    args = parse_args(argv)
+    setup(args)
+    datamodule = MLMDataModule(
+        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
+    )
     datamodule.setup("fit")
     tokens = args.batch_size * args.max_length
     print(
-        f"BERT-{PRESET} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {datamodule.vocab_size}, "
+        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {datamodule.vocab_size}, "
         f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} timed steps "
         f"(+{args.warmup} warmup) per side"
     )
-
-    times: dict[str, list[float]] = {"lightning": [], "hand": []}
-    runners = {"lightning": lightning_run, "hand": hand_run}
-    for round_index in range(args.rounds):
-        results: dict[str, tuple[list[float], float, int]] = {}
-        order = ["lightning", "hand"] if round_index % 2 == 0 else ["hand", "lightning"]  # neither always first
-        for name in order:
-            gc.collect()  # the previous run's Trainer/model cycles must not be collected while timing this one
-            results[name] = runners[name](datamodule, args)
-        (light, light_loss, light_sum), (hand, hand_loss, hand_sum) = results["lightning"], results["hand"]
-        times["lightning"] += light
-        times["hand"] += hand
+    first: dict[str, list[tuple[float, int]]] = {LIGHTNING: [], HAND: []}
+    variants = [
+        Variant(LIGHTNING, lambda: lightning_job(datamodule, args, first[LIGHTNING]), seed=args.seed),
+        Variant(HAND, lambda: hand_step(datamodule, args, first[HAND]), seed=args.seed),
+    ]
+    times = interleave(variants, args.rounds, args.steps, args.warmup)
+    for index, ((light_loss, light_sum), (hand_loss, hand_sum)) in enumerate(zip(first[LIGHTNING], first[HAND])):
         same = "same first batch" if light_sum == hand_sum else "DIFFERENT first batch"
-        light_step, hand_step = statistics.median(light), statistics.median(hand)
-        print(
-            f"round {round_index + 1}: median step lightning {light_step:.3f} s, hand {hand_step:.3f} s, "
-            f"ratio (tokens/s) {hand_step / light_step:.3f}; first loss {light_loss:.5f} vs {hand_loss:.5f} ({same})"
-        )
+        print(f"round {index + 1}: first loss Lightning {light_loss:.5f}, hand {hand_loss:.5f} ({same})")
 
-    light_step, hand_step = statistics.median(times["lightning"]), statistics.median(times["hand"])
-    ratio = hand_step / light_step  # = lightning tokens/s / hand tokens/s
-    print()
-    print(f"{'':28}{'hand loop (baseline)':>22}{'Lightning (ours)':>20}{'ratio ours/base':>18}")
-    print(f"{'median step time (s)':28}{hand_step:>22.4f}{light_step:>20.4f}{light_step / hand_step:>18.3f}")
-    print(f"{'tokens/s':28}{tokens / hand_step:>22.1f}{tokens / light_step:>20.1f}{ratio:>18.3f}")
-    print(f"{'timed steps':28}{len(times['hand']):>22}{len(times['lightning']):>20}")
-    verdict = "PASS" if ratio >= args.target else "FAIL"
+    result = report(times, baseline=HAND, metric="throughput", work_per_step=tokens, unit="tokens")
+    ratio = result["variants"][LIGHTNING]["ratio"]
+    passed = ratio >= args.target
+    verdict = "PASS" if passed else "FAIL"
     print(f"\n{verdict}: Lightning reaches {ratio:.3f}x the hand loop's tokens/s (target >= {args.target:.2f}x)")
+    result.update(claim="Lightning tokens/s / hand-loop tokens/s", target=args.target, passed=passed)
+    write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":

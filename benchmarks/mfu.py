@@ -16,10 +16,10 @@ matmul peak measured on this machine.
   FlopCounterMode counts matmuls and attention only; layer norms, GELU, softmax and dropout
   cost time but count no FLOPs, as is usual for MFU.
 * Step time: steady-state ``Trainer.fit`` (``logger=False``, no checkpointing, progress bar,
-  model summary or validation), measured by a Callback as the interval between consecutive
-  ``on_train_batch_start`` calls (so data loading and all Lightning overhead are included),
-  first ``--warmup`` batches of each run dropped. Achieved FLOP/s = FLOPs per step / median step
-  time; MFU = achieved / peak.
+  model summary or validation), run and timed by ``benchmarks/harness.py`` (``StepTimer``: the
+  interval between consecutive ``on_train_batch_start`` calls, so data loading and all Lightning
+  overhead are included), first ``--warmup`` batches of each run dropped. Achieved FLOP/s =
+  FLOPs per step / median step time; MFU = achieved / peak.
 
 Peak probes and training runs alternate in one process (probe, run, probe, run, ..., probe), so
 both see the same machine conditions; the peak is the best probe, the step time the median over
@@ -33,32 +33,29 @@ Command (defaults: 2 rounds x (3 warmup + 8 timed steps), a few minutes on 2 cor
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
-import warnings
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
+from harness import LightningJob, Variant, harness_arguments, interleave, setup, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_efficient import BertMLM, MLMDataModule
+from lightning_efficient.models.presets import PRESETS
 
 # Settings of configs/bert/small_mlm.yaml (the main job).
-PRESET = "small"
 LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.1
 MLM_PROBABILITY = 0.15
 ADAMW_FLOPS_PER_PARAMETER = 12  # rough count of the element-wise work of one AdamW update
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="training runs, each preceded by a peak probe")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per training run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of every run")
+    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=2, steps=8, warmup=3)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
+    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square matmul sizes")
     parser.add_argument("--matmul-repeats", type=int, default=5, help="timed matmuls per size and probe")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -66,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.40, help="pass if MFU >= target")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def matmul_peak(sizes: list[int], repeats: int) -> dict[int, float]:
@@ -85,17 +82,17 @@ def matmul_peak(sizes: list[int], repeats: int) -> dict[int, float]:
     return best
 
 
-def build_module(vocab_size: int, max_length: int, masked_only: bool, seed: int) -> BertMLM:
+def build_module(vocab_size: int, args: argparse.Namespace, masked_only: bool = True) -> BertMLM:
     """The main job's ``BertMLM`` (head variant selectable, for the reference FLOP count)."""
     return BertMLM(
         vocab_size=vocab_size,
-        preset=PRESET,
-        max_length=max_length,
+        preset=args.preset,
+        max_length=args.max_length,
         mlm_probability=MLM_PROBABILITY,
         head_on_masked_only=masked_only,
         learning_rate=LEARNING_RATE,
         warmup_fraction=WARMUP_FRACTION,
-        seed=seed,
+        seed=args.seed,
     )
 
 
@@ -110,66 +107,27 @@ def count_step_flops(module: BertMLM, batch: dict[str, torch.Tensor], seed: int)
     return counter.get_total_flops(), per_op
 
 
-class BatchStartTimer(pl.Callback):
-    """Records ``time.perf_counter()`` at every ``on_train_batch_start``."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.starts.append(time.perf_counter())
-
-
-def lightning_step_times(datamodule: MLMDataModule, args: argparse.Namespace) -> list[float]:
-    """Steady-state seconds per training batch of the main job through ``Trainer.fit``."""
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Count FLOPs, alternate peak probes and training runs, print the table and the verdict; returns the numbers."""
+    args = parse_args(argv)
+    setup(args)
     torch.manual_seed(args.seed)
-    model = build_module(datamodule.vocab_size, args.max_length, True, args.seed)
-    timer = BatchStartTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
+    datamodule = MLMDataModule(
+        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
     )
-    trainer.fit(model, datamodule=datamodule)
-    intervals = [b - a for a, b in zip(timer.starts, timer.starts[1:])]
-    return intervals[args.warmup :]
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's per-``fit`` banner and hints that are not errors here."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
-def main() -> None:
-    """Count FLOPs, alternate peak probes and training runs, print the table and the verdict."""
-    args = parse_args()
-    quiet_lightning()
-    torch.manual_seed(args.seed)
-    datamodule = MLMDataModule(vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size)
     datamodule.setup("fit")
     vocab_size = datamodule.vocab_size
     tokens = args.batch_size * args.max_length
     print(
-        f"main job: BERT-{PRESET} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
+        f"main job: BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
         f"{torch.get_num_threads()} threads"
     )
 
     # FLOPs of one step, on one real batch (same masks for both head variants).
     batch = next(iter(datamodule.train_dataloader()))
-    model = build_module(vocab_size, args.max_length, True, args.seed)
+    model = build_module(vocab_size, args)
     flops, per_op = count_step_flops(model, batch, args.seed)
-    full_flops, _ = count_step_flops(build_module(vocab_size, args.max_length, False, args.seed), batch, args.seed)
+    full_flops, _ = count_step_flops(build_module(vocab_size, args, masked_only=False), batch, args.seed)
     parameters = sum(p.numel() for p in model.parameters())
     adamw_flops = ADAMW_FLOPS_PER_PARAMETER * parameters
     del model
@@ -178,7 +136,11 @@ def main() -> None:
     print(f"  reference, full-sequence head: {full_flops / 1e9:.1f} GFLOP; AdamW step (not counted): "
           f"~{adamw_flops / 1e9:.2f} GFLOP for {parameters / 1e6:.1f}M parameters ({adamw_flops / flops:.2%})")
 
-    # Alternate peak probes and training runs.
+    # Alternate peak probes and training runs (each run: one harness round of the main job on CPU).
+    def job() -> LightningJob:
+        return LightningJob(build_module(vocab_size, args), datamodule, trainer_kwargs={"accelerator": "cpu"})
+
+    main_job = Variant("main job", job, seed=args.seed)
     peaks: dict[int, float] = {}
     step_times: list[float] = []
     for round_index in range(args.rounds + 1):
@@ -187,12 +149,12 @@ def main() -> None:
             peaks[n] = max(peaks.get(n, 0.0), gflops)
         line = f"probe {round_index + 1}: matmul GFLOP/s " + ", ".join(f"{n}: {g:.1f}" for n, g in probe.items())
         if round_index < args.rounds:
-            times = lightning_step_times(datamodule, args)
+            times = interleave([main_job], rounds=1, steps=args.steps, warmup=args.warmup, verbose=False)["main job"][0]
             step_times += times
             line += f"; run {round_index + 1}: median step {statistics.median(times):.3f} s"
         print(line)
 
-    peak_size = max(peaks, key=peaks.get)
+    peak_size = max(peaks, key=peaks.__getitem__)
     peak = peaks[peak_size] * 1e9
     step = statistics.median(step_times)
     achieved = flops / step
@@ -205,8 +167,25 @@ def main() -> None:
     print(f"{'tokens/s':40}{tokens / step:>14.1f}")
     print(f"{'achieved':40}{achieved / 1e9:>14.1f} GFLOP/s")
     print(f"{'MFU':40}{mfu:>14.1%}")
-    verdict = "PASS" if mfu >= args.target else "FAIL"
+    passed = mfu >= args.target
+    verdict = "PASS" if passed else "FAIL"
     print(f"\n{verdict}: MFU {mfu:.1%} of the measured fp32 peak (target >= {args.target:.0%})")
+    result = {
+        "claim": "MFU of the main job against the measured fp32 matmul peak",
+        "peak_flops_per_s": peak,
+        "peak_size": peak_size,
+        "flops_per_step": flops,
+        "full_head_flops_per_step": full_flops,
+        "median_step_s": step,
+        "steps": len(step_times),
+        "tokens_per_s": tokens / step,
+        "achieved_flops_per_s": achieved,
+        "mfu": mfu,
+        "target": args.target,
+        "passed": passed,
+    }
+    write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,38 +13,42 @@ the same loss on the masked positions.
 2. Speed: one training step = the package's own ``BertMLM._step`` (masking, ``masked_logits``,
    fp32 cross-entropy) + ``backward`` + AdamW step (the optimizer settings of
    ``EfficientModule.configure_optimizers``, without the LR schedule). Plain PyTorch, no Trainer,
-   batches pre-loaded so only the step is timed. The two variants alternate step by step
-   (ABBA... order), after ``--warmup`` untimed steps each; the median step time of each is
-   reported with the ratio. The verdict asks for at least ``--min-speedup`` (default 1.5x).
+   batches pre-loaded so only the step is timed. ``benchmarks/harness.py`` interleaves the two
+   variants in rounds (AB, BA, AB, ...), each run a fresh model from the same seed with
+   ``--warmup`` untimed steps then ``--steps`` timed ones on the same batches; the speedup is the
+   median over rounds of (full-head median step time / masked-head median step time), with its
+   spread. The verdict asks for at least ``--min-speedup`` (default 1.5x).
 
-Command (defaults: 2 warmup + 12 timed steps per variant, a few minutes on 2 cores):
+Command (defaults: 4 rounds x (1 warmup + 3 timed steps) per variant, a few minutes on 2 cores):
 
-    LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/mlm_head.py --steps 12
+    LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/mlm_head.py --rounds 4 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from harness import Variant, harness_arguments, interleave, report, setup, write_json
 
 from lightning_efficient import BertMLM, MLMDataModule
 from lightning_efficient.models.base import decay_parameter_groups
+from lightning_efficient.models.presets import PRESETS
 
 # Settings of configs/bert/small_mlm.yaml (the main job).
-PRESET = "small"
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
+MASKED, FULL = "masked-only head (ours)", "full-sequence head"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed training steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
+    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=3, warmup=1)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
+    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
     parser.add_argument("--check-batches", type=int, default=3, help="batches on which the losses are compared")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
@@ -54,19 +58,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--min-speedup", type=float, default=1.5, help="pass if full-head step time / masked-head step time >= this"
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def build_module(vocab_size: int, max_length: int, masked_only: bool, seed: int) -> BertMLM:
+def build_module(vocab_size: int, args: argparse.Namespace, masked_only: bool) -> BertMLM:
     """A ``BertMLM`` of the main job's shape with the given head variant."""
     return BertMLM(
         vocab_size=vocab_size,
-        preset=PRESET,
-        max_length=max_length,
+        preset=args.preset,
+        max_length=args.max_length,
         head_on_masked_only=masked_only,
         learning_rate=LEARNING_RATE,
         weight_decay=WEIGHT_DECAY,
-        seed=seed,
+        seed=args.seed,
     )
 
 
@@ -101,75 +105,77 @@ def make_optimizer(module: BertMLM) -> torch.optim.Optimizer:
     )
 
 
-def train_step(
-    module: BertMLM, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], generator: torch.Generator
-) -> float:
-    """One training step through the module's own ``_step``; returns its wall time in seconds."""
-    start = time.perf_counter()
-    loss, _, _ = module._step(batch, generator)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - start
+def training_step(
+    vocab_size: int, args: argparse.Namespace, masked_only: bool, batches: list[dict[str, torch.Tensor]]
+) -> Callable[[], None]:
+    """A fresh module, optimizer and mask generator; each call of the result trains on the next batch."""
+    module = build_module(vocab_size, args, masked_only)
+    optimizer = make_optimizer(module)
+    generator = torch.Generator().manual_seed(args.seed)
+    iterator = iter(batches)
+
+    def step() -> None:
+        loss, _, _ = module._step(next(iterator), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
-def main() -> None:
-    """Check loss equality, time interleaved training steps, print the table and the verdict."""
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Check loss equality, time interleaved training steps, print the table and the verdict; returns the numbers."""
+    args = parse_args(argv)
+    setup(args)
     torch.manual_seed(args.seed)
-    datamodule = MLMDataModule(vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size)
+    datamodule = MLMDataModule(
+        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
+    )
     datamodule.setup("fit")
     loader = iter(datamodule.train_dataloader())
-    batches = [next(loader) for _ in range(args.warmup + args.steps)]
+    batches = [next(loader) for _ in range(max(args.warmup + args.steps, args.check_batches))]
     vocab_size = datamodule.vocab_size
     print(
-        f"BERT-{PRESET} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
+        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
         f"{torch.get_num_threads()} threads"
     )
 
-    torch.manual_seed(args.seed)
-    variants = {
-        "masked-only head (ours)": build_module(vocab_size, args.max_length, True, args.seed),
-        "full-sequence head (baseline)": build_module(vocab_size, args.max_length, False, args.seed),
-    }
-    masked, full = variants.values()
-    full.load_state_dict(masked.state_dict())
-
     # 1. Same loss on the masked positions.
+    torch.manual_seed(args.seed)
+    masked = build_module(vocab_size, args, masked_only=True)
+    full = build_module(vocab_size, args, masked_only=False)
+    full.load_state_dict(masked.state_dict())
     check = batches[: args.check_batches]
     eval_diff, eval_losses = max_loss_difference(masked, full, check, args.seed, train_mode=False)
     train_diff, _ = max_loss_difference(masked, full, check, args.seed, train_mode=True)
+    del masked, full
     print(f"loss equality on {len(check)} batches (losses {', '.join(f'{x:.5f}' for x in eval_losses)}):")
     print(f"  max |loss difference|: eval mode {eval_diff:.2e}, train mode (same dropout) {train_diff:.2e}"
           f" (tolerance {args.tolerance:.0e})")
     if max(eval_diff, train_diff) > args.tolerance:
         sys.exit(f"FAIL: the two heads give different losses ({max(eval_diff, train_diff):.2e} > {args.tolerance:.0e})")
 
-    # 2. Interleaved training-step timing (each variant has its own optimizer and mask generator).
-    optimizers = {name: make_optimizer(module) for name, module in variants.items()}
-    generators = {name: torch.Generator().manual_seed(args.seed) for name in variants}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for index, batch in enumerate(batches):
-        order = names if index % 2 == 0 else names[::-1]  # ABBA: neither variant always goes first
-        for name in order:
-            elapsed = train_step(variants[name], optimizers[name], batch, generators[name])
-            if index >= args.warmup:
-                times[name].append(elapsed)
-
-    ours, base = (statistics.median(times[name]) for name in names)
+    # 2. Interleaved training-step timing (same seed: both variants start from the same weights and masks).
+    variants = [
+        Variant(FULL, lambda: training_step(vocab_size, args, False, batches), seed=args.seed),
+        Variant(MASKED, lambda: training_step(vocab_size, args, True, batches), seed=args.seed),
+    ]
+    times = interleave(variants, args.rounds, args.steps, args.warmup)
     tokens = args.batch_size * args.max_length
-    speedup = base / ours
-    print()
-    print(f"{'':26}{'full head (baseline)':>22}{'masked-only (ours)':>20}{'ratio ours/base':>18}")
-    print(f"{'median step time (s)':26}{base:>22.4f}{ours:>20.4f}{ours / base:>18.3f}")
-    print(f"{'tokens/s':26}{tokens / base:>22.1f}{tokens / ours:>20.1f}{speedup:>18.3f}")
-    print(f"{'timed steps':26}{len(times[names[1]]):>22}{len(times[names[0]]):>20}")
-    verdict = "PASS" if speedup >= args.min_speedup else "FAIL"
+    result = report(times, baseline=FULL, metric="throughput", work_per_step=tokens, unit="tokens")
+    speedup = result["variants"][MASKED]["ratio"]
+    passed = speedup >= args.min_speedup
+    verdict = "PASS" if passed else "FAIL"
     print(
-        f"\n{verdict}: masked-only head is {speedup:.2f}x faster per training step ({1 - ours / base:.0%} less time; "
+        f"\n{verdict}: masked-only head is {speedup:.2f}x faster per training step ({1 - 1 / speedup:.0%} less time; "
         f"target >= {args.min_speedup:.2f}x), losses equal to {max(eval_diff, train_diff):.1e}"
     )
+    result.update(
+        claim="masked-only head speedup over the full-sequence head", target=args.min_speedup, passed=passed,
+        max_loss_difference=max(eval_diff, train_diff),
+    )  # fmt: skip
+    write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Models, data, optimizers, LR schedulers, callbacks and strategies all come from 
     lightning-efficient fit -c configs/bert/small_mlm.yaml
     lightning-efficient fit -c configs/bert/small_mlm.yaml --trainer.max_steps 50 --model.init_args.preset tiny
     lightning-efficient predict -c configs/bert/small_mlm.yaml --ckpt_path runs/bert_small_mlm/checkpoints/last.ckpt
+    lightning-efficient compare runs/bert_small_mlm runs/bert_small_mlm_layer_drop   # see compare.py
 
 On top of LightningCLI it
 - fills the model arguments that the data decides (``vocab_size``, ``num_labels``, ``label_names``,
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_efficient import compare
 from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
 from lightning_efficient.errors import CheckpointMismatchError
 
@@ -111,9 +114,24 @@ class EfficientCLI(LightningCLI):
             (self.config_init[subcommand] if subcommand else self.config_init)["data"] = datamodule
 
 
+_COMPARE_EPILOG = (
+    "One more subcommand, outside LightningCLI: `lightning-efficient compare RUN_DIR RUN_DIR ... "
+    "[--output PNG] [--json]` puts the efficiency summaries of several runs side by side "
+    "(see `lightning-efficient compare --help`)."
+)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-efficient`` console script."""
-    EfficientCLI(args=args)
+    """Entry point of the ``lightning-efficient`` console script.
+
+    ``compare`` goes to :func:`lightning_efficient.compare.main` before LightningCLI sees the
+    arguments; every other subcommand (``fit``, ``validate``, ``test``, ``predict``) to :class:`EfficientCLI`.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        compare.main(argv[1:])
+        return
+    EfficientCLI(args=args, parser_kwargs={"epilog": _COMPARE_EPILOG})
 
 
 if __name__ == "__main__":

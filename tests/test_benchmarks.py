@@ -1,0 +1,195 @@
+"""Benchmark harness (``benchmarks/harness.py``) and smoke runs of the benchmark scripts, tiny settings.
+
+No timing is asserted: the ratio arithmetic is checked on injected fake times, the real runs only
+for their structure, ordering, seeding and step counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (the scripts import ``harness`` as a top-level module)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def harness() -> ModuleType:
+    module = load("harness")
+    yield module
+    sys.modules.pop("harness", None)
+
+
+@pytest.fixture(scope="module")
+def mlm_data(user_files) -> MLMDataModule:
+    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
+    dm.setup("fit")
+    return dm
+
+
+# -- ratio arithmetic on injected times ------------------------------------------------------------
+FAKE = {  # times[name][round] = step times (s)
+    "base": [[1.0, 1.2, 0.8], [1.0, 1.0, 1.0], [3.0, 3.0, 3.0]],
+    "tech": [[2.0, 2.0, 2.0], [3.0, 2.0, 4.0], [3.0, 3.0, 3.0]],
+    "copy": [[1.0, 1.2, 0.8], [1.0, 1.0, 1.0], [3.0, 3.0, 3.0]],
+}
+
+
+def test_ratio_is_the_median_of_per_round_ratios(harness, capsys):
+    result = harness.report(FAKE, baseline="base", metric="step time", work_per_step=100, unit="tokens")
+    tech, base, copy = (result["variants"][name] for name in ("tech", "base", "copy"))
+    # Per-round medians: base 1, 1, 3; tech 2, 3, 3 -> per-round ratios 2/1, 3/1, 3/3 = 2, 3, 1.
+    assert tech["round_ratios"] == [2.0, 3.0, 1.0]
+    assert tech["ratio"] == 2.0  # median of (2, 3, 1); the ratio of pooled medians would be 3 / 1 = 3
+    assert (tech["ratio_min"], tech["ratio_max"]) == (1.0, 3.0)
+    assert (tech["ratio_q1"], tech["ratio_q3"]) == (1.5, 2.5)  # inclusive quartiles of (1, 2, 3)
+    assert tech["median_step_s"] == statistics.median([2, 2, 2, 3, 2, 4, 3, 3, 3]) == 3.0
+    assert tech["per_s"] == 100 / 3.0 and tech["steps"] == 9 and tech["rounds"] == 3
+    for same in (base, copy):  # a variant against itself (or identical times): exactly 1, no spread
+        assert same["round_ratios"] == [1.0, 1.0, 1.0]
+        assert [same[key] for key in ("ratio", "ratio_min", "ratio_max", "ratio_q1", "ratio_q3")] == [1.0] * 5
+    assert result["baseline"] == "base" and result["metric"] == "step time" and result["unit"] == "tokens"
+    table = capsys.readouterr().out
+    assert "base (baseline)" in table and "tokens/s" in table and "ratio (step time)" in table
+    lines = [line for line in table.splitlines() if line.startswith("tech")]
+    assert lines and lines[0].split()[-5:] == ["33.3", "2.000", "1.000-3.000", "1.500-2.500", "9"]
+
+    throughput = harness.report(FAKE, baseline="base", metric="throughput")["variants"]["tech"]
+    assert throughput["round_ratios"] == [0.5, 1 / 3, 1.0] and throughput["ratio"] == 0.5
+    assert "per_s" not in throughput
+
+
+def test_report_rejects_bad_arguments(harness):
+    with pytest.raises(ConfigurationError, match=r"metric='speed' is unknown; choose one of: step time, throughput"):
+        harness.report(FAKE, baseline="base", metric="speed")
+    with pytest.raises(ConfigurationError, match=r"baseline='nope' is not a variant"):
+        harness.report(FAKE, baseline="nope")
+    with pytest.raises(ConfigurationError, match=r"same number"):
+        harness.report({"a": [[1.0]], "b": [[1.0], [1.0]]}, baseline="a")
+    with pytest.raises(ConfigurationError, match=r"rounds=0 must be >= 1"):
+        harness.interleave([harness.Variant("a", lambda: (lambda: None))], rounds=0, steps=1, warmup=0)
+    with pytest.raises(ConfigurationError, match=r"unique names"):
+        harness.interleave([harness.Variant("a", lambda: (lambda: None))] * 2, rounds=1, steps=1, warmup=0)
+
+
+def test_step_timer_measures_batch_start_intervals_after_warmup(harness):
+    timer = harness.StepTimer(warmup=1)
+    timer.starts = [10.0, 11.0, 13.0, 16.0]
+    assert timer.times == [2.0, 3.0]  # intervals 1, 2, 3; the first is warmup
+    with pytest.raises(ConfigurationError, match=r"warmup=-1"):
+        harness.StepTimer(warmup=-1)
+
+
+# -- real runs: tiny BERT through Trainer.fit and a plain loop -------------------------------------
+class Probe(pl.Callback):
+    """Records the first loss and batch checksum of a run, and how many batches it trained."""
+
+    def __init__(self, log: list[dict[str, Any]]) -> None:
+        self.entry: dict[str, Any] = {"batches": 0}
+        log.append(self.entry)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.entry["batches"] == 0:
+            self.entry.update(loss=float(outputs["loss"]), batch_sum=int(batch["input_ids"].sum()))
+        self.entry["batches"] += 1
+
+
+def test_interleave_tiny_bert_variants(harness, mlm_data, capsys):
+    order: list[str] = []
+    log: dict[str, list[dict[str, Any]]] = {"masked head": [], "full head": []}
+    calls: list[int] = []
+
+    def lightning(name: str, masked_only: bool) -> Any:
+        order.append(name)
+        module = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=17, head_on_masked_only=masked_only)
+        return harness.LightningJob(module, mlm_data, [Probe(log[name])], {"accelerator": "cpu"})
+
+    def plain() -> Any:
+        order.append("plain")
+        calls.append(0)
+        weight = torch.randn(8, 8)
+
+        def step() -> None:
+            calls[-1] += 1
+            weight.mul_(0.5)
+
+        return step
+
+    variants = [
+        harness.Variant("masked head", lambda: lightning("masked head", True)),
+        harness.Variant("full head", lambda: lightning("full head", False)),
+        harness.Variant("plain", plain),
+    ]
+    times = harness.interleave(variants, rounds=2, steps=2, warmup=1)
+    assert set(times) == {"masked head", "full head", "plain"}
+    assert all(len(per_round) == 2 and all(len(steps) == 2 for steps in per_round) for per_round in times.values())
+    assert all(t > 0 for per_round in times.values() for steps in per_round for t in steps)
+    assert order == ["masked head", "full head", "plain", "full head", "plain", "masked head"]  # rotated per round
+    assert calls == [3, 3]  # warmup + steps per plain run
+    runs = log["masked head"] + log["full head"]
+    assert [run["batches"] for run in runs] == [4] * 4  # warmup + steps + 1 (the extra start closes the last step)
+    # Same seed for every run: same first batch and weights, so both heads give the same first loss every round.
+    assert len({run["batch_sum"] for run in runs}) == 1
+    assert all(abs(run["loss"] - runs[0]["loss"]) < 1e-5 for run in runs)
+    assert capsys.readouterr().out.count("round ") == 2
+
+    result = harness.report(times, baseline="full head", metric="throughput")
+    assert set(result["variants"]) == {"masked head", "full head", "plain"}
+    expected = {"median_step_s", "ratio", "ratio_min", "ratio_max", "ratio_q1", "ratio_q3", "round_ratios", "rounds"}
+    expected.add("steps")
+    assert all(set(numbers) == expected for numbers in result["variants"].values())
+    assert result["variants"]["full head"]["ratio"] == 1.0 and result["variants"]["plain"]["steps"] == 4
+
+
+def test_harness_arguments_and_json(harness, tmp_path):
+    parser = harness.harness_arguments("demo", rounds=2, steps=5, warmup=1)
+    args = parser.parse_args(["--json", str(tmp_path / "out" / "r.json")])
+    assert (args.rounds, args.steps, args.warmup, args.threads) == (2, 5, 1, None)
+    harness.write_json(args.json, {"ratio": 1.5})
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {"ratio": 1.5}
+    harness.write_json(None, {"ratio": 1.5})  # no --json: nothing written, no error
+
+
+# -- the scripts, smallest settings -----------------------------------------------------------------
+SCRIPTS = {
+    "lightning_overhead": ([], {"variants", "passed", "target"}),
+    "mfu": (["--sizes", "32", "--matmul-repeats", "1"], {"mfu", "flops_per_step", "peak_flops_per_s", "passed"}),
+    "mlm_head": (["--check-batches", "2"], {"variants", "passed", "max_loss_difference"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_smoke_run(name, harness, user_files, tmp_path):
+    extra, keys = SCRIPTS[name]
+    tiny = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"]  # fmt: skip
+    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
+    try:
+        result = load(name).main([*tiny, *extra, "--json", str(tmp_path / "result.json")])
+    finally:  # the scripts' setup() changes process-wide settings
+        torch.set_num_threads(threads)
+        logging.getLogger("lightning.pytorch").setLevel(level)
+        sys.modules.pop(name, None)
+    assert keys <= set(result)
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
