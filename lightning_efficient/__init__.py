@@ -24,6 +24,8 @@ from lightning_efficient.data import (
 from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
+from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
+from lightning_efficient.monitor import EfficiencyMonitor
 from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.technique import Technique
 
@@ -38,6 +40,8 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigurationError",
     "DataError",
+    "EfficiencyMonitor",
+    "FlopCounter",
     "ImageClassificationDataModule",
     "JsonlPredictionWriter",
     "MLMDataModule",
@@ -50,5 +54,7 @@ __all__ = [
     "TranslationDataModule",
     "ViTClassifier",
     "__version__",
+    "count_flops",
     "find_block_stacks",
+    "transformer_flops",
 ]

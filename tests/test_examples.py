@@ -16,3 +16,10 @@ def test_pretrain_then_finetune(tmp_path):
     assert {"val/loss", "val/accuracy", "val/f1"} <= set(metrics)
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
     assert (tmp_path / "mlm.ckpt").is_file()
+
+
+def test_own_model_with_monitor_and_technique(tmp_path):
+    summary = load("own_model").main(["--steps", "10", "--target-accuracy", "0.0", "--root", str(tmp_path)])
+    assert summary["steps"] == 10 and summary["tokens"] > 0 and summary["flops_per_step"] > 0
+    assert summary["target"]["reached"] and summary["target"]["step"] == 2  # first validation, accuracy >= 0
+    assert "val/accuracy" in summary["final_metrics"]

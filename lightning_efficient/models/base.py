@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.monitor import batch_counts
 
 __all__ = [
     "EfficientModule",
@@ -134,6 +135,14 @@ class EfficientModule(pl.LightningModule):
     def data_requirements(self) -> dict[str, Any]:
         """The values of ``datamodule.model_arguments()`` that this model must equal."""
         return {}
+
+    def count_batch(self, batch: Any) -> tuple[int, int | torch.Tensor]:
+        """``(samples, tokens)`` of a training batch, for ``EfficiencyMonitor``'s throughput.
+
+        Default: :func:`lightning_efficient.monitor.batch_counts` (rows and real tokens of a batch
+        with an ``attention_mask``: the non-pad tokens of our text DataModules).
+        """
+        return batch_counts(batch)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

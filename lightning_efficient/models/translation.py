@@ -128,6 +128,10 @@ class Translation(EfficientModule):
     def data_requirements(self) -> dict[str, Any]:
         return {"vocab_size": self.hparams.vocab_size}
 
+    def count_batch(self, batch: dict[str, Any]) -> tuple[int, int | torch.Tensor]:
+        """``(pairs, source + target tokens)``: the non-pad tokens the encoder and decoder process."""
+        return batch["input_ids"].shape[0], batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``(B, T_target, V)``; ``labels`` are shifted right into the decoder."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits

@@ -90,6 +90,11 @@ class ViTClassifier(EfficientModule):
     def data_requirements(self) -> dict[str, Any]:
         return {"num_labels": self.hparams.num_labels, "image_size": self.hparams.image_size}
 
+    def count_batch(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """``(images, images x (patches + 1))``: the tokens the encoder processes, [CLS] included."""
+        images = batch["pixel_values"].shape[0]
+        return images, images * ((self.hparams.image_size // self.hparams.patch_size) ** 2 + 1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, num_labels)`` of images ``(B, C, H, W)``."""
         return self.model(pixel_values=pixel_values).logits
