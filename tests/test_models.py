@@ -309,3 +309,14 @@ def test_warmup_schedule_shapes():
     assert [warmup_schedule(s, 4, 12, "linear") for s in (0, 3, 4, 8, 12)] == [0.25, 1.0, 1.0, 0.5, 0.0]
     assert warmup_schedule(8, 4, 12, "cosine") == pytest.approx(0.5)
     assert warmup_schedule(11, 0, 12, "constant") == 1.0
+
+
+def test_resuming_after_a_mid_epoch_stop_warns_that_lightning_skips_the_rest(mlm_data, tmp_path):
+    """Lightning finishes the epoch when max_steps stops fit mid-epoch; we say so on resume."""
+    model = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=33)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, mlm_data)
+    trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+    resumed = quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="2 batches into epoch 0 .* the rest of epoch 0 is never trained on"):
+        resumed.fit(BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=33), mlm_data, ckpt_path=tmp_path / "stopped.ckpt")

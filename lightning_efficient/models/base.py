@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +26,7 @@ __all__ = [
     "decay_parameter_groups",
     "require_argument",
     "restore_rng_state",
+    "warn_if_epoch_was_cut_short",
     "warmup_schedule",
 ]
 
@@ -91,6 +93,32 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def warn_if_epoch_was_cut_short(checkpoint: dict[str, Any]) -> bool:
+    """Warn when resuming from a checkpoint written after training stopped part-way through an epoch.
+
+    Lightning marks the epoch as finished when ``max_steps``, ``max_time`` or early stopping ends
+    ``fit`` mid-epoch, so ``trainer.save_checkpoint`` after such a ``fit`` resumes at the *next*
+    epoch: the rest of that epoch's batches are never trained on. Checkpoints written during
+    training (``ModelCheckpoint``) resume exactly. Returns whether it warned.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs = loop.get("epoch_progress", {}).get("current", {})
+    batches = loop.get("epoch_loop.batch_progress", {})
+    finished = epochs.get("started", 0) > 0 and epochs.get("completed") == epochs.get("started")
+    if not (finished and batches.get("is_last_batch") is False):
+        return False
+    done = batches.get("current", {}).get("completed", 0)
+    warnings.warn(
+        f"this checkpoint was written after fit stopped {done} batches into epoch {epochs['started'] - 1} "
+        "(max_steps, max_time or early stopping). Lightning counts that epoch as finished, so training resumes "
+        f"at epoch {epochs['started']} and the rest of epoch {epochs['started'] - 1} is never trained on. For an exact "
+        "continuation, resume from a checkpoint written during training (ModelCheckpoint, e.g. last.ckpt).",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def require_argument(name: str, value: Any, hint: str) -> Any:
@@ -191,10 +219,12 @@ class EfficientModule(pl.LightningModule):
             )
         if meta.get("tokenizer"):
             self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
-        if "rng" in meta and self._trainer is not None and self.trainer.state.fn == "fit":
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             # Resuming training: continue the global random streams (dropout) where they were.
             # Loading weights for inference or fine-tuning leaves the caller's RNG alone.
-            restore_rng_state(meta["rng"])
+            if "rng" in meta:
+                restore_rng_state(meta["rng"])
+            warn_if_epoch_was_cut_short(checkpoint)
 
     def require_tokenizer(self) -> Tokenizer:
         """The tokenizer from the data module or checkpoint, or a clear error."""
