@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_efficient import BertMLM, ConfigurationError, Translation, ViTClassifier
+from lightning_efficient.compare import load_summary
 from lightning_efficient.monitor import EfficiencyMonitor, batch_counts, measure_peak_flops
 
 VOCAB, WIDTH, OUT, SEQ = 23, 12, 7, 9
@@ -238,6 +239,7 @@ def test_summary_json_follows_schema_version_1(root):
     assert logged <= set(summary["final_metrics"])
     point_keys = {"step", "wall_time_s", "train_time_s", "tokens", "value"}
     assert [set(point) for point in summary["history"]] == [point_keys] * 2
+    assert load_summary(os.path.join(root, "eff.json")) == summary  # what `compare` reads, it accepts
 
 
 def test_logs_on_logging_steps_and_when_the_target_is_reached(root):
