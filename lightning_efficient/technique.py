@@ -214,9 +214,10 @@ class Technique(Callback):
     Attributes:
         name: Short snake_case name: the prefix of the technique's metrics and the word used in
             composition rules and error messages.
-        hooks: The ``Callback`` hooks the subclass implements on top of the base's ``setup``,
-            ``teardown`` and ``on_save_checkpoint`` (see :meth:`used_hooks`). Checked when the class
-            is defined: an undeclared or missing hook raises ``TypeError``.
+        hooks: The ``Callback`` hooks the subclass implements, including any of the base's
+            ``setup``, ``teardown`` and ``on_save_checkpoint`` it overrides (an override must call
+            ``super()``); see :meth:`used_hooks`. Checked when the class is defined: an undeclared
+            or missing hook raises ``TypeError``.
         runs_before: Names of techniques that must come *after* this one in ``trainer.callbacks``.
         conflicts_with: Names of techniques this one cannot run with.
         distributed_safe: Whether the technique is verified under DDP (every rank makes the same
@@ -239,20 +240,20 @@ class Technique(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         base_hooks = {name for name in CALLBACK_HOOKS if name in vars(Technique)}
-        implemented = {
+        implemented = {  # hooks the subclass (or a parent below Technique) overrides
             name
             for name in CALLBACK_HOOKS
             if getattr(cls, name) is not getattr(Callback, name) and getattr(cls, name) is not getattr(Technique, name, None)
         }
-        declared = set(cls.hooks) - base_hooks
-        unknown = set(cls.hooks) - CALLBACK_HOOKS
+        declared = set(cls.hooks)
+        unknown = declared - CALLBACK_HOOKS
         if unknown:
             raise TypeError(f"{cls.__name__}.hooks names {sorted(unknown)}, which are not Lightning Callback hooks")
-        if implemented != declared:
-            missing, extra = sorted(implemented - declared), sorted(declared - implemented)
+        missing, extra = implemented - declared, declared - implemented - base_hooks
+        if missing or extra:
             raise TypeError(
                 f"{cls.__name__}.hooks must list exactly the Callback hooks it implements: "
-                f"undeclared {missing}, declared but not implemented {extra}"
+                f"undeclared {sorted(missing)}, declared but not implemented {sorted(extra)}"
             )
 
     @classmethod
@@ -327,7 +328,12 @@ class Technique(Callback):
 
     # -- reporting ------------------------------------------------------------------------------
     def log_metrics(self, pl_module: pl.LightningModule, metrics: Mapping[str, float | torch.Tensor]) -> None:
-        """Log ``metrics`` as ``<name>/<metric>`` at the current step."""
+        """Log ``metrics`` as ``<name>/<metric>`` at the current step, from a training-batch hook.
+
+        Lightning repeats a value logged this way at every later logging step of the epoch, so
+        call it on every step (as :class:`~lightning_efficient.testing.BlockOutputNoise` does); for a
+        value reported only now and then, write to ``trainer.loggers`` directly.
+        """
         pl_module.log_dict(
             {f"{self.name}/{key}": value for key, value in metrics.items()}, on_step=True, on_epoch=False
         )

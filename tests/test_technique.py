@@ -50,6 +50,22 @@ def test_hook_declaration_is_checked_when_the_class_is_defined():
 
     assert BlockOutputNoise.used_hooks() == ("on_save_checkpoint", "on_train_batch_start", "setup", "teardown")
 
+    class OwnSetup(Technique):  # overriding a base hook is fine when declared
+        name = "own_setup"
+        hooks = ("setup",)
+
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+
+    assert OwnSetup.used_hooks() == ("on_save_checkpoint", "setup", "teardown")
+    with pytest.raises(TypeError, match=r"undeclared \['teardown'\]"):
+
+        class SilentTeardown(Technique):
+            name = "silent_teardown"
+
+            def teardown(self, trainer, pl_module, stage):
+                super().teardown(trainer, pl_module, stage)
+
 
 def test_composition_rules():
     check_composition([First(), Second()])  # declared order respected
