@@ -26,6 +26,7 @@ from lightning_efficient.errors import CheckpointMismatchError, ConfigurationErr
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
 from lightning_efficient.monitor import EfficiencyMonitor
+from lightning_efficient.optim import LAMB, Lion, LRScaling, TrustRatioMonitor
 from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.technique import Technique
 
@@ -44,6 +45,9 @@ __all__ = [
     "FlopCounter",
     "ImageClassificationDataModule",
     "JsonlPredictionWriter",
+    "LAMB",
+    "LRScaling",
+    "Lion",
     "MLMDataModule",
     "NoTargetModulesError",
     "ResumableDataLoader",
@@ -51,6 +55,7 @@ __all__ = [
     "Technique",
     "TextClassificationDataModule",
     "Translation",
+    "TrustRatioMonitor",
     "TranslationDataModule",
     "ViTClassifier",
     "__version__",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,10 +32,13 @@ from lightning_efficient import (
     TranslationDataModule,
     ViTClassifier,
 )
+from lightning_efficient.optim.lr_scaling import LRScaling
+from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 from lightning_efficient.technique import Technique
 from lightning_efficient.testing import BlockOutputNoise
 
 FAMILIES = ("bert", "mt", "vit")
+TECHNIQUE_CONFIGS = Path(__file__).parents[1] / "configs" / "techniques"
 
 
 class FirstBlockNoise(BlockOutputNoise):
@@ -121,6 +125,20 @@ trainer:
 """,
         families=("bert",),
         interrupt_at=(5,),
+    ),
+    TechniqueCase(
+        id="lr_scaling",  # batch 8 (ViT: 16) vs reference 4, sqrt rule; warmup over steps 0-2
+        build=lambda: LRScaling(reference_batch_size=4, rule="sqrt", warmup_steps=3),
+        yaml=(TECHNIQUE_CONFIGS / "lr_scaling.yaml").read_text(),
+        interrupt_at=(2, 3, 6),  # mid-warmup, at its end, mid-epoch after it
+        unsupported=None,
+    ),
+    TechniqueCase(
+        id="trust_ratio",  # reports after optimizer steps 2, 4, 6, 8
+        build=lambda: TrustRatioMonitor(every_n_steps=2, include_1d=True),
+        yaml=(TECHNIQUE_CONFIGS / "trust_ratio_monitor.yaml").read_text(),
+        interrupt_at=(3, 4, 6),  # between reports (mid-epoch), right after one (epoch end)
+        unsupported=None,
     ),
 ]
 

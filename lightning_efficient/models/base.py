@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.monitor import batch_counts
+from lightning_efficient.optim.param_groups import no_decay_groups
 
 __all__ = [
     "EfficientModule",
@@ -34,21 +35,18 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split parameters into a weight-decayed group and a no-decay group (biases, norm weights).
+    """Split the trainable parameters into a weight-decayed group and a no-decay group (biases, norm weights).
 
-    The rule works on any model: a parameter with fewer than two dimensions (bias, LayerNorm
-    scale) gets no weight decay, as in the BERT recipe.
+    The package's one rule (:func:`lightning_efficient.optim.no_decay_groups`), which works on any
+    model: a parameter with fewer than two dimensions (bias, LayerNorm scale) gets no weight decay,
+    as in the BERT recipe. Empty groups are left out.
 
     Example:
         >>> groups = decay_parameter_groups(torch.nn.Linear(3, 2), weight_decay=0.01)
         >>> [len(g["params"]) for g in groups], [g["weight_decay"] for g in groups]
         ([1, 1], [0.01, 0.0])
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    return no_decay_groups((p for p in model.parameters() if p.requires_grad), weight_decay)
 
 
 def warmup_schedule(step: int, warmup_steps: int, total_steps: int, shape: str) -> float:
