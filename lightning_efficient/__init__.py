@@ -22,6 +22,7 @@ from lightning_efficient.data import (
     TranslationDataModule,
 )
 from lightning_efficient.blocks import BlockStack, find_block_stacks
+from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
@@ -47,9 +48,11 @@ __all__ = [
     "JsonlPredictionWriter",
     "LAMB",
     "LRScaling",
+    "LayerDrop",
     "Lion",
     "MLMDataModule",
     "NoTargetModulesError",
+    "ProgressiveStacking",
     "ResumableDataLoader",
     "ResumableSampler",
     "Technique",

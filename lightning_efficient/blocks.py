@@ -14,14 +14,25 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_efficient.errors import NoTargetModulesError
 
-__all__ = ["BlockStack", "KNOWN_STACKS", "find_block_stacks"]
+__all__ = [
+    "BlockStack",
+    "KNOWN_STACKS",
+    "SKIP_PRIORITY",
+    "block_hidden_states",
+    "find_block_stacks",
+    "passthrough_output",
+    "wrap_forward",
+]
 
 #: Container class name -> (attribute holding its blocks, role). T5's ``T5Stack`` serves both
 #: stacks; its role comes from ``is_decoder``. transformers 5 keeps ViT's blocks on
@@ -138,3 +149,113 @@ def find_block_stacks(model: nn.Module, paths: Sequence[str] | None = None) -> l
             "list, e.g. paths=['model.encoder.layers']"
         )
     return stacks
+
+
+# -- wrapping a block's forward ----------------------------------------------------------------
+#: Priority of wrappers that decide whether a block runs at all (LayerDrop, ProgressiveStacking):
+#: outermost, so a skipped block is neither run nor checkpointed nor otherwise wrapped.
+SKIP_PRIORITY = 100
+
+#: Keyword names under which blocks take their hidden states (HF layers, ``nn.Transformer*Layer``).
+HIDDEN_KEYWORDS = ("hidden_states", "src", "tgt", "x")
+
+ForwardWrapper = Callable[..., Any]
+
+
+class _ForwardChain:
+    """Installed as ``block.forward``: calls the block's own forward through the wrappers.
+
+    Wrappers with a higher priority are further out. The chain is rebuilt on every call, so
+    wrappers can be added and removed in any order without losing one another.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.previous = block.__dict__.get("forward")  # an instance forward set by someone else
+        self.wrappers: dict[int, tuple[int, ForwardWrapper]] = {}
+        self.next_key = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = self.previous if self.previous is not None else type(self.block).forward.__get__(self.block)
+        for _, wrapper in sorted(self.wrappers.values(), key=lambda item: item[0]):
+            forward = functools.partial(wrapper, forward)
+        return forward(*args, **kwargs)
+
+
+class _WrapperHandle:
+    """Removes one wrapper from a block's chain (``.remove()``, like a hook handle)."""
+
+    def __init__(self, chain: _ForwardChain, key: int) -> None:
+        self.chain, self.key = chain, key
+
+    def remove(self) -> None:
+        chain = self.chain
+        chain.wrappers.pop(self.key, None)
+        if not chain.wrappers and chain.block.__dict__.get("forward") is chain:
+            if chain.previous is None:
+                del chain.block.forward
+            else:
+                chain.block.forward = chain.previous
+
+
+def wrap_forward(block: nn.Module, wrapper: ForwardWrapper, priority: int) -> _WrapperHandle:
+    """Route ``block``'s forward through ``wrapper(forward, *args, **kwargs)``; undo with ``.remove()``.
+
+    The block's class, parameters and checkpoint keys do not change (the wrapper lives in the
+    instance's ``forward`` attribute). Several techniques may wrap one block: the wrapper with the
+    higher ``priority`` is further out and decides whether the inner ones run at all (skipping
+    techniques use :data:`SKIP_PRIORITY`). Handles may be removed in any order.
+
+    Example:
+        >>> block = nn.Linear(2, 2)
+        >>> handle = wrap_forward(block, lambda forward, x: 2 * forward(x), priority=0)
+        >>> x = torch.ones(1, 2)
+        >>> torch.equal(block(x), 2 * nn.Linear.forward(block, x))
+        True
+        >>> handle.remove(); "forward" in vars(block)
+        False
+    """
+    chain = block.__dict__.get("forward")
+    if not isinstance(chain, _ForwardChain):
+        chain = _ForwardChain(block)
+        block.forward = chain
+    key = chain.next_key
+    chain.next_key += 1
+    chain.wrappers[key] = (priority, wrapper)
+    return _WrapperHandle(chain, key)
+
+
+def block_hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a block was called with: its first positional argument or hidden keyword.
+
+    Example:
+        >>> block_hidden_states((), {"hidden_states": torch.zeros(1)}).shape
+        torch.Size([1])
+    """
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for name in HIDDEN_KEYWORDS:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return kwargs[name]
+    raise TypeError(f"cannot find the hidden states of a block call: no tensor first argument or keyword in {HIDDEN_KEYWORDS}")
+
+
+def _returns_tuple(block: nn.Module) -> bool:
+    """Whether ``block`` returns ``(hidden, ...)`` rather than ``hidden``: HF layers before transformers 5."""
+    if not type(block).__module__.startswith("transformers."):
+        return False
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
+def passthrough_output(block: nn.Module, hidden: torch.Tensor) -> Any:
+    """What ``block`` returns when it is skipped: its input, in the form its stack expects.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=4, nhead=2)
+        >>> h = torch.zeros(3, 1, 4)
+        >>> passthrough_output(layer, h) is h
+        True
+    """
+    return (hidden,) if _returns_tuple(block) else hidden

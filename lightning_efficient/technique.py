@@ -64,6 +64,7 @@ __all__ = [
     "check_composition",
     "check_plain_state",
     "check_range",
+    "check_unused_parameters_allowed",
 ]
 
 #: Hooks of ``Callback`` that a technique may implement (for the declaration check).
@@ -202,6 +203,28 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
                     f"{technique.name} must run before {other.name}: put {type(technique).__name__} before "
                     f"{type(other).__name__} in trainer.callbacks"
                 )
+
+
+def check_unused_parameters_allowed(trainer: pl.Trainer, name: str) -> None:
+    """Fail if DDP would be set up to expect a gradient for every parameter on every step.
+
+    Techniques that skip blocks (LayerDrop, ProgressiveStacking) leave those blocks' parameters
+    without a gradient on some steps; DDP then stops with "Expected to have finished reduction"
+    unless it looks for unused parameters.
+
+    Raises:
+        ConfigurationError: ``trainer.strategy`` is DDP without ``find_unused_parameters=True``;
+            the message names the strategy string that fixes it.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ConfigurationError(
+            f"{name} skips blocks, so their parameters get no gradient on some steps, and DDP with "
+            "find_unused_parameters=False stops on that; use trainer.strategy='ddp_find_unused_parameters_true' "
+            "(or DDPStrategy(find_unused_parameters=True))"
+        )
 
 
 class Technique(Callback):

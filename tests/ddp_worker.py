@@ -32,7 +32,7 @@ def main() -> None:
     model, dm = tiny_family("bert", files)
     technique, batches = case.build(), BatchHash()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=0, logger=False,
+        accelerator="cpu", devices=2, strategy=case.extra.get("ddp_strategy", "ddp"), max_steps=3, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=out, callbacks=[technique, batches],
     )  # fmt: skip

@@ -32,6 +32,7 @@ from lightning_efficient import (
     TranslationDataModule,
     ViTClassifier,
 )
+from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
 from lightning_efficient.optim.lr_scaling import LRScaling
 from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 from lightning_efficient.technique import Technique
@@ -85,6 +86,7 @@ class TechniqueCase:
         steps: Length of the uninterrupted run.
         unsupported: Builds a model the technique must refuse (None: it works on any model).
         expected_error: The error type raised on ``unsupported``.
+        extra: Anything else a test needs: ``ddp_strategy`` (the DDP strategy string, default ``"ddp"``).
     """
 
     id: str
@@ -139,6 +141,19 @@ trainer:
         yaml=(TECHNIQUE_CONFIGS / "trust_ratio_monitor.yaml").read_text(),
         interrupt_at=(3, 4, 6),  # between reports (mid-epoch), right after one (epoch end)
         unsupported=None,
+    ),
+    TechniqueCase(
+        id="layer_drop",  # PLD: theta falls from 1 towards 0.6 (gamma 0.3), rescaled residuals
+        build=lambda: LayerDrop(drop_rate=0.4, schedule="progressive", gamma=0.3, rescale=True, seed=5),
+        yaml=(TECHNIQUE_CONFIGS / "layer_drop.yaml").read_text(),
+        extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
+    ),
+    TechniqueCase(
+        id="progressive_stacking",  # 2 of the tiny models' 3 blocks, the third grown at step 2
+        build=lambda: ProgressiveStacking(stages={0: 2, 2: 3}, rule="interleave"),
+        yaml=(TECHNIQUE_CONFIGS / "progressive_stacking.yaml").read_text(),
+        interrupt_at=(1, 2, 3, 6),  # before the growth, right before it (it runs at step 2's batch), after it
+        extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
 ]
 

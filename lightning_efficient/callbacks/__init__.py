@@ -1,0 +1,12 @@
+"""Technique callbacks, one module per technique.
+
+Example:
+    >>> from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
+    >>> LayerDrop(drop_rate=0.1).name, ProgressiveStacking({0: 2, 10: 4}).name
+    ('layer_drop', 'progressive_stacking')
+"""
+
+from lightning_efficient.callbacks.layer_drop import LayerDrop
+from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
+
+__all__ = ["LayerDrop", "ProgressiveStacking"]
