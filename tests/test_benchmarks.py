@@ -173,6 +173,7 @@ def test_harness_arguments_and_json(harness, tmp_path):
 
 # -- the scripts, smallest settings -----------------------------------------------------------------
 SCRIPTS = {
+    "depth": (["--train-steps", "4", "--val-every", "2", "--val-batches", "1"], {"timing", "final", "verdicts", "realised_keep"}),
     "lightning_overhead": ([], {"variants", "passed", "target"}),
     "mfu": (["--sizes", "32", "--matmul-repeats", "1"], {"mfu", "flops_per_step", "peak_flops_per_s", "passed"}),
     "mlm_head": (["--check-batches", "2"], {"variants", "passed", "max_loss_difference"}),
