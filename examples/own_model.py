@@ -3,9 +3,9 @@
 A user with an existing Lightning project keeps their module and their ``Trainer`` and adds our
 callbacks. Here the module is a small sentence classifier (informative vs imaginative prose from
 the embedded Brown Corpus); the callbacks are the :class:`EfficiencyMonitor` (throughput, FLOPs,
-MFU, peak memory, time to a target accuracy) and the reference technique
-:class:`BlockOutputNoise`, which finds the encoder's blocks by itself. Each technique issue adds
-its callback here.
+MFU, peak memory, time to a target accuracy) and :class:`LayerDrop` (stochastic depth: the
+deeper of the encoder's blocks are skipped more often during training), which finds the
+``nn.TransformerEncoder``'s blocks by itself. Each technique issue adds its callback here.
 
     python examples/own_model.py                      # a minute or two on 2 cores
     python examples/own_model.py --steps 20           # seconds
@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_efficient import BROWN_PROSE, EfficiencyMonitor, TextClassificationDataModule
-from lightning_efficient.testing import BlockOutputNoise
+from lightning_efficient import BROWN_PROSE, EfficiencyMonitor, LayerDrop, TextClassificationDataModule
 
 
 class SentenceClassifier(pl.LightningModule):
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         val_check_interval=max(1, args.steps // 5),
         limit_val_batches=10,
         default_root_dir=args.root,
-        callbacks=[BlockOutputNoise(std=0.02), monitor],
+        callbacks=[LayerDrop(drop_rate=0.2, schedule="linear"), monitor],
     )
     trainer.fit(model, data)
     summary_path = Path(trainer.log_dir or args.root) / "efficiency.json"

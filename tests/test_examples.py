@@ -23,3 +23,4 @@ def test_own_model_with_monitor_and_technique(tmp_path):
     assert summary["steps"] == 10 and summary["tokens"] > 0 and summary["flops_per_step"] > 0
     assert summary["target"]["reached"] and summary["target"]["step"] == 2  # first validation, accuracy >= 0
     assert "val/accuracy" in summary["final_metrics"]
+    assert 0.5 < summary["final_metrics"]["layer_drop/realised_keep"] < 1.0  # linear 0.2 on 2 blocks: expected 0.85
