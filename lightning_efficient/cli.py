@@ -59,6 +59,19 @@ class EfficientCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(**kwargs)
 
+    @staticmethod
+    def configure_optimizers(lightning_module: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> Any:
+        """An ``optimizer:`` from YAML without an ``lr_scheduler:`` keeps our modules' warmup-and-decay schedule.
+
+        LightningCLI would otherwise train at a constant LR; with an ``lr_scheduler:`` block, or on
+        a module that is not one of ours, LightningCLI's own behaviour applies.
+        """
+        from lightning_efficient.models.base import EfficientModule
+
+        if lr_scheduler is None and isinstance(lightning_module, EfficientModule):
+            return {"optimizer": optimizer, "lr_scheduler": lightning_module.lr_scheduler_config(optimizer)}
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+
     def _subcommand_config(self) -> Any:
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config

@@ -131,12 +131,28 @@ def test_finetune_config_takes_tokenizer_from_pretrained_checkpoint(small_mlm_ch
     assert isinstance(cli.model, BertClassifier) and cli.model.hparams.vocab_size == cli.datamodule.vocab_size
 
 
-def test_optimizer_from_the_command_line_replaces_the_default(tmp_path, monkeypatch):
+def test_optimizer_from_the_command_line_replaces_the_default_and_keeps_the_schedule(tmp_path, monkeypatch):
+    from lightning_efficient.models.base import warmup_schedule
+
     monkeypatch.chdir(tmp_path)
-    args = ["-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05", "--optimizer.momentum", "0.9"]
-    optimizer = EfficientCLI(args=args, run=False).model.configure_optimizers()
-    assert isinstance(optimizer, torch.optim.SGD)
-    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
+    args = ["fit", "-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05",
+            "--optimizer.momentum", "0.9", "--trainer.max_steps", "10", "--trainer.limit_train_batches", "3",
+            "--trainer.max_epochs", "5", "--trainer.limit_val_batches", "0", "--model.init_args.warmup_fraction", "0.2"]  # fmt: skip
+    cli = EfficientCLI(args=args)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    (config,) = cli.trainer.lr_scheduler_configs  # the module's warmup + cosine decay, per optimizer step
+    assert config.interval == "step" and config.scheduler.last_epoch == 10
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * warmup_schedule(10, 2, 10, "cosine"))
+    assert config.scheduler.get_last_lr()[0] == 0.05 * warmup_schedule(10, 2, 10, "cosine")
+
+
+def test_optimizer_and_lr_scheduler_from_yaml_replace_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05",
+            "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "4"]  # fmt: skip
+    optimizers, schedulers = EfficientCLI(args=args, run=False).model.configure_optimizers()
+    assert isinstance(optimizers[0], torch.optim.SGD) and isinstance(schedulers[0], torch.optim.lr_scheduler.StepLR)
 
 
 def test_model_argument_names_match_model_arguments(user_files):

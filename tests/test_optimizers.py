@@ -274,6 +274,8 @@ def test_trains_from_yaml_through_the_cli(class_path, init_args, optimizer_class
     assert type(optimizer) is optimizer_class and cli.trainer.global_step == 3
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["weight_decay"] == 0.0
     assert all(state["step"] == 3 for state in optimizer.state.values())
+    (config,) = cli.trainer.lr_scheduler_configs  # the module's warmup-and-decay schedule is kept
+    assert config.interval == "step" and config.scheduler.last_epoch == 3
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
     if optimizer_class is LAMB:
         ratios = torch.stack([s["trust_ratio"] for s in optimizer.state.values()])

@@ -132,7 +132,8 @@ class EfficientModule(pl.LightningModule):
     """Base of the package's LightningModules.
 
     Provides AdamW with BERT-style decay groups and a warmup schedule (LightningCLI's
-    ``optimizer:`` / ``lr_scheduler:`` blocks replace it), checkpoint metadata, and the check that
+    ``optimizer:`` block replaces the AdamW and keeps the schedule; an ``lr_scheduler:`` block
+    replaces the schedule too), checkpoint metadata, and the check that
     the data the trainer feeds matches the model (vocabulary, labels).
 
     Args:
@@ -192,12 +193,21 @@ class EfficientModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             decay_parameter_groups(self, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.98), eps=1e-6
         )
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
+
+    def lr_scheduler_config(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The module's schedule (``warmup_fraction``, ``lr_schedule``) on ``optimizer``, stepped per optimizer step.
+
+        Used by :meth:`configure_optimizers`, and by the CLI for an optimizer given in YAML
+        (``optimizer:``) without an ``lr_scheduler:``, so a LAMB or Lion run keeps the warmup and decay.
+        """
+        hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_fraction * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_schedule(step, warmup, total, hp.lr_schedule)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"scheduler": scheduler, "interval": "step"}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
