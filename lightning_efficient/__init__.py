@@ -22,7 +22,13 @@ from lightning_efficient.data import (
     TranslationDataModule,
 )
 from lightning_efficient.blocks import BlockStack, find_block_stacks
-from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
+from lightning_efficient.callbacks import (
+    ActivationCheckpointing,
+    LayerDrop,
+    MagnitudePruning,
+    ProgressiveStacking,
+    load_pruned,
+)
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
@@ -34,6 +40,7 @@ from lightning_efficient.technique import Technique
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCheckpointing",
     "BROWN_PROSE",
     "PRESETS",
     "BertClassifier",
@@ -51,6 +58,7 @@ __all__ = [
     "LayerDrop",
     "Lion",
     "MLMDataModule",
+    "MagnitudePruning",
     "NoTargetModulesError",
     "ProgressiveStacking",
     "ResumableDataLoader",
@@ -64,5 +72,6 @@ __all__ = [
     "__version__",
     "count_flops",
     "find_block_stacks",
+    "load_pruned",
     "transformer_flops",
 ]

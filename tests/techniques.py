@@ -33,6 +33,8 @@ from lightning_efficient import (
     ViTClassifier,
 )
 from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
+from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_efficient.callbacks.pruning import MagnitudePruning
 from lightning_efficient.optim.lr_scaling import LRScaling
 from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 from lightning_efficient.technique import Technique
@@ -154,6 +156,20 @@ trainer:
         yaml=(TECHNIQUE_CONFIGS / "progressive_stacking.yaml").read_text(),
         interrupt_at=(1, 2, 3, 6),  # before the growth, right before it (it runs at step 2's batch), after it
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
+    ),
+    TechniqueCase(
+        id="activation_checkpointing",  # blocks 0 and 2 of each stack recomputed, block 1 not
+        build=lambda: ActivationCheckpointing(every=2),
+        yaml=(TECHNIQUE_CONFIGS / "activation_checkpointing.yaml").read_text(),
+    ),
+    TechniqueCase(
+        id="pruning",  # gradual unstructured, global ranking: events at steps 2, 4, 6 raise the sparsity to 0.2, 0.64, 0.7
+        build=lambda: MagnitudePruning(
+            final_sparsity=0.7, initial_sparsity=0.2, start_step=2, end_step=6, frequency=2, scope="global",
+            strict_schedule=False,  # the suite also runs 2-, 3- and 6-step fits, which end before step 6
+        ),
+        yaml=(TECHNIQUE_CONFIGS / "pruning_gradual.yaml").read_text(),
+        interrupt_at=(1, 3, 4, 7),  # before the first event, between two (masks from the checkpoint), at one, after the last
     ),
 ]
 

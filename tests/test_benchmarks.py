@@ -173,10 +173,14 @@ def test_harness_arguments_and_json(harness, tmp_path):
 
 # -- the scripts, smallest settings -----------------------------------------------------------------
 SCRIPTS = {
+    "activation_checkpointing": (["--memory", "in-process"], {"variants", "passed", "checks"}),
     "depth": (["--train-steps", "4", "--val-every", "2", "--val-batches", "1"], {"timing", "final", "verdicts", "realised_keep"}),
     "lightning_overhead": ([], {"variants", "passed", "target"}),
     "mfu": (["--sizes", "32", "--matmul-repeats", "1"], {"mfu", "flops_per_step", "peak_flops_per_s", "passed"}),
     "mlm_head": (["--check-batches", "2"], {"variants", "passed", "max_loss_difference"}),
+    "pruning_overhead": ([], {"variants", "passed"}),
+    "pruning_vs_lightning": (["--epoch-steps", "2", "--train-steps", "4", "--val-batches", "1", "--after-resume", "1",
+                              "--sparsities", "0.5"], {"resume", "overhead", "accuracy", "passed", "lightning_loses"}),
 }
 
 

@@ -233,3 +233,53 @@ def test_ddp_two_processes(case: TechniqueCase, user_files: dict[str, str], tmp_
     assert_same(ranks[1]["technique"], ranks[0]["technique"], "technique state across ranks")
     assert_same(ranks[1]["weights"], ranks[0]["weights"], "weights across ranks")
     assert ranks[0]["batch_hash"] != ranks[1]["batch_hash"], "each rank must see its own shard"
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+def _floats(state: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every floating-point tensor in a nested state, with its place."""
+    if isinstance(state, torch.Tensor):
+        return [(where, state)] if state.is_floating_point() else []
+    if isinstance(state, dict):
+        return [item for key, value in state.items() for item in _floats(value, f"{where}[{key!r}]")]
+    if isinstance(state, (list, tuple)):
+        return [item for i, value in enumerate(state) for item in _floats(value, f"{where}[{i}]")]
+    return [(where, torch.tensor(state))] if isinstance(state, float) else []
+
+
+def _assert_finite(recorder: Recorder, technique: Technique, steps: int) -> None:
+    assert len(recorder.losses) == steps and recorder.applied == {True}
+    assert all(torch.isfinite(torch.tensor(list(recorder.losses.values())))), recorder.losses
+    state = {"technique": recorder.final["techniques"].get(technique.name, {}), "weights": recorder.final["weights"]}
+    bad = [where for where, tensor in _floats(state, "") if not torch.isfinite(tensor).all()]
+    assert not bad, f"non-finite values: {bad[:5]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bf16_mixed_stays_finite(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    """Lightning's bf16 autocast (``configs/techniques/bf16_mixed.yaml``) with each technique, 3 steps on tiny BERT."""
+    recorder, (technique,) = fit([case], "bert", user_files, tmp_path, steps=3, precision="bf16-mixed")
+    _assert_finite(recorder, technique, steps=3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fp16_overflow_steps_are_skipped_cleanly(
+    case: TechniqueCase, user_files: dict[str, str], tmp_path: Path
+) -> None:
+    """``16-mixed`` as on a GPU (fp16 autocast + loss scaling), emulated on the CPU with Lightning's plugin.
+
+    The loss scale starts at 2^40, so the first step's fp16 gradients overflow: the scaler skips
+    that optimizer step and divides the scale by 2^16, until steps go through. Techniques must come
+    out finite, and the run must have made real steps.
+    """
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-16)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    pl.seed_everything(0, verbose=False)
+    initial = tiny_family("bert", user_files)[0].state_dict()  # what fit() builds after the same seed
+    recorder, (technique,) = fit([case], "bert", user_files, tmp_path, steps=4, plugins=[plugin])
+    _assert_finite(recorder, technique, steps=4)
+    assert scaler.get_scale() < 2.0**40, "no overflow step: the test did not exercise skipping"
+    final = recorder.final["weights"]
+    assert any(v.is_floating_point() and not torch.equal(v, initial[k]) for k, v in final.items()), "every step skipped"

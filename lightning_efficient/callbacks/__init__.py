@@ -6,7 +6,9 @@ Example:
     ('layer_drop', 'progressive_stacking')
 """
 
+from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
+from lightning_efficient.callbacks.pruning import MagnitudePruning, load_pruned
 
-__all__ = ["LayerDrop", "ProgressiveStacking"]
+__all__ = ["ActivationCheckpointing", "LayerDrop", "MagnitudePruning", "ProgressiveStacking", "load_pruned"]

@@ -1,0 +1,261 @@
+"""Activation checkpointing: peak memory and step time, ours (every block, every 2nd block) vs none vs HF's.
+
+Claim measured: BERT-base shape (hidden 768, 12 layers, 12 heads, FFN 3072, 30522-token WordPiece),
+MLM, batch 8 x 512 tokens, fp32, CPU: with ``ActivationCheckpointing(every=1)`` the training
+process's peak memory is <= 0.5x that of the same job without checkpointing, and a step takes
+<= 1.4x as long; ``every=2`` gives a point in between; and ours is at least as good as HF's own
+``activation_checkpointing_enable()`` (``gradient_checkpointing_enable()`` before transformers 5)
+on the same model in both memory and time (within ``--tie``, for noise: the mechanism is the same).
+
+Four variants of one Lightning job (``BertMLM`` + ``MLMDataModule`` through ``Trainer.fit``, the
+package's masked-only MLM head, AdamW), each a fresh model from the same seed:
+``none`` (baseline), ``ours every block``, ``ours every 2nd block``, ``HF checkpointing``.
+Every run carries an ``EfficiencyMonitor``, the package's memory report: it resets the process's
+peak RSS (``VmHWM``, through ``/proc/self/clear_refs``) when ``fit`` starts and reports the peak
+(model, gradients, AdamW state, activations, data) at its end; with CUDA it reports the
+allocator's peak (``torch.cuda.max_memory_allocated``) instead.
+
+1. Memory (``--memory subprocess``, the default): each variant trains ``--memory-steps`` steps in a
+   fresh Python process of its own, so that no variant inherits another's freed-but-resident
+   memory; the ratio is variant peak / baseline peak. ``--memory in-process`` reads the monitors
+   of the timed runs instead (cheaper, for smoke runs): each build first collects garbage and
+   returns the C allocator's free pages to the OS (``malloc_trim``), but memory the first run
+   leaves resident still inflates later runs' peaks a little (the RSS at build is printed per
+   run), which pushes the ratios towards 1. "Added" is the peak minus the RSS when the build
+   started.
+2. Time: ``benchmarks/harness.py`` interleaves the four in rounds in this process (the order
+   rotates every round); a step lasts from one ``on_train_batch_start`` to the next; the ratio is
+   the median over rounds of (variant median step time / baseline median step time).
+
+Command (the lead's real measurement: a base step is ~20 s on 2 CPU cores; defaults: 4 memory
+processes x 2 steps, then 2 rounds x (1 warmup + 2 timed steps) x 4 variants; about 20 minutes
+and ~11 GiB of RAM):
+
+    LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/activation_checkpointing.py --rounds 2 --steps 2
+
+Smoke run: ``--preset tiny --max-length 64 --batch-size 4 --vocab-size 300 --rounds 1 --steps 1
+--warmup 0 --memory in-process``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import LightningJob, Variant, harness_arguments, interleave, report, run_variant, setup, write_json
+
+from lightning_efficient import BertMLM, EfficiencyMonitor, MLMDataModule
+from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_efficient.models.presets import PRESETS
+
+NONE, EVERY, EVERY_2, HF = "none", "ours every block", "ours every 2nd block", "HF checkpointing"
+VARIANTS = (NONE, EVERY, EVERY_2, HF)
+MEMORY_TAG = "MEMORY-RECORD "  # prefix of the line a memory process prints its record on
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults are the claim's setting (BERT-base, 8 x 512, fp32)."""
+    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=2, steps=2, warmup=1)
+    parser.add_argument("--preset", default="base", choices=sorted(PRESETS), help="model size (claim: base)")
+    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence (packed: every batch is full)")
+    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", default="subprocess", choices=("subprocess", "in-process"),
+                        help="measure peak memory in a fresh process per variant, or in the timed runs")  # fmt: skip
+    parser.add_argument("--memory-steps", type=int, default=2, help="training steps of each memory process")
+    parser.add_argument("--max-memory", type=float, default=0.5, help="pass if every-block peak <= this x baseline")
+    parser.add_argument("--max-time", type=float, default=1.4, help="pass if every-block step time <= this x baseline")
+    parser.add_argument("--tie", type=float, default=0.05, help="ours counts as at least as good as HF within this")
+    parser.add_argument("--measure-memory", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args(argv)
+    if args.memory_steps < 1:
+        parser.error(f"--memory-steps {args.memory_steps} must be >= 1")
+    return args
+
+
+# -- memory ------------------------------------------------------------------------------------
+def resident_bytes() -> int:
+    """The process's resident memory now (``VmRSS``; 0 where ``/proc`` is missing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the OS (glibc ``malloc_trim``)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def keep_summaries(runs: dict[str, list[dict]]) -> None:
+    """Replace each finished run's monitor by its memory figures (a monitor keeps its whole run alive)."""
+    for record in (r for per_variant in runs.values() for r in per_variant if "monitor" in r):
+        summary = record.pop("monitor").summary
+        record.update(peak_bytes=summary["peak_memory_bytes"], memory_kind=summary["memory_kind"])
+
+
+def build(
+    variant: str, datamodule: MLMDataModule, args: argparse.Namespace, runs: dict[str, list[dict]], root: str
+) -> LightningJob:
+    """A fresh job of ``variant`` with an ``EfficiencyMonitor``; its run record is appended to ``runs``."""
+    keep_summaries(runs)
+    release_free_memory()
+    start = resident_bytes()
+    module = BertMLM(vocab_size=datamodule.vocab_size, preset=args.preset, max_length=args.max_length, seed=args.seed)
+    callbacks: list[Any] = []
+    if variant == EVERY:
+        callbacks.append(ActivationCheckpointing(every=1))
+    elif variant == EVERY_2:
+        callbacks.append(ActivationCheckpointing(every=2))
+    elif variant == HF:
+        hf = module.model
+        enable = getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable
+        enable()  # every layer, non-reentrant (transformers >= 4.35 default), like ours
+    monitor = EfficiencyMonitor(peak_flops=1e12)  # peak FLOP/s only scales MFU, unused here: skip measuring it
+    runs[variant].append({"start_bytes": start, "monitor": monitor})
+    return LightningJob(module, datamodule, [*callbacks, monitor], {"accelerator": "cpu", "default_root_dir": root})
+
+
+def child_arguments(args: argparse.Namespace) -> list[str]:
+    """The options a memory process needs to build the same job."""
+    options = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--vocab-size", str(args.vocab_size), "--seed", str(args.seed)]  # fmt: skip
+    if args.threads is not None:
+        options += ["--threads", str(args.threads)]
+    if args.train_files:
+        options += ["--train-files", *args.train_files]
+    return options
+
+
+def measure_in_subprocess(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``variant`` for ``--memory-steps`` steps in a fresh Python process; return its memory record."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", variant, *child_arguments(args),
+               "--steps", str(args.memory_steps - 1), "--warmup", "0"]  # fmt: skip  (the harness adds one batch)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    records = [line[len(MEMORY_TAG) :] for line in done.stdout.splitlines() if line.startswith(MEMORY_TAG)]
+    if done.returncode != 0 or not records:
+        raise RuntimeError(f"the memory process of {variant!r} failed:\n{done.stderr[-3000:]}")
+    record = json.loads(records[-1])
+    print(f"memory process {variant}: RSS at build {record['start_bytes'] / GIB:.2f} GiB, "
+          f"peak {record['peak_bytes'] / GIB:.2f} GiB")  # fmt: skip
+    return record
+
+
+def memory_table(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """Per variant: median peak, start and added memory over its runs, and the ratios to the baseline."""
+    numbers = {}
+    base_peaks = [r["peak_bytes"] for r in runs[NONE]]
+    base_added = [r["peak_bytes"] - r["start_bytes"] for r in runs[NONE]]
+    for name, per_run in runs.items():
+        peaks = [r["peak_bytes"] for r in per_run]
+        added = [r["peak_bytes"] - r["start_bytes"] for r in per_run]
+        numbers[name] = {
+            "memory_kind": per_run[0]["memory_kind"],
+            "peak_bytes": statistics.median(peaks),
+            "added_bytes": statistics.median(added),
+            "peak_ratio": statistics.median(p / b for p, b in zip(peaks, base_peaks)),
+            "added_ratio": statistics.median(a / b for a, b in zip(added, base_added)) if min(base_added) > 0 else None,
+            "run_peaks": peaks,
+            "run_starts": [r["start_bytes"] for r in per_run],
+        }
+    print(f"\n{'variant':<22}{'peak (GiB)':>12}{'peak ratio':>12}{'RSS at build, per run (GiB)':>30}"
+          f"{'added (GiB)':>13}{'added ratio':>13}")  # fmt: skip
+    for name, n in numbers.items():
+        starts = ", ".join(f"{s / GIB:.2f}" for s in n["run_starts"])
+        added_ratio = f"{n['added_ratio']:.3f}" if n["added_ratio"] is not None else "-"
+        print(f"{name:<22}{n['peak_bytes'] / GIB:>12.2f}{n['peak_ratio']:>12.3f}{starts:>30}"
+              f"{n['added_bytes'] / GIB:>13.2f}{added_ratio:>13}")  # fmt: skip
+    kind = numbers[NONE]["memory_kind"]
+    print(f"peak: EfficiencyMonitor's peak_memory_bytes ({kind}), reset when each fit starts; ratio: median of "
+          "peak / baseline peak over runs; added: peak - RSS when the build started")  # fmt: skip
+    return numbers
+
+
+# -- main --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure memory, time the four variants interleaved, print the tables and the verdict; returns the numbers."""
+    args = parse_args(argv)
+    setup(args)
+    torch.manual_seed(args.seed)
+    datamodule = MLMDataModule(
+        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
+    )
+    datamodule.setup("fit")
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    root = tempfile.TemporaryDirectory()  # the monitors' efficiency.json files
+    if args.measure_memory:  # child mode: one variant, one run, print the record
+        name = args.measure_memory
+        variant = Variant(name, lambda: build(name, datamodule, args, runs, root.name), seed=args.seed)
+        run_variant(variant, args.steps, warmup=0)
+        keep_summaries(runs)
+        print(MEMORY_TAG + json.dumps(runs[name][0]))
+        return runs[name][0]
+
+    print(
+        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {datamodule.vocab_size}, "
+        f"fp32, {torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} timed steps "
+        f"(+{args.warmup} warmup) per variant; memory: {args.memory}"
+    )
+    memory_runs = runs  # --memory in-process: the timed runs' monitors
+    if args.memory == "subprocess":  # first, while this process holds no model
+        memory_runs = {name: [measure_in_subprocess(name, args)] for name in VARIANTS}
+    variants = [
+        Variant(name, lambda name=name: build(name, datamodule, args, runs, root.name), seed=args.seed)
+        for name in VARIANTS
+    ]
+    times = interleave(variants, args.rounds, args.steps, args.warmup)
+    keep_summaries(runs)
+    root.cleanup()
+    tokens = args.batch_size * args.max_length
+    result = report(times, baseline=NONE, metric="step time", work_per_step=tokens, unit="tokens")
+    memory = memory_table(memory_runs)
+    for name, numbers in memory.items():
+        result["variants"][name]["memory"] = numbers
+
+    ours_time, hf_time = result["variants"][EVERY]["ratio"], result["variants"][HF]["ratio"]
+    ours_memory, hf_memory, half_memory = (memory[name]["peak_ratio"] for name in (EVERY, HF, EVERY_2))
+    checks = {
+        f"every-block peak memory {ours_memory:.3f}x <= {args.max_memory}x": ours_memory <= args.max_memory,
+        f"every-block step time {ours_time:.3f}x <= {args.max_time}x": ours_time <= args.max_time,
+        f"every-2nd-block memory {half_memory:.3f}x between every block and none": ours_memory <= half_memory <= 1.0,
+        f"memory vs HF: {ours_memory:.3f}x <= {hf_memory:.3f}x (+{args.tie:.0%})": (
+            ours_memory <= hf_memory * (1 + args.tie)
+        ),
+        f"time vs HF: {ours_time:.3f}x <= {hf_time:.3f}x (+{args.tie:.0%})": ours_time <= hf_time * (1 + args.tie),
+    }
+    print()
+    for claim, ok in checks.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {claim}")
+    passed = all(checks.values())
+    print(f"{'PASS' if passed else 'FAIL'}: activation checkpointing claims on BERT-{args.preset}, "
+          f"batch {args.batch_size} x {args.max_length}, memory measured {args.memory}")  # fmt: skip
+    result.update(claim="activation checkpointing memory and time vs none and HF", checks=checks, passed=passed)
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Structured pruning of half the heads and FFN neurons of a BERT classifier, exported: CPU inference >= 1.6x.
+
+What is run, in one process:
+
+1. ``dense``: a ``BertClassifier`` (``--preset``, default small) trained from scratch on Brown's
+   informative vs imaginative prose (``TextClassificationDataModule(label_map=BROWN_PROSE)``) for
+   ``--dense-steps`` optimizer steps; its validation accuracy is measured.
+2. ``dense, longer``: the same model trained ``--prune-steps`` more steps without pruning (the
+   accuracy reference at equal training steps).
+3. ``pruned``: the step-1 model trained ``--prune-steps`` more steps with
+   ``MagnitudePruning(structure="heads_and_neurons", final_sparsity=--sparsity, scope="per_layer")``:
+   cubic schedule with events every ``--frequency`` steps over the first 60% of those steps, then
+   recovery. Validation accuracy with the masks, then after :func:`export` (the pruned heads and
+   neurons sliced out); the exported logits are checked against the masked model's.
+4. Inference timing: the dense and the exported model classify the same fixed batch
+   (``--infer-batch`` x ``--max-length``, ``torch.inference_mode``), interleaved in rounds by
+   ``benchmarks/harness.py``; the speedup is the median over rounds of the per-round ratio of
+   median batch times. The exported model is also saved with ``save_pretrained`` and read back
+   with ``load_pruned`` (same logits).
+
+Reported: speedup (verdict: >= ``--min-speedup``, default 1.6), parameter counts of the blocks
+before and after (about halved), accuracies and the accuracy drop against ``dense, longer``.
+
+Command (about 25 minutes on 2 cores; training dominates):
+
+    LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/pruning_export.py --dense-steps 1000 --prune-steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from harness import Variant, harness_arguments, interleave, report, setup, write_json
+
+from lightning_efficient import BROWN_PROSE, BertClassifier, TextClassificationDataModule
+from lightning_efficient.blocks import find_block_stacks
+from lightning_efficient.callbacks.pruning import MagnitudePruning, load_pruned
+from lightning_efficient.models.presets import PRESETS
+
+DENSE, EXPORTED = "dense", "exported (pruned)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=6, steps=10, warmup=2)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size")
+    parser.add_argument("--train-files", nargs="+", default=None, help="labelled files (default: embedded Brown)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="genre")
+    parser.add_argument("--no-label-map", action="store_true", help="use the labels as they are (not BROWN_PROSE)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=30522)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--dense-steps", type=int, default=1000, help="training steps before pruning")
+    parser.add_argument("--prune-steps", type=int, default=600, help="training steps with pruning (and recovery)")
+    parser.add_argument("--frequency", type=int, default=50, help="steps between pruning events")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="share of heads and of FFN neurons removed")
+    parser.add_argument("--infer-batch", type=int, default=32, help="examples per timed inference batch")
+    parser.add_argument("--val-batches", type=int, default=None, help="limit validation batches (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-speedup", type=float, default=1.6, help="pass if exported inference is >= this x faster")
+    return parser.parse_args(argv)
+
+
+def trainer(args: argparse.Namespace, steps: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks or [],
+    )  # fmt: skip
+
+
+def accuracy(model: BertClassifier, datamodule: TextClassificationDataModule, args: argparse.Namespace) -> float:
+    """Validation accuracy (the model's own ``val/accuracy``)."""
+    limit = args.val_batches if args.val_batches is not None else 1.0
+    validator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                           limit_val_batches=limit)  # fmt: skip
+    (metrics,) = validator.validate(model, datamodule, verbose=False)
+    return float(metrics["val/accuracy"])
+
+
+def block_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for stack in find_block_stacks(model) for p in stack.blocks.parameters())
+
+
+def inference_step(model: BertClassifier, batch: dict[str, torch.Tensor]) -> Any:
+    """A step callable for the harness: classify ``batch`` once."""
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(batch["input_ids"], batch["attention_mask"])
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train, prune, export, time; print the table and the verdict; returns the numbers."""
+    args = parse_args(argv)
+    setup(args)
+    pl.seed_everything(args.seed, verbose=False)
+    datamodule = TextClassificationDataModule(
+        train_files=args.train_files, text_column=args.text_column, label_column=args.label_column,
+        label_map=None if args.no_label_map else BROWN_PROSE, vocab_size=args.vocab_size, max_length=args.max_length,
+        batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    datamodule.setup("fit")
+    model = BertClassifier(
+        vocab_size=datamodule.vocab_size, num_labels=len(datamodule.label_names), label_names=datamodule.label_names,
+        preset=args.preset, max_length=args.max_length, learning_rate=args.learning_rate,
+    )  # fmt: skip
+    print(f"BERT-{args.preset} classifier, {len(datamodule.label_names)} classes, batch {args.batch_size} x "
+          f"{args.max_length}, {torch.get_num_threads()} threads")  # fmt: skip
+
+    # 1-3. Dense training, then longer dense and pruned continuations from the same weights.
+    trainer(args, args.dense_steps).fit(model, datamodule)
+    dense_accuracy = accuracy(model, datamodule, args)
+    longer, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    trainer(args, args.prune_steps).fit(longer, datamodule)
+    longer_accuracy = accuracy(longer, datamodule, args)
+    end = max(1, int(0.6 * args.prune_steps))
+    pruning = MagnitudePruning(
+        final_sparsity=args.sparsity, start_step=0, end_step=end, frequency=max(1, min(args.frequency, end)),
+        structure="heads_and_neurons", scope="per_layer",
+    )  # fmt: skip
+    trainer(args, args.prune_steps + 1, [pruning]).fit(pruned, datamodule)  # the extra step runs the last event
+    masked_accuracy = accuracy(pruned, datamodule, args)
+    batch = next(iter(datamodule.val_dataloader()))
+    batch = {k: v[: args.infer_batch] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    pruned.eval()
+    with torch.inference_mode():
+        masked_logits = pruned(batch["input_ids"], batch["attention_mask"])
+    before = block_parameters(pruned)
+    exported = pruning.export(pruned)
+    after = block_parameters(pruned)
+    with torch.inference_mode():
+        exported_logits = pruned(batch["input_ids"], batch["attention_mask"])
+    max_difference = float((exported_logits - masked_logits).abs().max())
+    exported_accuracy = accuracy(pruned, datamodule, args)
+    with tempfile.TemporaryDirectory() as directory:
+        pruned.model.save_pretrained(directory)
+        reloaded = load_pruned(directory)
+        with torch.inference_mode():
+            reloaded_logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reload_difference = float((reloaded_logits - exported_logits).abs().max())
+    print(f"export: {exported['heads_removed']} heads and {exported['neurons_removed']} FFN neurons removed; "
+          f"block parameters {before:,} -> {after:,} ({after / before:.2f}x); max |logit difference| masked vs "
+          f"exported {max_difference:.1e}, exported vs reloaded {reload_difference:.1e}")  # fmt: skip
+    print(f"validation accuracy: dense {dense_accuracy:.4f} ({args.dense_steps} steps), dense longer "
+          f"{longer_accuracy:.4f} (+{args.prune_steps}), pruned masked {masked_accuracy:.4f}, exported "
+          f"{exported_accuracy:.4f}")  # fmt: skip
+
+    # 4. Interleaved inference timing (fresh closures each round over the same two models).
+    dense_model = longer
+    variants = [
+        Variant(DENSE, lambda: inference_step(dense_model, batch), seed=args.seed),
+        Variant(EXPORTED, lambda: inference_step(pruned, batch), seed=args.seed),
+    ]
+    times = interleave(variants, args.rounds, args.steps, args.warmup)
+    tokens = int(batch["attention_mask"].sum())
+    result = report(times, baseline=DENSE, metric="throughput", work_per_step=tokens, unit="tokens")
+    speedup = result["variants"][EXPORTED]["ratio"]
+    passed = speedup >= args.min_speedup and max_difference < 1e-4
+    print(f"\n{'PASS' if passed else 'FAIL'}: exported model infers {speedup:.2f}x faster on CPU (target >= "
+          f"{args.min_speedup:.2f}x); block parameters x{after / before:.2f}; accuracy {exported_accuracy:.4f} vs "
+          f"dense {longer_accuracy:.4f} (drop {longer_accuracy - exported_accuracy:+.4f})")  # fmt: skip
+    result.update(
+        claim="CPU inference speedup of the exported structured-pruned BERT classifier", target=args.min_speedup,
+        passed=passed, block_parameters_before=before, block_parameters_after=after,
+        heads_removed=exported["heads_removed"], neurons_removed=exported["neurons_removed"],
+        accuracy_dense=dense_accuracy, accuracy_dense_longer=longer_accuracy, accuracy_masked=masked_accuracy,
+        accuracy_exported=exported_accuracy, accuracy_drop=longer_accuracy - exported_accuracy,
+        max_logit_difference=max_difference, reload_logit_difference=reload_difference,
+    )  # fmt: skip
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
