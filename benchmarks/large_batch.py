@@ -15,6 +15,11 @@ warmup-then-linear-decay schedule over its own length. Every run carries an
 loss: it records the first optimizer step, wall-clock time and tokens at which a run reaches it.
 Steps to the target do not depend on the machine's speed; wall-clock does.
 
+LAMB's learning rate is not on AdamW's scale: the trust ratio makes each step move a weight matrix
+by about ``lr x ||w||``, so LAMB's LR is a relative step per layer. Its base LR (``--lamb-base-lr``,
+0.035 at batch 32, 0.099 at 8x) comes from a sweep at 8x: 0.05, 0.1 and 0.2 reached the target at
+steps 35, 30 and 30 (final 6.710, 6.709, 6.712), AdamW's scaled 2.8e-3 never did (9.71 after 40).
+
     LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/large_batch.py            # ~30 min on 2 cores
     python benchmarks/large_batch.py --preset tiny --vocab-size 2000 --base-steps 16    # a smoke run
 """
@@ -98,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's LR at the base batch (the main job's)")
     parser.add_argument("--validations", type=int, default=8, help="validations per run")
     parser.add_argument("--val-batches", type=int, default=8)
-    parser.add_argument("--lamb-lr", type=float, default=None, help="LAMB's LR (default: --lr scaled by sqrt(--scale))")
+    parser.add_argument("--lamb-base-lr", type=float, default=0.035,
+                        help="LAMB's LR at the base batch, scaled by sqrt(--scale) like AdamW's")  # fmt: skip
+    parser.add_argument("--lamb-lr", type=float, default=None, help="LAMB's LR at --scale x (overrides the scaled base LR)")
     parser.add_argument("--target", type=float, default=None,
                         help="skip the AdamW base run and use this val/loss as the target (from an earlier run)")
     parser.add_argument("--only-lamb", action="store_true", help="run only LAMB (with --target): an LR sweep point")
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scaled_lr = args.lr * math.sqrt(args.scale)
 
     run("warmup", args, data, "adamw", args.lr, 0.01, 1, 2, None, root)  # first-run costs (threads, caches): discarded
-    lamb_lr = args.lamb_lr or scaled_lr
+    lamb_lr = args.lamb_lr or args.lamb_base_lr * math.sqrt(args.scale)
     if args.only_lamb:
         if args.target is None:
             parser.error("--only-lamb needs --target")
