@@ -11,10 +11,14 @@ Part 1 times training steps with ``harness.py``: the baseline (4 blocks), LayerD
 stochastic-depth ``linear`` schedule at ``drop_rate`` 0.8 (keep 1 - 0.8 l/4: 0.8, 0.6, 0.4, 0.2, mean
 0.5) and the shallow stage of ProgressiveStacking (2 active blocks), interleaved in rounds in one
 process. Part 2 trains each configuration for its step budget with the module's warmup-then-decay
-schedule over that budget and an :class:`~lightning_efficient.EfficiencyMonitor` whose target is the
-baseline's final validation loss (or ``--target``); validation every ``--val-every`` steps. The
-monitor records the step and the training time (validation excluded) at which a run first reaches
-the target. The runs of part 2 are sequential, so their wall-clock ratios carry the machine's
+schedule over that budget and an :class:`~lightning_efficient.EfficiencyMonitor`; validation every
+``--val-every`` steps. The target is the baseline's final validation loss plus ``--tolerance``
+(default 1%, half the 2% that claim 3 calls "equal"), or ``--target``: the baseline's own final
+loss would be reachable only at the very end of its LR decay, by no other schedule. The step and
+the training time (validation excluded) at which each run first reaches the target come from the
+validation history, the baseline's included. LayerDrop's default budget, ``--drop-steps``, is the
+number of its steps that fit in 0.85x the baseline's time at the 0.62x step time the DESIGN notes
+measured (270); stacking keeps the baseline's 200. The runs of part 2 are sequential, so their wall-clock ratios carry the machine's
 noise; the script also prints the noise-resistant estimate steps-to-target x part 1's step time.
 
     LIGHTNING_EFFICIENT_CACHE=/tmp/le_cache python benchmarks/depth.py                 # ~15 min on 2 cores
@@ -46,13 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
     parser.add_argument("--train-steps", type=int, default=200, help="baseline's steps (the main job's)")
-    parser.add_argument("--drop-steps", type=int, default=None, help="LayerDrop's step budget (default: --train-steps)")
+    parser.add_argument("--drop-steps", type=int, default=None, help="LayerDrop's budget (default: --train-steps x 0.85 / 0.62)")
     parser.add_argument("--drop-rate", type=float, default=0.8, help="linear schedule: the deepest block's drop rate")
     parser.add_argument("--stack-steps", type=int, default=None, help="ProgressiveStacking's budget (default: --train-steps)")
     parser.add_argument("--grow-at", type=float, default=0.5, help="fraction of the stacking budget at the shallow depth")
     parser.add_argument("--val-every", type=int, default=20)
     parser.add_argument("--val-batches", type=int, default=8)
-    parser.add_argument("--target", type=float, default=None, help="val/loss target (default: the baseline's final)")
+    parser.add_argument("--target", type=float, default=None, help="val/loss target (default: baseline's final + tolerance)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="default target: baseline's final x (1 + this)")
     parser.add_argument("--skip-timing", action="store_true", help="skip part 1")
     return parser.parse_args(argv)
 
@@ -81,9 +86,12 @@ def converge(name: str, args: argparse.Namespace, data: MLMDataModule, callbacks
     return summary
 
 
-def reached(summary: dict[str, Any]) -> tuple[int | None, float | None]:
-    target = summary["target"]
-    return (target["step"], target["train_time_s"]) if target and target["reached"] else (None, None)
+def reached(summary: dict[str, Any], target: float) -> tuple[int | None, float | None]:
+    """Step and training time of the first validation at or below ``target`` (None, None: never)."""
+    for point in summary["history"]:
+        if point["value"] <= target:
+            return point["step"], point["train_time_s"]
+    return None, None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data.setup("fit")
     depth = depth_of(args, data)
     shallow = (depth + 1) // 2
-    drop_steps, stack_steps = args.drop_steps or args.train_steps, args.stack_steps or args.train_steps
+    drop_steps = args.drop_steps or round(args.train_steps * 0.85 / 0.62)
+    stack_steps = args.stack_steps or args.train_steps
     grow_step = int(args.grow_at * stack_steps)
     tokens = args.batch_size * args.max_length
 
@@ -116,10 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="depth_"))
     converge("warmup", args, data, [], 2, None, root)  # first-run costs (threads, caches): discarded
     base = converge("full_depth", args, data, [], args.train_steps, args.target, root)
-    target = args.target if args.target is not None else base["history"][-1]["value"]
-    if args.target is None:  # the baseline reaches its own final loss at its last step
-        last = base["history"][-1]
-        base["target"] = {"value": target, "reached": True, **{k: last[k] for k in ("step", "wall_time_s", "train_time_s", "tokens")}}
+    target = args.target if args.target is not None else base["history"][-1]["value"] * (1 + args.tolerance)
+    first = next((p for p in base["history"] if p["value"] <= target), None)  # for the table: the baseline's monitor had none
+    base["target"] = {"value": target, "reached": first is not None,
+                      **{k: first[k] if first else None for k in ("step", "wall_time_s", "train_time_s", "tokens")}}  # fmt: skip
     layer_drop = LayerDrop(args.drop_rate, schedule="linear")
     drop = converge("layer_drop", args, data, [layer_drop], drop_steps, target, root)
     realised_keep = layer_drop.kept_blocks / layer_drop.block_slots
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summaries = [base, drop, stack]
     print()
     print(format_table(summaries))
-    base_step, base_time = reached(base)
+    base_step, base_time = reached(base, target)
     final = {s["run_name"]: s["history"][-1]["value"] for s in summaries}
     result: dict[str, Any] = {"target": target, "final": final, "step_times": step_times, "timing": timing,
                               "realised_keep": realised_keep}  # fmt: skip
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdicts["drop_step_time"] = ratio <= 0.65
         print(f"{'PASS' if ratio <= 0.65 else 'FAIL'}: LayerDrop step time {ratio:.3f}x the baseline's (claim <= 0.65x)")
     for summary, claim, key in ((drop, 0.85, "drop"), (stack, 0.80, "stacking")):
-        step, seconds = reached(summary)
+        step, seconds = reached(summary, target)
         name = summary["run_name"]
         if step is None:
             verdicts[f"{key}_time_to_target"] = False
