@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, ViTClassifier
@@ -104,6 +105,43 @@ def test_training_sparsity_follows_the_schedule_per_layer(mlm_data: MLMDataModul
         assert probe.zeros_at_start[step] == expected, step
     assert probe.violations == []  # masked weights exactly zero after every optimizer step (AdamW, accumulation)
     assert pruning.sparsity == pytest.approx(0.8, abs=1e-3) and pruning.last_event == 5
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call, to check what reaches the loggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def test_per_layer_sparsity_reaches_the_loggers_at_each_event(mlm_data: MLMDataModule, tmp_path: Path) -> None:
+    pruning = MagnitudePruning(final_sparsity=0.5, start_step=1, end_step=3, frequency=2)
+    logger = RecordingLogger()
+    quiet_trainer(max_steps=5, logger=logger, log_every_n_steps=1, default_root_dir=tmp_path, callbacks=[pruning]).fit(
+        tiny_mlm(mlm_data), mlm_data
+    )
+    layer_calls = {step: m for step, m in logger.calls if any(k.startswith("pruning/sparsity/") for k in m)}
+    assert sorted(layer_calls) == [1, 3]  # one report per pruning event
+    final = layer_calls[3]
+    assert len(final) == 3 * 6 and all(k.startswith("pruning/sparsity/model.bert.encoder.layer.") for k in final)
+    assert final == pytest.approx({f"pruning/sparsity/{n}": s for n, s in pruning.layer_sparsity().items()})
+    assert all(v == pytest.approx(0.5, abs=0.02) for v in final.values())
+    assert any("pruning/sparsity" in m for _, m in logger.calls)  # the overall figure, every logged step
 
 
 # -- rankings on a hand-built model ------------------------------------------------------------
