@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_efficient.errors import ConfigurationError
 
-__all__ = ["ResumableSampler", "ResumableDataLoader"]
+__all__ = ["DataParallelSampler", "ResumableSampler", "ResumableDataLoader"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -86,6 +86,76 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         start, self.start = self.start, 0
         return iter(indices[start:])
+
+
+class DataParallelSampler(ResumableSampler):
+    """A :class:`ResumableSampler` sharded over the data-parallel ranks only (tensor parallelism).
+
+    Under tensor parallelism the ``tensor_parallel_size`` ranks of one data-parallel group hold
+    shards of one model replica, so they must see the *same* batch; the data is split only among
+    the ``world_size / tensor_parallel_size`` groups. Ranks are laid out as Lightning's device mesh
+    ``(data_parallel, tensor_parallel)``: global rank ``r`` is in data-parallel group
+    ``r // tensor_parallel_size``. Everything else (seeded permutation, mid-epoch resume) is
+    :class:`ResumableSampler`'s.
+
+    Args:
+        dataset: A sized dataset.
+        tensor_parallel_size: Ranks that share one batch (must divide ``world_size``).
+        world_size: All processes; default: that of ``torch.distributed``, or 1.
+        rank: This process's global rank; default: that of ``torch.distributed``, or 0.
+        shuffle: Permute the indices.
+        seed: Seed of the permutation (epoch ``e`` uses ``seed + e``).
+        drop_last: Drop the tail that does not divide among the data-parallel groups.
+
+    Example:
+        >>> shards = [list(DataParallelSampler(range(8), tensor_parallel_size=2, world_size=4, rank=r)) for r in range(4)]
+        >>> shards[0] == shards[1], shards[2] == shards[3], sorted(shards[0] + shards[2])
+        (True, True, [0, 1, 2, 3, 4, 5, 6, 7])
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        tensor_parallel_size: int = 1,
+        world_size: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1 or world_size % tensor_parallel_size:
+            raise ConfigurationError(
+                f"tensor_parallel_size={tensor_parallel_size!r} must be a positive integer that divides world_size={world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ConfigurationError(f"rank={rank} must lie in [0, {world_size - 1}] (world_size={world_size})")
+        self.tensor_parallel_size = tensor_parallel_size
+        super().__init__(
+            dataset,
+            num_replicas=world_size // tensor_parallel_size,
+            rank=rank // tensor_parallel_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+
+    @classmethod
+    def from_mesh(cls, dataset: Sized, device_mesh: Any, **kwargs: Any) -> DataParallelSampler:
+        """The sampler for this rank of a Lightning device mesh (``trainer.strategy.device_mesh``)."""
+        tp = device_mesh["tensor_parallel"].size()
+        dp_mesh = device_mesh["data_parallel"]
+        return cls(
+            dataset,
+            tensor_parallel_size=tp,
+            world_size=dp_mesh.size() * tp,
+            rank=dp_mesh.get_local_rank() * tp + device_mesh["tensor_parallel"].get_local_rank(),
+            **kwargs,
+        )
 
 
 class ResumableDataLoader(DataLoader):

@@ -128,7 +128,7 @@ class ForeachOptimizer(torch.optim.Optimizer):
 
         State is created on a parameter's first step: ``step`` (an int) and the ``state_keys`` tensors.
         """
-        buckets: dict[tuple[torch.device, torch.dtype, int], Bucket] = {}
+        buckets: dict[tuple[Any, ...], Bucket] = {}
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -140,7 +140,10 @@ class ForeachOptimizer(torch.optim.Optimizer):
                 for key in self.state_keys:
                     state[key] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
             state["step"] += 1
-            bucket = buckets.setdefault((param.device, param.dtype, state["step"]), Bucket(state["step"]))
+            # DTensor parameters (tensor parallelism) are bucketed by mesh and placement: a foreach call
+            # cannot mix them with plain tensors.
+            layout = (getattr(param, "device_mesh", None), getattr(param, "placements", None))
+            bucket = buckets.setdefault((param.device, param.dtype, state["step"], layout), Bucket(state["step"]))
             bucket.params.append(param)
             bucket.grads.append(param.grad)
             bucket.states.append(state)

@@ -1,0 +1,157 @@
+"""Tensor-parallel runs on 2 CPU processes (gloo); ``test_tensor_parallel.py`` starts it.
+
+Usage: ``python tests/tp_worker.py SPEC_JSON OUT_DIR``. ``SPEC_JSON`` holds ``files`` (the test's
+data files) and ``runs`` (see :func:`train`); all runs share one pair of processes (Lightning's
+launcher starts the second rank by running this script again). Each rank writes
+``OUT_DIR/rank<r>.pt`` with, per run, its losses, gradient norms, full parameters (DTensors
+gathered) and a hash of its batches; a run that raises writes ``OUT_DIR/error_rank<r>.txt``.
+The single-process reference runs :func:`train` in the test's own process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.distributed.tensor import DTensor
+
+from lightning_efficient import (
+    ActivationCheckpointing,
+    BertMLM,
+    LAMB,
+    ImageClassificationDataModule,
+    LayerDrop,
+    Lion,
+    MLMDataModule,
+    Translation,
+    TrustRatioMonitor,
+    ViTClassifier,
+)
+from lightning_efficient.data.translation import TranslationDataModule
+from lightning_efficient.strategies import TensorParallelStrategy, clip_grad_norm_
+
+warnings.filterwarnings("ignore")
+#: Odd per-rank sizes at tp=2: 3 heads of width 6, 19 FFN neurons.
+SHAPE = {"preset": "tiny", "hidden_size": 36, "num_heads": 6, "ffn_size": 38, "dropout": 0.0}
+
+
+class EvenTranslationData(TranslationDataModule):
+    """Source and target lengths padded to even numbers: sequence parallelism at tp=2 needs them."""
+
+    def _collate(self, examples: list[Any]) -> dict[str, Any]:
+        batch = super()._collate(examples)
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+            tensor = batch[key]
+            if tensor.shape[1] % 2:
+                batch[key] = torch.cat([tensor, torch.full((tensor.shape[0], 1), fill, dtype=tensor.dtype)], dim=1)
+        return batch
+
+
+def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """A tiny model of ``family`` without dropout (a single process and TP ranks draw it differently)."""
+    shape = {**SHAPE, **shape}
+    if family == "bert":
+        dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=32, batch_size=8)
+        return BertMLM(vocab_size=dm.vocab_size, max_length=32, warmup_fraction=0.25, **shape), dm
+    if family == "mt":
+        dm = EvenTranslationData(
+            train_files=[files["pairs"]], source_column="src", target_column="tgt", vocab_size=500, max_length=40, batch_size=8
+        )
+        return Translation(vocab_size=dm.vocab_size, max_length=40, bleu_batches=0, warmup_fraction=0.25, **shape), dm
+    if family == "vit":
+        return ViTClassifier(num_labels=10, warmup_fraction=0.25, **shape), ImageClassificationDataModule(batch_size=16)
+    raise ValueError(family)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+class Record(Callback):
+    """Per-step loss and (pre-clipping) global gradient norm, the first step's gradients, a batch hash."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+        self.grad_norms: dict[int, float] = {}
+        self.first_grads: dict[str, torch.Tensor] = {}
+        self.batch_hash = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+        self.batch_hash = hash((self.batch_hash, tuple(first.flatten().tolist())))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        self.grad_norms[trainer.global_step] = float(clip_grad_norm_(params, math.inf))  # measures only
+        if trainer.global_step == 0:
+            self.first_grads = {n: _full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) -> dict[str, Any]:
+    """One run: ``family``, ``steps``, ``clip`` (gradient_clip_val or None), ``save_at`` (a step to
+    checkpoint at), ``resume`` (a checkpoint path), ``strategy`` (TensorParallelStrategy kwargs),
+    ``techniques`` (names), ``optimizer`` (``lamb``/``lion``), ``shape`` (model overrides);
+    ``expect_error``: the run must fail (its message is recorded). ``devices=1``: the reference."""
+    pl.seed_everything(0, verbose=False)
+    model, dm = build(run["family"], files, **run.get("shape", {}))
+    record = Record()
+    callbacks: list[Callback] = [record]
+    for name in run.get("techniques", []):
+        callbacks.insert(0, {"activation_checkpointing": lambda: ActivationCheckpointing(every=2),
+                             "trust_ratio": lambda: TrustRatioMonitor(every_n_steps=2, include_1d=True),
+                             "layer_drop": lambda: LayerDrop(drop_rate=0.2)}[name]())  # fmt: skip
+    if run.get("optimizer"):  # one of our optimizers instead of the module's AdamW (constant LR)
+        optimizer_class = {"lamb": LAMB, "lion": Lion}[run["optimizer"]]
+        model.configure_optimizers = lambda: optimizer_class(model.parameters(), lr=1e-3)
+    if run.get("save_at"):
+        callbacks.append(ModelCheckpoint(dirpath=root / run["name"], filename="{step}", every_n_train_steps=run["save_at"], save_top_k=-1))
+    strategy: Any = TensorParallelStrategy(**run.get("strategy", {})) if devices > 1 else "auto"
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=run["steps"], limit_val_batches=0,
+        gradient_clip_val=run.get("clip"), use_distributed_sampler=False, logger=False,
+        enable_checkpointing=bool(run.get("save_at")), enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root / run["name"], callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, dm, ckpt_path=run.get("resume"))
+    return {
+        "losses": record.losses,
+        "grad_norms": record.grad_norms,
+        "first_grads": record.first_grads,
+        "params": {n: _full(p) for n, p in model.named_parameters()},
+        "batch_hash": str(record.batch_hash),
+        "steps": trainer.global_step,
+        "world_size": trainer.world_size,
+    }
+
+
+def main() -> None:
+    spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)  # two processes on a small machine: more threads only contend
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    results = {}
+    for run in spec["runs"]:
+        try:
+            results[run["name"]] = train(run, spec["files"], out, devices=spec.get("devices", 2))
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            message = f"{type(error).__name__}: {error}"
+            if run.get("expect_error"):  # recorded; the next run goes on in the same process group
+                results[run["name"]] = {"error": message}
+                continue
+            (out / f"error_rank{rank}.txt").write_text(message)
+            raise
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
