@@ -27,7 +27,9 @@ from lightning_efficient.callbacks import (
     LayerDrop,
     MagnitudePruning,
     ProgressiveStacking,
+    QuantizationAwareTraining,
     load_pruned,
+    load_quantized,
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
@@ -35,6 +37,7 @@ from lightning_efficient.flops import FlopCounter, count_flops, transformer_flop
 from lightning_efficient.monitor import EfficiencyMonitor
 from lightning_efficient.optim import LAMB, Lion, LRScaling, TrustRatioMonitor
 from lightning_efficient.predictions import JsonlPredictionWriter
+from lightning_efficient.strategies import TensorParallelStrategy
 from lightning_efficient.technique import Technique
 
 __version__ = "0.1.0"
@@ -61,9 +64,11 @@ __all__ = [
     "MagnitudePruning",
     "NoTargetModulesError",
     "ProgressiveStacking",
+    "QuantizationAwareTraining",
     "ResumableDataLoader",
     "ResumableSampler",
     "Technique",
+    "TensorParallelStrategy",
     "TextClassificationDataModule",
     "Translation",
     "TrustRatioMonitor",
@@ -73,5 +78,6 @@ __all__ = [
     "count_flops",
     "find_block_stacks",
     "load_pruned",
+    "load_quantized",
     "transformer_flops",
 ]

@@ -35,6 +35,7 @@ from lightning_efficient import (
 from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_efficient.callbacks.pruning import MagnitudePruning
+from lightning_efficient.callbacks.quantization import QuantizationAwareTraining
 from lightning_efficient.optim.lr_scaling import LRScaling
 from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 from lightning_efficient.technique import Technique
@@ -170,6 +171,12 @@ trainer:
         ),
         yaml=(TECHNIQUE_CONFIGS / "pruning_gradual.yaml").read_text(),
         interrupt_at=(1, 3, 4, 7),  # before the first event, between two (masks from the checkpoint), at one, after the last
+    ),
+    TechniqueCase(
+        id="qat",  # int8 fake quantization of the blocks' Linears from step 3, weight scales held from step 5
+        build=lambda: QuantizationAwareTraining(start_step=3, freeze_step=5, strict_schedule=False),
+        yaml=(TECHNIQUE_CONFIGS / "qat_int8.yaml").read_text(),
+        interrupt_at=(2, 3, 5, 6),  # before the switch, at it, at the freeze (scales from the checkpoint), after
     ),
 ]
 

@@ -198,3 +198,22 @@ def test_script_smoke_run(name, harness, user_files, tmp_path):
         sys.modules.pop(name, None)
     assert keys <= set(result)
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_quantization_script_smoke_run(harness, user_files, tmp_path):
+    args = ["--presets", "tiny", "--preset", "tiny", "--vocab-size", "300", "--max-length", "17", "--batch-size", "4",
+            "--rounds", "1", "--steps", "1", "--warmup", "0", "--prefix-steps", "2", "--qat-steps", "2", "--val-batches", "1",
+            "--train-files", user_files["jsonl"], "--text-column", "sentence", "--label-column", "category", "--no-label-map",
+            "--json", str(tmp_path / "result.json")]  # fmt: skip
+    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
+    try:
+        result = load("quantization").main(args)
+    finally:
+        torch.set_num_threads(threads)
+        logging.getLogger("lightning.pytorch").setLevel(level)
+        sys.modules.pop("quantization", None)
+    tiny = result["inference"]["tiny"]
+    assert set(tiny["variants"]) == {"fp32", "ours (torchao Intx)", "torchao int8 matmul", "torch.ao quantize_dynamic"}
+    assert tiny["max_logit_difference"] <= 1e-6  # converted equals fake-quantized
+    assert tiny["sizes"]["ours (torchao Intx)"] < tiny["sizes"]["fp32"]
+    assert set(result["accuracy"]) >= {"accuracy_fp32", "accuracy_qat_int8", "accuracy_ptq_int8", "qat_drop_points"}

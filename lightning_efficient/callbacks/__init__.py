@@ -10,5 +10,14 @@ from lightning_efficient.callbacks.activation_checkpointing import ActivationChe
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
 from lightning_efficient.callbacks.pruning import MagnitudePruning, load_pruned
+from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, load_quantized
 
-__all__ = ["ActivationCheckpointing", "LayerDrop", "MagnitudePruning", "ProgressiveStacking", "load_pruned"]
+__all__ = [
+    "ActivationCheckpointing",
+    "LayerDrop",
+    "MagnitudePruning",
+    "ProgressiveStacking",
+    "QuantizationAwareTraining",
+    "load_pruned",
+    "load_quantized",
+]

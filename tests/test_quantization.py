@@ -1,0 +1,274 @@
+"""QuantizationAwareTraining: fake quantization against a written-out reference, the switch and the freeze,
+conversion equal to fake quantization, save/load, composition with pruning, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, Translation
+from lightning_efficient.callbacks.pruning import MagnitudePruning
+from lightning_efficient.callbacks.pruning import export as export_pruning
+from lightning_efficient.callbacks.quantization import (
+    QuantizationAwareTraining,
+    export,
+    load_quantized,
+    save_quantized,
+)
+from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def mlm_data(user_files: dict[str, str]) -> MLMDataModule:
+    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
+    dm.setup("fit")
+    return dm
+
+
+def tiny_mlm(dm: MLMDataModule, **kwargs: Any) -> BertMLM:
+    return BertMLM(vocab_size=dm.vocab_size, preset="tiny", max_length=17, warmup_fraction=0.0, **kwargs)
+
+
+# -- the reference: quantize-dequantize written out ------------------------------------------------
+def reference_activation(x: torch.Tensor) -> torch.Tensor:
+    """int8 per token, asymmetric: the range of each row (with 0 in it) onto [-128, 127]."""
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).eps)
+    zero_point = (-128 - torch.round(low / scale)).clamp(-128, 127)
+    q = (torch.round(x * (1.0 / scale)) + zero_point).clamp(-128, 127)  # torchao multiplies by the reciprocal
+    return (q - zero_point) * scale
+
+
+def reference_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric per group of ``group`` columns (group = width: per channel): max |w| onto half the int range."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    scale = (g.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.round(g * (1.0 / scale)).clamp(qmin, qmax)
+    return (q * scale).reshape(rows, cols)
+
+
+class OneLinear(nn.Module):
+    """A model whose one 'block' is a Linear, found through ``block_paths``."""
+
+    def __init__(self, d_in: int = 64, d_out: int = 24) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(d_in, d_out)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+@pytest.mark.parametrize(
+    ("weight_dtype", "granularity", "bits", "group"),
+    [("int8", "per_channel", 8, 64), ("int4", "per_group", 4, 16), ("int8", "per_group", 8, 32)],
+)
+def test_fake_quant_forward_equals_the_written_out_quantize_dequantize(
+    weight_dtype: str, granularity: str, bits: int, group: int
+) -> None:
+    torch.manual_seed(0)
+    model = OneLinear()
+    x = torch.randn(5, 7, 64) * torch.linspace(0.1, 3.0, 7).reshape(1, 7, 1)  # tokens with different ranges
+    qat = QuantizationAwareTraining(weight_dtype, granularity, group_size=group, block_paths=["blocks"], include=["blocks.0"])
+    qat.attach(model)
+    linear = model.blocks[0]
+    plain = F.linear(x, linear.weight, linear.bias)
+    qat.active = False
+    assert torch.equal(model(x), plain)  # off: the plain layer
+    qat.active = True
+    expected = F.linear(reference_activation(x), reference_weight(linear.weight, bits, group), linear.bias)
+    got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)  # quantization really happened
+    got.sum().backward()  # straight-through: the weight gradient is the one of the dequantized weight
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+
+
+# -- the switch, the freeze, resume-relevant state ---------------------------------------------
+class Probe(Callback):
+    """After the QAT callback: records at each batch start whether fake quantization is on, and the scales."""
+
+    def __init__(self, qat: QuantizationAwareTraining) -> None:
+        self.qat = qat
+        self.active: dict[int, bool] = {}
+        self.scales: dict[int, torch.Tensor] = {}
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self.active[step] = self.qat.active
+        name = next(iter(self.qat.targets))
+        self.weights[step] = self.qat.targets[name].weight.detach().clone()
+        scale = self.qat._quantizers[name].weight.scale
+        if self.qat.frozen:
+            self.scales[step] = scale.clone()
+
+
+def test_switch_at_start_step_and_weight_scales_held_from_freeze_step(mlm_data: MLMDataModule) -> None:
+    qat = QuantizationAwareTraining(start_step=2, freeze_step=4)
+    probe = Probe(qat)
+    model = tiny_mlm(mlm_data)
+    keys = sorted(model.state_dict())
+    quiet_trainer(max_steps=7, callbacks=[qat, probe]).fit(model, mlm_data)
+    assert probe.active == {0: False, 1: False, 2: True, 3: True, 4: True, 5: True, 6: True}
+    assert sorted(probe.scales) == [4, 5, 6]
+    # the held scales are those of the weights at step 4, not of the later weights
+    held = reference_weight_scale(probe.weights[4])
+    for step in (4, 5, 6):
+        torch.testing.assert_close(probe.scales[step].reshape(held.shape), held)
+    assert not torch.equal(probe.weights[6], probe.weights[4])  # the weights moved on
+    assert sorted(model.state_dict()) == keys  # checkpoint keys unchanged
+    assert set(qat.state_dict()["frozen_scales"]) == set(qat.targets)
+
+
+def reference_weight_scale(w: torch.Tensor) -> torch.Tensor:
+    return (w.abs().amax(dim=-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+
+
+def test_validate_and_predict_runs_are_fake_quantized(mlm_data: MLMDataModule) -> None:
+    qat = QuantizationAwareTraining(start_step=5)
+    trainer = quiet_trainer(limit_val_batches=1, callbacks=[qat])
+    trainer.validate(tiny_mlm(mlm_data), mlm_data)
+    assert qat.active
+
+
+# -- conversion, files ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"weight_dtype": "int4", "granularity": "per_group", "group_size": 8}, {"freeze": True}, {"embeddings": True}],
+    ids=["int8_per_channel", "int4_per_group", "int8_frozen_scales", "with_embeddings"],
+)
+def test_converted_model_equals_fake_quant_and_loads_back(kwargs: dict[str, Any], tmp_path: Path) -> None:
+    freeze = kwargs.pop("freeze", False)
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=100, num_labels=3, preset="tiny", ffn_size=48).eval()
+    qat = QuantizationAwareTraining(**kwargs)
+    qat.attach(model)
+    qat.active = True
+    if freeze:
+        for name, quantizers in qat._quantizers.items():
+            quantizers.freeze_weight(qat.targets[name].weight)
+        with torch.no_grad():
+            for linear in qat.targets.values():
+                linear.weight.mul_(1.01)  # weights move on after the freeze: the held scales must be used
+    ids = torch.randint(0, 100, (4, 11))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        fake = model.model(input_ids=ids, attention_mask=mask).logits
+    report = export(model, qat)
+    assert report["converted"] == 18 + 3 * qat.embeddings and not qat.is_applied  # word, position, type tables
+    weight = model.model.bert.encoder.layer[1].intermediate.dense.weight
+    assert type(weight.data).__name__ == "IntxUnpackedToInt8Tensor" and weight.qdata.dtype == torch.int8
+    with torch.no_grad():
+        converted = model.model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-6)
+    save_quantized(model, tmp_path / "int8", report)
+    loaded = load_quantized(tmp_path / "int8")
+    with torch.no_grad():
+        again = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(again, converted, rtol=0, atol=0)
+    assert type(loaded.bert.encoder.layer[0].output.dense.weight.data).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(loaded.classifier.weight.data) is torch.Tensor  # the head stays float
+    table = type(loaded.bert.embeddings.word_embeddings.weight.data).__name__
+    assert table == ("IntxUnpackedToInt8Tensor" if qat.embeddings else "Tensor")
+    size = sum(f.stat().st_size for f in (tmp_path / "int8").iterdir())
+    float_bytes = 4 * sum(p.numel() for p in loaded.parameters())
+    # int8 blocks and tables; at this tiny size biases, LayerNorms, scales and the head weigh a lot
+    assert float_bytes / size > (1.5 if qat.embeddings else 1.05)
+
+
+def test_translation_both_stacks_are_quantized(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Translation(vocab_size=120, preset="tiny", ffn_size=40).eval()
+    qat = QuantizationAwareTraining()
+    qat.attach(model)
+    assert any(".decoder." in n and "encoder_attn" in n for n in qat.targets)  # cross-attention too
+    assert any(".encoder." in n for n in qat.targets)
+    qat.active = True
+    src = torch.randint(3, 120, (2, 9))
+    tgt = torch.randint(3, 120, (2, 7))
+    with torch.no_grad():
+        fake = model.model(input_ids=src, decoder_input_ids=tgt).logits
+        report = export(model, qat)
+        converted = model.model(input_ids=src, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-6)
+    assert report["converted"] == len(report["modules"]) > 20
+
+
+# -- composition with pruning ---------------------------------------------------------------
+def test_pruned_weights_stay_zero_through_fake_quant_and_conversion(mlm_data: MLMDataModule) -> None:
+    pruning = MagnitudePruning(final_sparsity=0.6, start_step=1)
+    qat = QuantizationAwareTraining(start_step=2)
+    model = tiny_mlm(mlm_data)
+    quiet_trainer(max_steps=5, callbacks=[pruning, qat]).fit(model, mlm_data)
+    assert pruning.sparsity == pytest.approx(0.6, abs=1e-3) and qat.active
+    for name, linear in qat.targets.items():
+        zero = linear.weight_mask == 0
+        assert bool((linear.weight[zero] == 0).all())
+        fake = qat._quantizers[name].weight(linear.weight)
+        assert bool((fake[zero] == 0).all()), name  # 0 maps to 0 under symmetric quantization
+    export_pruning(model, shrink=False)  # masks into the weights
+    export(model, qat)
+    layer = model.model.bert.encoder.layer[0].attention.self.query.weight
+    assert float((layer.qdata == 0).float().mean()) >= 0.6 - 1e-3  # the zeros survive as int8 zeros
+
+
+# -- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_dtype": "int2"}, "weight_dtype='int2' is unknown; choose one of: 'int8', 'int4'"),
+        ({"granularity": "per_tensor"}, "granularity='per_tensor' is unknown; choose one of: 'per_channel', 'per_group'"),
+        ({"group_size": 0}, "group_size=0 must be >= 1"),
+        ({"start_step": -1}, "start_step=-1 must be >= 0"),
+        ({"start_step": 5, "freeze_step": 3}, "freeze_step=3 must be >= 5"),
+        ({"module_types": ()}, "module_types=() must name at least one module class"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_group_size_that_does_not_divide_a_width_fails_before_training(mlm_data: MLMDataModule) -> None:
+    qat = QuantizationAwareTraining(weight_dtype="int4", granularity="per_group", group_size=16)
+    model = tiny_mlm(mlm_data)  # FFN width 37: the FFN output layer's input width
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigurationError, match=r"group_size=16 does not divide the input width 37 of .*output\.dense"):
+        quiet_trainer(max_steps=2, callbacks=[qat]).fit(model, mlm_data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_start_step_after_the_run_fails_before_training(mlm_data: MLMDataModule) -> None:
+    qat = QuantizationAwareTraining(start_step=10)
+    model = tiny_mlm(mlm_data)
+    with pytest.raises(ConfigurationError, match=r"start_step=10 is never reached: the run has 4 optimizer steps"):
+        quiet_trainer(max_steps=4, callbacks=[qat]).fit(model, mlm_data)
+    assert model.global_step == 0
+    lenient = QuantizationAwareTraining(start_step=10, strict_schedule=False)
+    with pytest.warns(UserWarning, match="start_step=10 is never reached"):
+        quiet_trainer(max_steps=1, callbacks=[lenient]).fit(tiny_mlm(mlm_data), mlm_data)
+
+
+def test_patterns_that_match_nothing_and_models_without_blocks_fail(mlm_data: MLMDataModule) -> None:
+    with pytest.raises(NoTargetModulesError, match=r"include pattern '\*\.nothing' matches no Linear module of BertMLM"):
+        QuantizationAwareTraining(include=["*.nothing"]).attach(tiny_mlm(mlm_data))
+    with pytest.raises(NoTargetModulesError, match=r"exclude pattern '\*\.nope' matches no Linear module"):
+        QuantizationAwareTraining(exclude=["*.nope"]).attach(tiny_mlm(mlm_data))
+    with pytest.raises(NoTargetModulesError):
+        QuantizationAwareTraining().attach(nn.Sequential(nn.Linear(3, 3)))
