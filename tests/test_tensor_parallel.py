@@ -247,17 +247,10 @@ def test_data_parallel_sampler_gives_tp_ranks_the_same_batches() -> None:
         DataParallelSampler(range(30), tensor_parallel_size=4, world_size=6, rank=0)
 
 
-def _build(case: Any) -> Any:
-    try:
-        return case.build()
-    except ConfigurationError as error:  # an optional dependency is missing here
-        pytest.skip(str(error))
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_contract_rows_compose_or_are_refused(case: Any) -> None:
     """Every technique of the contract suite either is declared to compose with TP or is refused by name."""
-    technique = _build(case)
+    technique = case.build()
     if technique.name in COMPOSES_WITH:
         check_composition([technique])
     else:
@@ -266,7 +259,7 @@ def test_contract_rows_compose_or_are_refused(case: Any) -> None:
 
 
 def test_declared_compositions_are_real_techniques() -> None:
-    names = {_build(case).name for case in CASES if case.id in ("layer_drop", "progressive_stacking", "pruning", *COMPOSES_WITH)}
+    names = {case.build().name for case in CASES if case.id in ("layer_drop", "progressive_stacking", "pruning", *COMPOSES_WITH)}
     assert COMPOSES_WITH <= names and {"layer_drop", "progressive_stacking", "pruning"} <= names - COMPOSES_WITH
 
 
