@@ -272,3 +272,14 @@ def test_patterns_that_match_nothing_and_models_without_blocks_fail(mlm_data: ML
         QuantizationAwareTraining(exclude=["*.nope"]).attach(tiny_mlm(mlm_data))
     with pytest.raises(NoTargetModulesError):
         QuantizationAwareTraining().attach(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_held_scales_of_layers_this_run_does_not_quantize_are_refused(mlm_data: MLMDataModule) -> None:
+    first = QuantizationAwareTraining(freeze_step=0)
+    quiet_trainer(max_steps=1, callbacks=[first]).fit(tiny_mlm(mlm_data), mlm_data)
+    state = first.state_dict()
+    assert len(state["frozen_scales"]) == 18
+    narrower = QuantizationAwareTraining(freeze_step=0, include=["*.attention.self.query"])
+    narrower.load_state_dict(state)
+    with pytest.raises(ConfigurationError, match="the checkpoint holds held weight scales of"):
+        quiet_trainer(max_steps=2, callbacks=[narrower]).fit(tiny_mlm(mlm_data), mlm_data)

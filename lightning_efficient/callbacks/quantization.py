@@ -369,8 +369,15 @@ class QuantizationAwareTraining(Technique):
                 if self.strict_schedule:
                     raise ConfigurationError(message + " (or strict_schedule=False to reach it in a later fit)")
                 warnings.warn(message, UserWarning, stacklevel=2)
+        unknown = sorted(set(self._pending_frozen) - set(self._quantizers))
+        if unknown:
+            raise ConfigurationError(
+                f"the checkpoint holds held weight scales of {unknown[:3]}, which this {type(self).__name__} does not "
+                "quantize; resume with the include / exclude / embeddings settings of the run that wrote it"
+            )
         for name, saved in self._pending_frozen.items():
-            self._quantizers[name].set_frozen(saved["scale"], saved["zero_point"])
+            device = self.targets[name].weight.device  # the checkpoint may have been read onto another device
+            self._quantizers[name].set_frozen(saved["scale"].to(device), saved["zero_point"].to(device))
         self._pending_frozen = {}
         self.active = trainer.global_step >= self.start_step
 
