@@ -24,6 +24,16 @@ from lightning_efficient.errors import ConfigurationError
 __all__ = ["DataParallelSampler", "ResumableSampler", "ResumableDataLoader"]
 
 
+def _world_and_rank(world_size: int | None, rank: int | None) -> tuple[int, int]:
+    """``world_size`` and ``rank`` as given, else those of the initialized process group, else ``(1, 0)``."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if distributed else 1
+    if rank is None:
+        rank = dist.get_rank() if distributed else 0
+    return world_size, rank
+
+
 class ResumableSampler(DistributedSampler):
     """This process's share of a permutation fixed by ``(seed, epoch)``; it can start mid-epoch.
 
@@ -64,11 +74,7 @@ class ResumableSampler(DistributedSampler):
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
+        num_replicas, rank = _world_and_rank(num_replicas, rank)
         if num_replicas < 1:
             raise ConfigurationError(f"num_replicas={num_replicas} must be >= 1")
         if not 0 <= rank < num_replicas:
@@ -123,11 +129,7 @@ class DataParallelSampler(ResumableSampler):
         seed: int = 0,
         drop_last: bool = False,
     ) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        if world_size is None:
-            world_size = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
+        world_size, rank = _world_and_rank(world_size, rank)
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1 or world_size % tensor_parallel_size:
             raise ConfigurationError(
                 f"tensor_parallel_size={tensor_parallel_size!r} must be a positive integer that divides world_size={world_size}"
