@@ -234,7 +234,7 @@ def test_pruned_weights_stay_zero_through_fake_quant_and_conversion(mlm_data: ML
     [
         ({"weight_dtype": "int2"}, "weight_dtype='int2' is unknown; choose one of: 'int8', 'int4'"),
         ({"granularity": "per_tensor"}, "granularity='per_tensor' is unknown; choose one of: 'per_channel', 'per_group'"),
-        ({"group_size": 0}, "group_size=0 must be >= 1"),
+        ({"group_size": 1}, "group_size=1 must be >= 2"),
         ({"start_step": -1}, "start_step=-1 must be >= 0"),
         ({"start_step": 5, "freeze_step": 3}, "freeze_step=3 must be >= 5"),
         ({"module_types": ()}, "module_types=() must name at least one module class"),
@@ -249,7 +249,8 @@ def test_group_size_that_does_not_divide_a_width_fails_before_training(mlm_data:
     qat = QuantizationAwareTraining(weight_dtype="int4", granularity="per_group", group_size=16)
     model = tiny_mlm(mlm_data)  # FFN width 37: the FFN output layer's input width
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigurationError, match=r"group_size=16 does not divide the input width 37 of .*output\.dense"):
+    with pytest.raises(ConfigurationError, match=r"group_size=16 does not divide the input width 37 of .*output\.dense "
+                       r"\(3 layers affected; the target widths are \[32, 37\]\): no group size divides them all"):
         quiet_trainer(max_steps=2, callbacks=[qat]).fit(model, mlm_data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -7,9 +7,9 @@ to int4 (or int8) in groups of ``group_size`` input columns (symmetric). The fak
 torchao's (``torchao.quantization.qat.IntxFakeQuantizer``): rounding in the forward pass, a
 straight-through gradient in the backward pass. With ``embeddings=True`` the model's embedding
 tables are fake-quantized too (int8 per row, weight only): most of a small BERT's bytes are its
-vocabulary table, so this is what makes the saved model about 4x smaller. With ``freeze_step`` the weight scales are measured
-once at that step and then held (the classic "freeze the observers" of the last part of QAT); the
-activation ranges stay per token, as they will be at inference.
+vocabulary table, so this is what makes the saved model about 4x smaller. With ``freeze_step``
+the weight scales are measured once at that step and then held (the classic "freeze the
+observers" of the last part of QAT); the activation ranges stay per token, as at inference.
 
 How it is built: the Linear modules are not swapped; their ``forward`` is routed through the fake
 quantizers (:func:`~lightning_efficient.blocks.wrap_forward`), so parameters and checkpoint keys
@@ -191,8 +191,8 @@ class QuantizationAwareTraining(Technique):
         weight_dtype: ``"int8"`` or ``"int4"`` weights.
         granularity: Weight scales ``"per_channel"`` (one per output row) or ``"per_group"``
             (one per ``group_size`` input columns of each row).
-        group_size: Columns per weight group (``per_group``); must divide the input width of
-            every target layer.
+        group_size: Columns per weight group (``per_group``, >= 2); must divide the input width
+            of every target layer.
         start_step: Optimizer step from which fake quantization is on (typically the last part
             of training or fine-tuning; 0: from the start).
         freeze_step: Step from which the weight scales are held at their values of that step
@@ -238,7 +238,7 @@ class QuantizationAwareTraining(Technique):
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         if isinstance(group_size, bool) or not isinstance(group_size, int):
             raise ConfigurationError(f"group_size={group_size!r} must be a positive integer")
-        self.group_size = int(check_range("group_size", group_size, low=1))
+        self.group_size = int(check_range("group_size", group_size, low=2))
         self.start_step = int(check_range("start_step", start_step, low=0))
         if freeze_step is not None:
             freeze_step = int(check_range("freeze_step", freeze_step, low=self.start_step))
@@ -295,13 +295,14 @@ class QuantizationAwareTraining(Technique):
         if self.granularity == "per_group":
             bad = {n: candidates[n].in_features for n in names if candidates[n].in_features % self.group_size}
             if bad:
-                widths = sorted(set(bad.values()))
+                widths = sorted({candidates[n].in_features for n in names})
                 name, width = next(iter(bad.items()))
-                divisors = [d for d in range(1, width + 1) if all(w % d == 0 for w in widths)]
+                divisors = [d for d in range(2, widths[0] + 1) if all(w % d == 0 for w in widths)]
+                fix = f"a group size that divides them all ({divisors[-6:]})" if divisors else "no group size divides them all"
                 raise ConfigurationError(
                     f"group_size={self.group_size} does not divide the input width {width} of {name} "
-                    f"({len(bad)} layers affected, widths {widths}); use a group size among {divisors[-6:]} "
-                    "or granularity='per_channel'"
+                    f"({len(bad)} layers affected; the target widths are {widths}): {fix}; or use "
+                    "granularity='per_channel', or exclude those layers"
                 )
         activation, weight = fake_quantize_configs(self.weight_dtype, self.granularity, self.group_size)
         self.targets = {n: candidates[n] for n in names}
