@@ -54,7 +54,9 @@ FP32, OURS, INT_MM, AO = "fp32", "ours (torchao Intx)", "torchao int8 matmul", "
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    parser = harness_arguments("QAT int8 export: CPU inference speed, size and accuracy vs fp32", rounds=4, steps=10, warmup=3)
+    parser = harness_arguments(
+        "QAT int8 export: CPU inference speed, size and accuracy vs fp32", rounds=4, steps=10, warmup=3
+    )
     parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8, help="examples per timed inference batch")
     parser.add_argument("--max-length", type=int, default=128)
@@ -62,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--compile", action="store_true", help="also time the torchao variants under torch.compile")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip part 2 (fine-tuning)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="part 2's model size")
-    parser.add_argument("--train-files", nargs="+", default=None, help="part 2's labelled files (default: embedded Brown)")
+    parser.add_argument(
+        "--train-files", nargs="+", default=None, help="part 2's labelled files (default: embedded Brown)"
+    )
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="genre")
     parser.add_argument("--no-label-map", action="store_true", help="part 2: labels as they are (not BROWN_PROSE)")
@@ -148,16 +152,22 @@ def part1(args: Any) -> dict[str, Any]:
         batch = example_batch(args)
         print(f"\nBERT-{preset}: batch {args.batch_size} x {args.max_length}, {torch.get_num_threads()} threads; "
               f"ours: max |logit| difference converted vs fake-quantized {difference:.1e}")  # fmt: skip
-        variants = [Variant(name, lambda m=model: inference_step(m, batch), seed=args.seed) for name, model in models.items()]
+        variants = [
+            Variant(name, lambda m=model, b=batch: inference_step(m, b), seed=args.seed) for name, model in models.items()
+        ]
         times = interleave(variants, args.rounds, args.steps, args.warmup)
-        table = report(times, baseline=FP32, metric="throughput", work_per_step=args.batch_size * args.max_length, unit="tokens")
+        table = report(
+            times, baseline=FP32, metric="throughput", work_per_step=args.batch_size * args.max_length, unit="tokens"
+        )
         print(f"{'variant':32s} {'saved MB':>9s} {'size ratio':>10s}")
         for name, size in sizes.items():
             print(f"{name:32s} {size / 1e6:9.2f} {sizes[FP32] / size:10.2f}x")
         speed = table["variants"][OURS]["ratio"]  # throughput ratio: > 1 is faster
         size_ratio = sizes[FP32] / sizes[OURS]
         for claim, value, target in (("faster", speed, args.min_speedup), ("smaller", size_ratio, args.min_size_ratio)):
-            print(f"{'PASS' if value >= target else 'FAIL'}: BERT-{preset} ours {value:.2f}x {claim} than fp32 (target >= {target}x)")
+            print(
+                f"{'PASS' if value >= target else 'FAIL'}: BERT-{preset} ours {value:.2f}x {claim} than fp32 (target >= {target}x)"
+            )
         table.update(sizes=sizes, speedup=speed, size_ratio=size_ratio, max_logit_difference=difference)
         results[preset] = table
     return results
@@ -171,7 +181,9 @@ def accuracy(model: BertClassifier, datamodule: TextClassificationDataModule, ar
     return float(metrics["val/accuracy"])
 
 
-def fit(model: BertClassifier, datamodule: TextClassificationDataModule, steps: int, callbacks: list[pl.Callback]) -> float:
+def fit(
+    model: BertClassifier, datamodule: TextClassificationDataModule, steps: int, callbacks: list[pl.Callback]
+) -> float:
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)  # fmt: skip
     trainer.fit(model, datamodule)

@@ -84,7 +84,9 @@ def test_fake_quant_forward_equals_the_written_out_quantize_dequantize(
     torch.manual_seed(0)
     model = OneLinear()
     x = torch.randn(5, 7, 64) * torch.linspace(0.1, 3.0, 7).reshape(1, 7, 1)  # tokens with different ranges
-    qat = QuantizationAwareTraining(weight_dtype, granularity, group_size=group, block_paths=["blocks"], include=["blocks.0"])
+    qat = QuantizationAwareTraining(
+        weight_dtype, granularity, group_size=group, block_paths=["blocks"], include=["blocks.0"]
+    )
     qat.attach(model)
     linear = model.blocks[0]
     plain = F.linear(x, linear.weight, linear.bias)
@@ -233,7 +235,10 @@ def test_pruned_weights_stay_zero_through_fake_quant_and_conversion(mlm_data: ML
     ("kwargs", "message"),
     [
         ({"weight_dtype": "int2"}, "weight_dtype='int2' is unknown; choose one of: 'int8', 'int4'"),
-        ({"granularity": "per_tensor"}, "granularity='per_tensor' is unknown; choose one of: 'per_channel', 'per_group'"),
+        (
+            {"granularity": "per_tensor"},
+            "granularity='per_tensor' is unknown; choose one of: 'per_channel', 'per_group'",
+        ),
         ({"group_size": 1}, "group_size=1 must be >= 2"),
         ({"start_step": -1}, "start_step=-1 must be >= 0"),
         ({"start_step": 5, "freeze_step": 3}, "freeze_step=3 must be >= 5"),
@@ -249,8 +254,11 @@ def test_group_size_that_does_not_divide_a_width_fails_before_training(mlm_data:
     qat = QuantizationAwareTraining(weight_dtype="int4", granularity="per_group", group_size=16)
     model = tiny_mlm(mlm_data)  # FFN width 37: the FFN output layer's input width
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigurationError, match=r"group_size=16 does not divide the input width 37 of .*output\.dense "
-                       r"\(3 layers affected; the target widths are \[32, 37\]\): no group size divides them all"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"group_size=16 does not divide the input width 37 of .*output\.dense "
+        r"\(3 layers affected; the target widths are \[32, 37\]\): no group size divides them all",
+    ):
         quiet_trainer(max_steps=2, callbacks=[qat]).fit(model, mlm_data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -267,7 +275,9 @@ def test_a_start_step_after_the_run_fails_before_training(mlm_data: MLMDataModul
 
 
 def test_patterns_that_match_nothing_and_models_without_blocks_fail(mlm_data: MLMDataModule) -> None:
-    with pytest.raises(NoTargetModulesError, match=r"include pattern '\*\.nothing' matches no Linear module of BertMLM"):
+    with pytest.raises(
+        NoTargetModulesError, match=r"include pattern '\*\.nothing' matches no Linear module of BertMLM"
+    ):
         QuantizationAwareTraining(include=["*.nothing"]).attach(tiny_mlm(mlm_data))
     with pytest.raises(NoTargetModulesError, match=r"exclude pattern '\*\.nope' matches no Linear module"):
         QuantizationAwareTraining(exclude=["*.nope"]).attach(tiny_mlm(mlm_data))

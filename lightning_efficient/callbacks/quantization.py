@@ -84,7 +84,7 @@ WEIGHTS_FILE = "quantized_model.pt"
 def _torchao() -> Any:
     """Import torchao, or fail naming the extra that installs it."""
     try:
-        import torchao.quantization  # noqa: F401
+        import torchao.quantization
     except ImportError:  # pragma: no cover - depends on the environment
         raise ConfigurationError(
             'QuantizationAwareTraining needs torchao: pip install "lightning-efficient[quant]" (or torchao>=0.18)'
@@ -98,7 +98,9 @@ def _dtype(weight_dtype: str) -> torch.dtype:
     return {"int8": torch.int8, "int4": torch.int4}[weight_dtype]
 
 
-def fake_quantize_configs(weight_dtype: str = "int8", granularity: str = "per_channel", group_size: int = 32) -> tuple[Any, Any]:
+def fake_quantize_configs(
+    weight_dtype: str = "int8", granularity: str = "per_channel", group_size: int = 32
+) -> tuple[Any, Any]:
     """torchao's fake-quantization configs ``(activation, weight)`` of the scheme.
 
     Activations: int8, per token, asymmetric, dynamic. Weights: ``weight_dtype``, symmetric, per
@@ -118,9 +120,13 @@ def fake_quantize_configs(weight_dtype: str = "int8", granularity: str = "per_ch
     check_choice("granularity", granularity, GRANULARITIES)
     activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False, scale_precision=None)
     if granularity == "per_channel":
-        weight = IntxFakeQuantizeConfig(_dtype(weight_dtype), "per_channel", mapping_type=MappingType.SYMMETRIC, scale_precision=None)
+        weight = IntxFakeQuantizeConfig(
+            _dtype(weight_dtype), "per_channel", mapping_type=MappingType.SYMMETRIC, scale_precision=None
+        )
     else:
-        weight = IntxFakeQuantizeConfig(_dtype(weight_dtype), group_size=group_size, mapping_type=MappingType.SYMMETRIC, scale_precision=None)
+        weight = IntxFakeQuantizeConfig(
+            _dtype(weight_dtype), group_size=group_size, mapping_type=MappingType.SYMMETRIC, scale_precision=None
+        )
     return activation, weight
 
 
@@ -129,7 +135,9 @@ def _embedding_configs() -> tuple[Any, Any]:
     from torchao.quantization import MappingType
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
-    return None, IntxFakeQuantizeConfig(torch.int8, "per_channel", mapping_type=MappingType.SYMMETRIC, scale_precision=None)
+    return None, IntxFakeQuantizeConfig(
+        torch.int8, "per_channel", mapping_type=MappingType.SYMMETRIC, scale_precision=None
+    )
 
 
 def _embedding_base_config() -> Any:
@@ -143,7 +151,9 @@ def _base_config(weight_dtype: str, granularity: str, group_size: int) -> Any:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
 
     weight_granularity = PerAxis(0) if granularity == "per_channel" else PerGroup(group_size)
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=_dtype(weight_dtype), weight_granularity=weight_granularity)
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=_dtype(weight_dtype), weight_granularity=weight_granularity
+    )
 
 
 class _FakeQuantizers(nn.Module):
@@ -291,14 +301,20 @@ class QuantizationAwareTraining(Technique):
         candidates = self._candidates(pl_module)
         names = self._match(list(candidates), owner)
         if not names:
-            raise NoTargetModulesError(f"{owner}: no {'/'.join(self.module_types)} module left to quantize after exclude")
+            raise NoTargetModulesError(
+                f"{owner}: no {'/'.join(self.module_types)} module left to quantize after exclude"
+            )
         if self.granularity == "per_group":
             bad = {n: candidates[n].in_features for n in names if candidates[n].in_features % self.group_size}
             if bad:
                 widths = sorted({candidates[n].in_features for n in names})
                 name, width = next(iter(bad.items()))
                 divisors = [d for d in range(2, widths[0] + 1) if all(w % d == 0 for w in widths)]
-                fix = f"a group size that divides them all ({divisors[-6:]})" if divisors else "no group size divides them all"
+                fix = (
+                    f"a group size that divides them all ({divisors[-6:]})"
+                    if divisors
+                    else "no group size divides them all"
+                )
                 raise ConfigurationError(
                     f"group_size={self.group_size} does not divide the input width {width} of {name} "
                     f"({len(bad)} layers affected; the target widths are {widths}): {fix}; or use "
@@ -333,12 +349,16 @@ class QuantizationAwareTraining(Technique):
         quantizers.release()
         return output
 
-    def _embedding_forward(self, quantizers: _FakeQuantizers, table: nn.Embedding, forward: Any, ids: torch.Tensor) -> torch.Tensor:
+    def _embedding_forward(
+        self, quantizers: _FakeQuantizers, table: nn.Embedding, forward: Any, ids: torch.Tensor
+    ) -> torch.Tensor:
         if not self.active:
             return forward(ids)
         weight = quantizers.weight(table.weight)
         quantizers.release()
-        return F.embedding(ids, weight, table.padding_idx, table.max_norm, table.norm_type, table.scale_grad_by_freq, table.sparse)
+        return F.embedding(
+            ids, weight, table.padding_idx, table.max_norm, table.norm_type, table.scale_grad_by_freq, table.sparse
+        )
 
     @property
     def frozen(self) -> bool:
@@ -382,7 +402,9 @@ class QuantizationAwareTraining(Technique):
         self._pending_frozen = {}
         self.active = trainer.global_step >= self.start_step
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         self.active = step >= self.start_step
         if self.freeze_step is not None and step >= self.freeze_step and not self.frozen:
@@ -424,7 +446,11 @@ def export(model: nn.Module, qat: QuantizationAwareTraining) -> dict[str, Any]:
     config = _base_config(qat.weight_dtype, qat.granularity, qat.group_size)
     dynamic = set(names) - set(frozen)
     quantize_(model, config, filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Linear))
-    quantize_(model, _embedding_base_config(), filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Embedding))
+    quantize_(
+        model,
+        _embedding_base_config(),
+        filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Embedding),
+    )
     for name, saved in frozen.items():  # torchao's conversion would measure the scales anew: use the held ones
         linear = model.get_submodule(name)
         table = isinstance(linear, nn.Embedding)
@@ -496,12 +522,18 @@ def load_quantized(path: str | Path) -> nn.Module:
     chosen = set(scheme["modules"])
     config = _base_config(scheme["weight_dtype"], scheme["granularity"], scheme["group_size"])
     quantize_(model, config, filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Linear))
-    quantize_(model, _embedding_base_config(), filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Embedding))
+    quantize_(
+        model,
+        _embedding_base_config(),
+        filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Embedding),
+    )
     state = torch.load(path / WEIGHTS_FILE, weights_only=True)  # torchao registers its tensors as safe
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tensors = model.state_dict()
     loaded = {tensor.data_ptr() for key, tensor in tensors.items() if key in state}
     untied = [key for key in missing if tensors[key].data_ptr() not in loaded]
     if untied or unexpected:
-        raise ConfigurationError(f"{path}: the saved weights do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigurationError(
+            f"{path}: the saved weights do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.eval()  # not re-tied: a quantized embedding table and its float output head stay apart, as saved
