@@ -28,6 +28,7 @@ from lightning_efficient.callbacks import (
     MagnitudePruning,
     ProgressiveStacking,
     QuantizationAwareTraining,
+    TokenDropping,
     load_pruned,
     load_quantized,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "Technique",
     "TensorParallelStrategy",
     "TextClassificationDataModule",
+    "TokenDropping",
     "Translation",
     "TrustRatioMonitor",
     "TranslationDataModule",

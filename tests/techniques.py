@@ -32,10 +32,12 @@ from lightning_efficient import (
     TranslationDataModule,
     ViTClassifier,
 )
-from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
+from lightning_efficient.callbacks import ImportanceSampling, LayerDrop, ProgressiveStacking
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_efficient.callbacks.pruning import MagnitudePruning
 from lightning_efficient.callbacks.quantization import QuantizationAwareTraining
+from lightning_efficient.callbacks.token_dropping import TokenDropping
+from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.optim.lr_scaling import LRScaling
 from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 from lightning_efficient.technique import Technique
@@ -177,6 +179,21 @@ trainer:
         build=lambda: QuantizationAwareTraining(start_step=3, freeze_step=5, strict_schedule=False),
         yaml=(TECHNIQUE_CONFIGS / "qat_int8.yaml").read_text(),
         interrupt_at=(2, 3, 5, 6),  # before the switch, at it, at the freeze (scales from the checkpoint), after
+    ),
+    TechniqueCase(
+        id="importance_sampling",  # 3 of each pool of 8 (ViT: 16), sampled on every step (the tiny models' tau is ~1.00)
+        build=lambda: ImportanceSampling(batch_size=3, tau_threshold=0.5, seed=3),
+        yaml=(TECHNIQUE_CONFIGS / "importance_sampling.yaml").read_text(),
+        interrupt_at=(1, 3, 4, 6),
+    ),
+    TechniqueCase(
+        id="token_dropping",  # tiny BERT's block 1 on 40% -> 80% of the 33 tokens (14 -> 27), linearly over steps 0-6
+        build=lambda: TokenDropping(keep_fraction=0.4, final_keep_fraction=0.8, schedule_steps=6, seed=3),
+        yaml=(TECHNIQUE_CONFIGS / "token_dropping.yaml").read_text(),
+        families=("bert",),  # only BertMLM reports its predicted positions
+        interrupt_at=(3, 4, 6, 7),  # mid-schedule (mid-epoch, epoch end), at its end, after it
+        unsupported=lambda: Translation(vocab_size=500, preset="tiny", max_length=40),
+        expected_error=ConfigurationError,
     ),
 ]
 

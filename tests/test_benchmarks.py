@@ -181,6 +181,8 @@ SCRIPTS = {
     "pruning_overhead": ([], {"variants", "passed"}),
     "pruning_vs_lightning": (["--epoch-steps", "2", "--train-steps", "4", "--val-batches", "1", "--after-resume", "1",
                               "--sparsities", "0.5"], {"resume", "overhead", "accuracy", "passed", "lightning_loses"}),
+    "token_dropping": (["--train-steps", "4", "--val-every", "2", "--val-batches", "1"],
+                       {"timing", "final", "verdicts", "flops_ratio", "layers"}),
 }
 
 
@@ -217,3 +219,21 @@ def test_quantization_script_smoke_run(harness, user_files, tmp_path):
     assert tiny["max_logit_difference"] <= 1e-6  # converted equals fake-quantized
     assert tiny["sizes"]["ours (torchao Intx)"] < tiny["sizes"]["fp32"]
     assert set(result["accuracy"]) >= {"accuracy_fp32", "accuracy_qat_int8", "accuracy_ptq_int8", "qat_drop_points"}
+
+
+def test_importance_sampling_script_smoke_run(harness, user_files, tmp_path):
+    args = ["--preset", "tiny", "--train-steps", "3", "--val-every", "2", "--val-batches", "1", "--vocab-size", "300",
+            "--max-length", "17", "--batch-size", "4", "--image-batch-size", "8", "--train-files", user_files["jsonl"],
+            "--text-column", "sentence", "--label-column", "category", "--json", str(tmp_path / "result.json")]  # fmt: skip
+    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
+    try:
+        result = load("importance_sampling").main(args)
+    finally:
+        torch.set_num_threads(threads)
+        logging.getLogger("lightning.pytorch").setLevel(level)
+        sys.modules.pop("importance_sampling", None)
+    assert set(result["tasks"]) == {"genre", "fashion"}
+    for entry in result["tasks"].values():
+        assert entry["always"]["sampled_fraction"] == 1.0  # tau_threshold 0: every step sampled
+        assert entry["always"]["speedup_estimate"] is not None and entry["importance"]["threshold"] == 2.0  # (3b + 3b) / 3b
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))

@@ -15,6 +15,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
+from lightning_efficient.callbacks.importance_sampling import (
+    cross_entropy_gradient_norms,
+    importance_weighted_loss,
+    is_importance_batch,
+    row_gradient_norms,
+)
 from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS, CHECKPOINT_KEY
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
 from lightning_efficient.models.base import EfficientModule, require_argument
@@ -130,6 +136,11 @@ class BertMLM(EfficientModule):
 
     needs_tokenizer = True
 
+    #: While :meth:`masked_logits` runs the encoder: ``(B, T)`` bool, True where the loss predicts
+    #: (``labels != -100``); None otherwise. :class:`~lightning_efficient.callbacks.TokenDropping`
+    #: reads it to never drop those positions.
+    predicted_positions: torch.Tensor | None = None
+
     def __init__(
         self,
         vocab_size: int | None = None,
@@ -170,12 +181,15 @@ class BertMLM(EfficientModule):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, V)`` and targets ``(M,)`` at the ``M`` positions where ``labels != -100``."""
-        if not self.hparams.head_on_masked_only:
-            logits = self(input_ids, attention_mask)  # (B, T, V)
-            keep = labels != -100
-            return logits[keep], labels[keep]
-        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         keep = labels != -100
+        self.predicted_positions = keep  # (B, T): what a token-dropping technique must keep
+        try:
+            if not self.hparams.head_on_masked_only:
+                logits = self(input_ids, attention_mask)  # (B, T, V)
+                return logits[keep], labels[keep]
+            hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        finally:
+            self.predicted_positions = None
         return self.model.cls(hidden[keep]), labels[keep]  # (M, V): the head sees masked positions only
 
     def _step(
@@ -188,8 +202,45 @@ class BertMLM(EfficientModule):
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         return F.cross_entropy(logits.float(), targets), logits, targets
 
+    def _importance_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_step`` for a batch of :class:`~lightning_efficient.callbacks.ImportanceSampling`: the weighted token mean."""
+        if "mlm_labels" in batch:  # the masks the examples were scored with
+            masked, labels = batch["mlm_input_ids"], batch["mlm_labels"]
+        else:
+            masked, labels = mask_tokens(
+                batch["input_ids"], batch["attention_mask"], self.mask_generator, self.hparams.vocab_size,
+                self.hparams.mlm_probability,
+            )  # fmt: skip
+        logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
+        rows, examples = (labels != -100).nonzero()[:, 0], labels.shape[0]
+        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        loss = importance_weighted_loss(
+            token_losses.new_zeros(examples).index_add(0, rows, token_losses),
+            batch,
+            tokens=torch.bincount(rows, minlength=examples),
+            scores=lambda: row_gradient_norms(logits, targets, rows, examples),
+        )
+        return loss, logits, targets
+
+    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per example, the gradient-norm bound of its summed MLM token losses (for importance sampling).
+
+        Draws the examples' masks (stored in the batch as ``mlm_input_ids`` / ``mlm_labels``, so the
+        training step trains the drawn examples with the masks they were scored with).
+        """
+        masked, labels = mask_tokens(
+            batch["input_ids"], batch["attention_mask"], self.mask_generator, self.hparams.vocab_size,
+            self.hparams.mlm_probability,
+        )  # fmt: skip
+        batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+        logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
+        return row_gradient_norms(logits, targets, (labels != -100).nonzero()[:, 0], labels.shape[0])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits, targets = self._step(batch, self.mask_generator)
+        if is_importance_batch(batch):
+            loss, logits, targets = self._importance_step(batch)
+        else:
+            loss, logits, targets = self._step(batch, self.mask_generator)
         self.log("train/loss", loss, prog_bar=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # The argmax over the vocabulary costs ~1% of a BERT-small step: only on steps that are logged.
@@ -373,9 +424,19 @@ class BertClassifier(EfficientModule):
         """Class logits, ``(B, num_labels)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per example, the gradient-norm bound of its loss (for importance sampling)."""
+        return cross_entropy_gradient_norms(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        if is_importance_batch(batch):
+            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            loss = importance_weighted_loss(
+                losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, batch["labels"])
+            )
+        else:
+            loss = F.cross_entropy(logits.float(), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
         return loss

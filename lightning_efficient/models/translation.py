@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torchmetrics.text import SacreBLEUScore
 from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, PreTrainedModel
 
+from lightning_efficient.callbacks.importance_sampling import (
+    cross_entropy_gradient_norms,
+    importance_weighted_loss,
+    is_importance_batch,
+)
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.models.base import EfficientModule, require_argument
@@ -153,8 +158,31 @@ class Translation(EfficientModule):
         )
         return self.require_tokenizer().decode_batch(output.tolist(), skip_special_tokens=True)
 
+    def importance_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per pair, the gradient-norm bound of its summed target-token losses (for importance sampling)."""
+        logits = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return cross_entropy_gradient_norms(logits, batch["labels"], token_mean=False)
+
+    def _importance_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of a batch of :class:`~lightning_efficient.callbacks.ImportanceSampling`."""
+        labels = batch["labels"]
+        logits = self(batch["input_ids"], batch["attention_mask"], labels)
+        token_losses = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none",
+            label_smoothing=self.hparams.label_smoothing,
+        )  # fmt: skip
+        return importance_weighted_loss(
+            token_losses.sum(-1),
+            batch,
+            tokens=(labels != -100).sum(-1),
+            scores=lambda: cross_entropy_gradient_norms(logits, labels, token_mean=False),
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch, self.hparams.label_smoothing)
+        if is_importance_batch(batch):
+            loss = self._importance_loss(batch)
+        else:
+            loss = self._loss(batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
+from lightning_efficient.callbacks.importance_sampling import (
+    cross_entropy_gradient_norms,
+    importance_weighted_loss,
+    is_importance_batch,
+)
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.models.base import EfficientModule, require_argument
 from lightning_efficient.models.presets import resolve_size
@@ -99,9 +104,19 @@ class ViTClassifier(EfficientModule):
         """Class logits ``(B, num_labels)`` of images ``(B, C, H, W)``."""
         return self.model(pixel_values=pixel_values).logits
 
+    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per image, the gradient-norm bound of its loss (for importance sampling)."""
+        return cross_entropy_gradient_norms(self(batch["pixel_values"]), batch["labels"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["pixel_values"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        if is_importance_batch(batch):
+            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            loss = importance_weighted_loss(
+                losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, batch["labels"])
+            )
+        else:
+            loss = F.cross_entropy(logits.float(), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
         return loss
