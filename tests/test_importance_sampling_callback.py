@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -348,6 +349,19 @@ def test_importance_weighted_loss_hands_over_the_scores_only_when_asked() -> Non
     importance_weighted_loss(losses, quiet, scores=lambda: pytest.fail("scored without a request"))
     assert quiet == {}
     assert variance_reduction(batch[SCORES_KEY]) > 1 and tau_threshold(12, 4) == 2.0
+
+
+def test_a_draw_trims_the_pools_padding_to_its_longest_kept_row() -> None:
+    lengths = [3, 4, 2, 9, 3, 4]  # the pool is padded to 9 by one long row
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
+    for seed in range(6):
+        batch = {"input_ids": torch.randint(5, 50, (6, 9)) * mask, "attention_mask": mask.clone(), "labels": torch.arange(6)}
+        technique = ImportanceSampling(batch_size=2, tau_threshold=1e9, seed=seed)  # uniform draws
+        technique.on_train_batch_start(SimpleNamespace(global_rank=0), UserTransformer(), batch, 0)  # type: ignore[arg-type]
+        kept = batch["labels"].tolist()
+        longest = max(lengths[i] for i in kept)
+        assert batch["attention_mask"].shape == batch["input_ids"].shape == (2, longest)
+        assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([lengths[i] for i in kept]))  # nothing real cut
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.technique import Technique, check_range
 
 __all__ = [
+    "PADDED_KEYS",
     "SCORES_KEY",
     "SCORE_REQUEST_KEY",
     "WEIGHTS_KEY",
@@ -85,6 +86,9 @@ WEIGHTS_KEY = "importance_weights"
 SCORE_REQUEST_KEY = "importance_score_request"
 #: Batch key under which :func:`importance_weighted_loss` leaves the scores asked for.
 SCORES_KEY = "importance_scores"
+#: Batch keys of ``(N, T)`` tensors aligned with ``attention_mask`` (the package's text batches, and
+#: the masks BertMLM scored with): trimmed to the longest kept row after a draw.
+PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mlm_input_ids", "mlm_labels")
 
 
 @torch.no_grad()
@@ -264,13 +268,29 @@ def _rows(batch: MutableMapping[str, Any]) -> int:
 
 
 def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: int) -> None:
-    """Keep the rows ``indices`` of every tensor (and list) of the batch that has ``pool`` rows, in place."""
+    """Keep the rows ``indices`` of every tensor (and list) of the batch that has ``pool`` rows, in place.
+
+    The pool was padded to its longest sequence: the tensors of :data:`PADDED_KEYS` then lose the
+    trailing columns that are padding in every kept row (``attention_mask`` 0), so the trained
+    batch costs what a batch of its own would.
+    """
     positions = indices.tolist()
     for key, value in list(batch.items()):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == pool:
             batch[key] = value[indices.to(value.device)]
         elif isinstance(value, (list, tuple)) and len(value) == pool:
             batch[key] = type(value)(value[i] for i in positions)
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+        return
+    used = mask.ne(0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    if length == mask.shape[1]:
+        return
+    for key in PADDED_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == mask.shape:
+            batch[key] = value[:, :length]
 
 
 class ImportanceSampling(Technique):
