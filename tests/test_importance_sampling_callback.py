@@ -355,7 +355,11 @@ def test_a_draw_trims_the_pools_padding_to_its_longest_kept_row() -> None:
     lengths = [3, 4, 2, 9, 3, 4]  # the pool is padded to 9 by one long row
     mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
     for seed in range(6):
-        batch = {"input_ids": torch.randint(5, 50, (6, 9)) * mask, "attention_mask": mask.clone(), "labels": torch.arange(6)}
+        batch = {
+            "input_ids": torch.randint(5, 50, (6, 9)) * mask,
+            "attention_mask": mask.clone(),
+            "labels": torch.arange(6),
+        }
         technique = ImportanceSampling(batch_size=2, tau_threshold=1e9, seed=seed)  # uniform draws
         technique.on_train_batch_start(SimpleNamespace(global_rank=0), UserTransformer(), batch, 0)  # type: ignore[arg-type]
         kept = batch["labels"].tolist()
