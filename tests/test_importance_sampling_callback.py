@@ -366,6 +366,16 @@ def test_a_draw_trims_the_pools_padding_to_its_longest_kept_row() -> None:
         longest = max(lengths[i] for i in kept)
         assert batch["attention_mask"].shape == batch["input_ids"].shape == (2, longest)
         assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([lengths[i] for i in kept]))  # nothing real cut
+    targets = torch.tensor([[7] * n + [-100] * (6 - n) for n in (2, 6, 3, 1)])  # translation labels, padded to 6
+    batch = {"input_ids": torch.ones(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5), "labels": targets}
+    ImportanceSampling(batch_size=2, tau_threshold=1e9, seed=0).on_train_batch_start(
+        SimpleNamespace(global_rank=0),
+        UserTransformer(),
+        batch,
+        0,  # type: ignore[arg-type]
+    )
+    longest = int((batch["labels"] != -100).sum(1).max())
+    assert batch["labels"].shape == (2, longest) and batch["input_ids"].shape == (2, 5)
 
 
 # -- bad input -----------------------------------------------------------------------------------

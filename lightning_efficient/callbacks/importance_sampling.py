@@ -271,7 +271,8 @@ def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: i
     """Keep the rows ``indices`` of every tensor (and list) of the batch that has ``pool`` rows, in place.
 
     The pool was padded to its longest sequence: the tensors of :data:`PADDED_KEYS` then lose the
-    trailing columns that are padding in every kept row (``attention_mask`` 0), so the trained
+    trailing columns that are padding in every kept row (``attention_mask`` 0), and ``(N, T)``
+    integer ``labels`` those that are -100 in every kept row (translation targets), so the trained
     batch costs what a batch of its own would.
     """
     positions = indices.tolist()
@@ -280,6 +281,15 @@ def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: i
             batch[key] = value[indices.to(value.device)]
         elif isinstance(value, (list, tuple)) and len(value) == pool:
             batch[key] = type(value)(value[i] for i in positions)
+    labels = batch.get("labels")
+    if (
+        isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and labels.shape[1] > 0
+        and not labels.is_floating_point()
+    ):
+        used = labels.ne(-100).any(dim=0).nonzero()  # sequence targets (translation): -100 is padding
+        batch["labels"] = labels[:, : int(used.max()) + 1 if used.numel() else labels.shape[1]].contiguous()
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
         return
@@ -290,7 +300,7 @@ def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: i
     for key in PADDED_KEYS:
         value = batch.get(key)
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == mask.shape:
-            batch[key] = value[:, :length]
+            batch[key] = value[:, :length].contiguous()
 
 
 class ImportanceSampling(Technique):
