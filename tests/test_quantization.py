@@ -53,6 +53,14 @@ def reference_activation(x: torch.Tensor) -> torch.Tensor:
     return (q - zero_point) * scale
 
 
+def reference_symmetric_activation(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """int8 symmetric, per tensor or per token: max |x| onto half the int range, codes clamped to [-128, 127]."""
+    high = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+    scale = (high / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    q = torch.round(x * (1.0 / scale)).clamp(-128, 127)
+    return q * scale
+
+
 def reference_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Symmetric per group of ``group`` columns (group = width: per channel): max |w| onto half the int range."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -61,6 +69,14 @@ def reference_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     scale = (g.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).eps)
     q = torch.round(g * (1.0 / scale)).clamp(qmin, qmax)
     return (q * scale).reshape(rows, cols)
+
+
+def reference_weight_codes(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """The unclamped integer codes of :func:`reference_weight`."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    scale = (g.abs().amax(dim=-1, keepdim=True) / ((2**bits - 1) / 2)).clamp(min=torch.finfo(torch.float32).eps)
+    return torch.round(g * (1.0 / scale)).reshape(rows, cols)
 
 
 class OneLinear(nn.Module):
@@ -75,30 +91,57 @@ class OneLinear(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("weight_dtype", "granularity", "bits", "group"),
-    [("int8", "per_channel", 8, 64), ("int4", "per_group", 4, 16), ("int8", "per_group", 8, 32)],
+    ("weight_dtype", "granularity", "activations", "bits", "group"),
+    [
+        ("int8", "per_channel", "per_tensor", 8, 64),
+        ("int8", "per_channel", "per_token", 8, 64),
+        ("int8", "per_channel", "asymmetric_per_token", 8, 64),
+        ("int4", "per_group", "asymmetric_per_token", 4, 16),
+        ("int8", "per_group", "asymmetric_per_token", 8, 32),
+    ],
 )
 def test_fake_quant_forward_equals_the_written_out_quantize_dequantize(
-    weight_dtype: str, granularity: str, bits: int, group: int
+    weight_dtype: str, granularity: str, activations: str, bits: int, group: int
 ) -> None:
     torch.manual_seed(0)
     model = OneLinear()
     x = torch.randn(5, 7, 64) * torch.linspace(0.1, 3.0, 7).reshape(1, 7, 1)  # tokens with different ranges
+    x.requires_grad_(True)
     qat = QuantizationAwareTraining(
-        weight_dtype, granularity, group_size=group, block_paths=["blocks"], include=["blocks.0"]
-    )
+        weight_dtype, granularity, group_size=group, activations=activations, block_paths=["blocks"],
+        include=["blocks.0"],
+    )  # fmt: skip
     qat.attach(model)
     linear = model.blocks[0]
     plain = F.linear(x, linear.weight, linear.bias)
     qat.active = False
     assert torch.equal(model(x), plain)  # off: the plain layer
     qat.active = True
-    expected = F.linear(reference_activation(x), reference_weight(linear.weight, bits, group), linear.bias)
+    if activations == "asymmetric_per_token":
+        x_fq = reference_activation(x)
+    else:
+        x_fq = reference_symmetric_activation(x, per_token=activations == "per_token")
+    w_fq = reference_weight(linear.weight, bits, group)
+    expected = F.linear(x_fq, w_fq, linear.bias)
     got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-4)  # quantization really happened
-    got.sum().backward()  # straight-through: the weight gradient is the one of the dequantized weight
+    got.sum().backward()  # straight-through: the gradients are those of the linear map of the quantized values
     assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+    if activations != "asymmetric_per_token":  # torchao's asymmetric quantizer zeroes the gradient of clipped codes
+        torch.testing.assert_close(x.grad, w_fq.detach().sum(0).expand_as(x), rtol=1e-5, atol=1e-6)
+    # torchao's weight quantizer passes the gradient where the code is in range: a row's largest positive weight
+    # lands on 127.5 and clamps to 127, so it gets none
+    codes = reference_weight_codes(linear.weight.detach(), bits, group)
+    in_range = (codes >= -(2 ** (bits - 1))) & (codes <= 2 ** (bits - 1) - 1)
+    expected_grad = (torch.ones(5 * 7, 24).t() @ x_fq.detach().reshape(-1, 64)) * in_range
+    torch.testing.assert_close(linear.weight.grad, expected_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_default_activations_follow_the_weights() -> None:
+    assert QuantizationAwareTraining().activations == "per_tensor"
+    assert QuantizationAwareTraining("int4", "per_group").activations == "asymmetric_per_token"
+    assert QuantizationAwareTraining("int8", "per_group").activations == "asymmetric_per_token"
 
 
 # -- the switch, the freeze, resume-relevant state ---------------------------------------------
@@ -150,12 +193,20 @@ def test_validate_and_predict_runs_are_fake_quantized(mlm_data: MLMDataModule) -
 
 
 # -- conversion, files ----------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"weight_dtype": "int4", "granularity": "per_group", "group_size": 8}, {"freeze": True}, {"embeddings": True}],
-    ids=["int8_per_channel", "int4_per_group", "int8_frozen_scales", "with_embeddings"],
-)
+CONVERSIONS = {
+    "int8_per_tensor": {},
+    "int8_per_token": {"activations": "per_token"},
+    "int8_asymmetric_per_token": {"activations": "asymmetric_per_token"},
+    "int4_per_group": {"weight_dtype": "int4", "granularity": "per_group", "group_size": 8},
+    "int8_frozen_scales": {"freeze": True},
+    "int8_asymmetric_frozen_scales": {"freeze": True, "activations": "asymmetric_per_token"},
+    "with_embeddings": {"embeddings": True},
+}
+
+
+@pytest.mark.parametrize("kwargs", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
 def test_converted_model_equals_fake_quant_and_loads_back(kwargs: dict[str, Any], tmp_path: Path) -> None:
+    kwargs = dict(kwargs)
     freeze = kwargs.pop("freeze", False)
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=100, num_labels=3, preset="tiny", ffn_size=48).eval()
@@ -172,19 +223,24 @@ def test_converted_model_equals_fake_quant_and_loads_back(kwargs: dict[str, Any]
     mask = torch.ones_like(ids)
     with torch.no_grad():
         fake = model.model(input_ids=ids, attention_mask=mask).logits
+        fake_weights = {n: qat._quantizers[n].weight(m.weight) for n, m in qat.targets.items()}
     report = export(model, qat)
     assert report["converted"] == 18 + 3 * qat.embeddings and not qat.is_applied  # word, position, type tables
+    kind = "Int8Tensor" if qat.activations in ("per_tensor", "per_token") else "IntxUnpackedToInt8Tensor"
     weight = model.model.bert.encoder.layer[1].intermediate.dense.weight
-    assert type(weight.data).__name__ == "IntxUnpackedToInt8Tensor" and weight.qdata.dtype == torch.int8
+    assert type(weight.data).__name__ == kind and weight.qdata.dtype == torch.int8
+    for name, expected in fake_weights.items():  # the integer codes and scales are those training saw
+        torch.testing.assert_close(model.get_submodule(name).weight.dequantize(), expected, rtol=0, atol=0)
     with torch.no_grad():
         converted = model.model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-6)
+    # the same codes; the int8 product is exact where the fake-quantized float one rounds
+    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-5)
     save_quantized(model, tmp_path / "int8", report)
-    loaded = load_quantized(tmp_path / "int8")
+    loaded = load_quantized(tmp_path / "int8", compile=False)
     with torch.no_grad():
         again = loaded(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(again, converted, rtol=0, atol=0)
-    assert type(loaded.bert.encoder.layer[0].output.dense.weight.data).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(loaded.bert.encoder.layer[0].output.dense.weight.data).__name__ == kind
     assert type(loaded.classifier.weight.data) is torch.Tensor  # the head stays float
     table = type(loaded.bert.embeddings.word_embeddings.weight.data).__name__
     assert table == ("IntxUnpackedToInt8Tensor" if qat.embeddings else "Tensor")
@@ -192,6 +248,28 @@ def test_converted_model_equals_fake_quant_and_loads_back(kwargs: dict[str, Any]
     float_bytes = 4 * sum(p.numel() for p in loaded.parameters())
     # int8 blocks and tables; at this tiny size biases, LayerNorms, scales and the head weigh a lot
     assert float_bytes / size > (1.5 if qat.embeddings else 1.05)
+
+
+def test_compiled_int8_model_equals_the_eager_one_at_every_shape(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=100, num_labels=3, preset="tiny", ffn_size=48).eval()
+    qat = QuantizationAwareTraining(embeddings=True)
+    qat.attach(model)
+    save_quantized(model, tmp_path / "int8", export(model, qat))
+    eager = load_quantized(tmp_path / "int8", compile=False)
+    fast = load_quantized(tmp_path / "int8")  # compiled: int8 kernels under inductor's freezing
+    assert type(fast) is type(eager) and fast.config.num_labels == 3  # the HF model, attributes and all
+    with torch.inference_mode():
+        for shape in [(4, 11), (3, 7), (5, 13)]:  # the second shape recompiles with dynamic shapes
+            ids = torch.randint(0, 100, shape)
+            mask = torch.ones_like(ids)
+            mask[0, shape[1] // 2 :] = 0  # padding too
+            torch.testing.assert_close(
+                fast(input_ids=ids, attention_mask=mask).logits,
+                eager(input_ids=ids, attention_mask=mask).logits,
+                rtol=1e-4,
+                atol=1e-4,
+            )
 
 
 def test_translation_both_stacks_are_quantized(tmp_path: Path) -> None:
@@ -208,7 +286,7 @@ def test_translation_both_stacks_are_quantized(tmp_path: Path) -> None:
         fake = model.model(input_ids=src, decoder_input_ids=tgt).logits
         report = export(model, qat)
         converted = model.model(input_ids=src, decoder_input_ids=tgt).logits
-    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-6)
+    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-5)
     assert report["converted"] == len(report["modules"]) > 20
 
 
@@ -240,6 +318,15 @@ def test_pruned_weights_stay_zero_through_fake_quant_and_conversion(mlm_data: ML
             "granularity='per_tensor' is unknown; choose one of: 'per_channel', 'per_group'",
         ),
         ({"group_size": 1}, "group_size=1 must be >= 2"),
+        (
+            {"activations": "per_channel"},
+            "activations='per_channel' is unknown; choose one of: 'per_tensor', 'per_token', 'asymmetric_per_token'",
+        ),
+        (
+            {"weight_dtype": "int4", "granularity": "per_group", "activations": "per_tensor"},
+            "activations='per_tensor' converts to torchao's Int8Tensor, which holds int8 weights per channel only, "
+            "not weight_dtype='int4' with granularity='per_group'; use activations='asymmetric_per_token'",
+        ),
         ({"start_step": -1}, "start_step=-1 must be >= 0"),
         ({"start_step": 5, "freeze_step": 3}, "freeze_step=3 must be >= 5"),
         ({"module_types": ()}, "module_types=() must name at least one module class"),
