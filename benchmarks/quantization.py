@@ -11,18 +11,22 @@ Part 1, for each ``--presets`` shape (a ``BertClassifier``'s HF model, random we
 do not depend on the values), times one classification of a fixed batch under
 ``torch.inference_mode`` for these variants, interleaved in rounds by ``benchmarks/harness.py``:
 
-- ``fp32``: the model as it is (the baseline);
-- ``ours (torchao Intx)``: :func:`~lightning_efficient.callbacks.quantization.export` of a
-  ``QuantizationAwareTraining(embeddings=True)`` model: torchao's conversion of the QAT scheme
-  (``Int8DynamicActivationIntxWeightConfig``, int8 weights per channel, plus int8 embedding tables);
-  outputs equal to the fake-quantized model's;
-- ``torchao int8 matmul``: torchao's ``Int8DynamicActivationInt8WeightConfig`` on the same layers
-  (int8 x int8 matrix products through ``torch._int_mm``), torchao's other CPU int8 path;
+- ``fp32``: the model as it is, eager (the baseline);
+- ``fp32, compiled``: the same under ``torch.compile`` with freezing (what compiling alone gains);
+- ``ours int8``: :func:`~lightning_efficient.callbacks.quantization.export` of a
+  ``QuantizationAwareTraining(embeddings=True)`` model (int8 inputs symmetric per tensor, int8
+  weights per channel: torchao's ``Int8Tensor``; int8 embedding tables), then
+  :func:`~lightning_efficient.callbacks.quantization.compile_quantized`: the claim;
+- ``ours int8, eager``: the same without compiling (torchao's eager int8 layers);
+- ``ours int8 per token``: ``activations="per_token"``, compiled;
+- ``ours Intx (asymmetric per token)``: ``activations="asymmetric_per_token"`` (torchao's
+  ``IntxUnpackedToInt8Tensor``, the edge-runtime layout), compiled;
 - ``torch.ao quantize_dynamic``: the deprecated ``torch.ao.quantization.quantize_dynamic`` (fbgemm
-  kernels, per-tensor activations) on every Linear, the baseline the issue asks for;
-- with ``--compile``, also each torchao variant under ``torch.compile``.
+  kernels, eager) on every Linear, the baseline the issue asks for.
 
 The saved size is the bytes of ``torch.save(state_dict)`` (ours: :func:`save_quantized`'s files).
+Also reported: the largest logit difference of ours, converted vs fake-quantized and compiled vs
+eager.
 
 Part 2 (skip with ``--skip-accuracy``): a BERT-small classifier trains ``--prefix-steps`` fp32 steps,
 then two continuations of ``--qat-steps`` steps from the same weights: fp32, and QAT (fake
@@ -47,10 +51,16 @@ import torch
 from harness import Variant, harness_arguments, interleave, report, setup, write_json
 
 from lightning_efficient import BROWN_PROSE, BertClassifier, TextClassificationDataModule
-from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, export, save_quantized
+from lightning_efficient.callbacks.quantization import (
+    QuantizationAwareTraining,
+    compile_quantized,
+    export,
+    save_quantized,
+)
 from lightning_efficient.models.presets import PRESETS
 
-FP32, OURS, INT_MM, AO = "fp32", "ours (torchao Intx)", "torchao int8 matmul", "torch.ao quantize_dynamic"
+FP32, FP32_COMPILED, OURS, OURS_EAGER = "fp32", "fp32, compiled", "ours int8", "ours int8, eager"
+PER_TOKEN, INTX, AO = "ours int8 per token", "ours Intx (asymmetric per token)", "torch.ao quantize_dynamic"
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -61,7 +71,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per timed inference batch")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=30522)
-    parser.add_argument("--compile", action="store_true", help="also time the torchao variants under torch.compile")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip part 2 (fine-tuning)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="part 2's model size")
     parser.add_argument(
@@ -85,10 +94,6 @@ def saved_bytes(state: dict[str, Any]) -> int:
     return buffer.tell()
 
 
-def block_linears(module: torch.nn.Module, name: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and ".encoder.layer." in f".{name}"
-
-
 def inference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     def step() -> None:
         with torch.inference_mode():
@@ -97,46 +102,52 @@ def inference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> An
     return step
 
 
-def build_variants(preset: str, args: Any) -> tuple[dict[str, torch.nn.Module], dict[str, int], float]:
-    """The models of part 1, their saved sizes, and ours' max |logit difference| to its fake-quantized model."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, quantize_
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**batch).logits
 
+
+def exported(module: BertClassifier, activations: str, batch: dict[str, torch.Tensor]) -> tuple[Any, int, float]:
+    """``module``'s HF model through QAT (embeddings too) and :func:`export`: the eager int8 model, its saved
+    bytes, and its max |logit difference| to the fake-quantized model."""
+    module = copy.deepcopy(module)
+    qat = QuantizationAwareTraining(activations=activations, embeddings=True)
+    qat.attach(module)
+    qat.active = True
+    fake = logits(module.model, batch)
+    result = export(module, qat)
+    difference = float((logits(module.model, batch) - fake).abs().max())
+    with tempfile.TemporaryDirectory() as directory:
+        save_quantized(module, directory, result)
+        size = sum(f.stat().st_size for f in Path(directory).iterdir())
+    return module.model, size, difference
+
+
+def build_variants(preset: str, args: Any) -> tuple[dict[str, torch.nn.Module], dict[str, int], dict[str, float]]:
+    """The models of part 1, their saved sizes, and ours' max |logit differences| (converted vs fake-quantized,
+    compiled vs eager)."""
     torch.manual_seed(args.seed)
     module = BertClassifier(vocab_size=args.vocab_size, num_labels=2, preset=preset, max_length=args.max_length).eval()
     fp32 = module.model
     batch = example_batch(args)
     models: dict[str, torch.nn.Module] = {FP32: fp32}
     sizes = {FP32: saved_bytes(fp32.state_dict())}
+    models[FP32_COMPILED] = compile_quantized(copy.deepcopy(fp32))  # the same compile options, on fp32
 
-    ours_module = copy.deepcopy(module)
-    qat = QuantizationAwareTraining(embeddings=True)
-    qat.attach(ours_module)
-    qat.active = True
-    with torch.inference_mode():
-        fake = ours_module.model(**batch).logits
-    result = export(ours_module, qat)
-    with torch.inference_mode():
-        difference = float((ours_module.model(**batch).logits - fake).abs().max())
-    with tempfile.TemporaryDirectory() as directory:
-        save_quantized(ours_module, directory, result)
-        sizes[OURS] = sum(f.stat().st_size for f in Path(directory).iterdir())
-    models[OURS] = ours_module.model
-
-    int_mm = copy.deepcopy(fp32)
-    config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC, granularity=PerRow())
-    quantize_(int_mm, config, filter_fn=block_linears)
-    models[INT_MM], sizes[INT_MM] = int_mm, saved_bytes(int_mm.state_dict())
+    differences: dict[str, float] = {}
+    for name, activations in ((OURS, "per_tensor"), (PER_TOKEN, "per_token"), (INTX, "asymmetric_per_token")):
+        eager, sizes[name], differences[f"{name}: converted vs fake-quantized"] = exported(module, activations, batch)
+        if name == OURS:
+            models[OURS_EAGER] = eager
+        models[name] = compile_quantized(copy.deepcopy(eager))
+        difference = (logits(models[name], batch) - logits(eager, batch)).abs().max()
+        differences[f"{name}: compiled vs eager"] = float(difference)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
     models[AO], sizes[AO] = ao, saved_bytes(ao.state_dict())
-    if args.compile:
-        for name in (OURS, INT_MM):
-            compiled = copy.deepcopy(models[name])
-            compiled.compile()
-            models[f"{name}, compiled"] = compiled
-    return models, sizes, difference
+    return models, sizes, differences
 
 
 def example_batch(args: Any) -> dict[str, torch.Tensor]:
@@ -148,12 +159,14 @@ def example_batch(args: Any) -> dict[str, torch.Tensor]:
 def part1(args: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for preset in args.presets:
-        models, sizes, difference = build_variants(preset, args)
+        models, sizes, differences = build_variants(preset, args)
         batch = example_batch(args)
-        print(f"\nBERT-{preset}: batch {args.batch_size} x {args.max_length}, {torch.get_num_threads()} threads; "
-              f"ours: max |logit| difference converted vs fake-quantized {difference:.1e}")  # fmt: skip
+        print(f"\nBERT-{preset}: batch {args.batch_size} x {args.max_length}, {torch.get_num_threads()} threads")
+        for label, difference in differences.items():
+            print(f"  max |logit difference|, {label}: {difference:.1e}")
         variants = [
-            Variant(name, lambda m=model, b=batch: inference_step(m, b), seed=args.seed) for name, model in models.items()
+            Variant(name, lambda m=model, b=batch: inference_step(m, b), seed=args.seed)
+            for name, model in models.items()
         ]
         times = interleave(variants, args.rounds, args.steps, args.warmup)
         table = report(
@@ -168,7 +181,10 @@ def part1(args: Any) -> dict[str, Any]:
             print(
                 f"{'PASS' if value >= target else 'FAIL'}: BERT-{preset} ours {value:.2f}x {claim} than fp32 (target >= {target}x)"
             )
-        table.update(sizes=sizes, speedup=speed, size_ratio=size_ratio, max_logit_difference=difference)
+        compiled_speed = speed / table["variants"][FP32_COMPILED]["ratio"]
+        print(f"ours vs fp32 compiled the same way: {compiled_speed:.2f}x")
+        table.update(sizes=sizes, speedup=speed, speedup_vs_compiled_fp32=compiled_speed, size_ratio=size_ratio,
+                     max_logit_differences=differences)  # fmt: skip
         results[preset] = table
     return results
 

@@ -324,8 +324,10 @@ def test_pruned_weights_stay_zero_through_fake_quant_and_conversion(mlm_data: ML
         ),
         (
             {"weight_dtype": "int4", "granularity": "per_group", "activations": "per_tensor"},
-            "activations='per_tensor' converts to torchao's Int8Tensor, which holds int8 weights per channel only, "
-            "not weight_dtype='int4' with granularity='per_group'; use activations='asymmetric_per_token'",
+            (
+                "activations='per_tensor' converts to torchao's Int8Tensor, which holds int8 weights per channel "
+                "only, not weight_dtype='int4' with granularity='per_group'; use activations='asymmetric_per_token'"
+            ),
         ),
         ({"start_step": -1}, "start_step=-1 must be >= 0"),
         ({"start_step": 5, "freeze_step": 3}, "freeze_step=3 must be >= 5"),
@@ -381,3 +383,26 @@ def test_held_scales_of_layers_this_run_does_not_quantize_are_refused(mlm_data: 
     narrower.load_state_dict(state)
     with pytest.raises(ConfigurationError, match="the checkpoint holds held weight scales of"):
         quiet_trainer(max_steps=2, callbacks=[narrower]).fit(tiny_mlm(mlm_data), mlm_data)
+
+
+# -- the config fragments ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "scheme"),
+    [
+        ("qat_int8", ("int8", "per_channel", "per_tensor")),
+        ("qat_int4_weights", ("int4", "per_group", "asymmetric_per_token")),
+    ],
+)
+def test_fragment_loads_through_the_cli(
+    name: str, scheme: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_efficient.cli import EfficientCLI
+
+    configs = Path(__file__).parents[1] / "configs"
+    fragment = configs / "techniques" / f"{name}.yaml"
+    assert f"-c configs/techniques/{name}.yaml" in fragment.read_text()  # the command it documents
+    monkeypatch.chdir(tmp_path)
+    cli = EfficientCLI(args=["-c", str(configs / "bert" / "small_classify_prose.yaml"), "-c", str(fragment)], run=False)
+    (qat,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizationAwareTraining)]
+    assert len(cli.trainer.callbacks) > 2, "the fragment must append to the config's callbacks"
+    assert (qat.weight_dtype, qat.granularity, qat.activations) == scheme

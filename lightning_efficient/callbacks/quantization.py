@@ -667,7 +667,12 @@ def load_quantized(path: str | Path, compile: bool = True) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path)
     model = getattr(transformers, scheme["architecture"])(config)
     chosen = set(scheme["modules"])
-    config = _base_config(scheme["weight_dtype"], scheme["granularity"], scheme["group_size"], scheme.get("activations", "asymmetric_per_token"))
+    config = _base_config(
+        scheme["weight_dtype"],
+        scheme["granularity"],
+        scheme["group_size"],
+        scheme.get("activations", "asymmetric_per_token"),
+    )
     quantize_(model, config, filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Linear))
     quantize_(
         model,
