@@ -3,6 +3,7 @@ conversion equal to fake quantization, save/load, composition with pruning, bad 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning_efficient.callbacks.pruning import MagnitudePruning
 from lightning_efficient.callbacks.pruning import export as export_pruning
 from lightning_efficient.callbacks.quantization import (
     QuantizationAwareTraining,
+    compile_quantized,
     export,
     load_quantized,
     save_quantized,
@@ -288,6 +290,21 @@ def test_translation_both_stacks_are_quantized(tmp_path: Path) -> None:
         converted = model.model(input_ids=src, decoder_input_ids=tgt).logits
     torch.testing.assert_close(converted, fake, rtol=0, atol=1e-5)
     assert report["converted"] == len(report["modules"]) > 20
+
+
+def test_compiled_translation_model_still_generates_the_eager_tokens() -> None:
+    torch.manual_seed(0)
+    model = Translation(vocab_size=120, preset="tiny", ffn_size=40).eval()
+    qat = QuantizationAwareTraining()
+    qat.attach(model)
+    export(model, qat)
+    eager = model.model
+    fast = compile_quantized(copy.deepcopy(eager))  # keeps generate(): only forward is compiled
+    src = torch.randint(3, 120, (2, 9))
+    with torch.inference_mode():
+        expected = eager.generate(input_ids=src, max_new_tokens=4, num_beams=1, do_sample=False)
+        got = fast.generate(input_ids=src, max_new_tokens=4, num_beams=1, do_sample=False)
+    assert torch.equal(got, expected)
 
 
 # -- composition with pruning ---------------------------------------------------------------
