@@ -17,17 +17,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_efficient.architectures import BlockArchitecture, architecture_of, registered_block_classes
 from lightning_efficient.errors import NoTargetModulesError
 
 __all__ = [
-    "BlockStack",
     "KNOWN_STACKS",
     "SKIP_PRIORITY",
+    "BlockStack",
+    "Priority",
     "block_hidden_states",
     "find_block_stacks",
     "passthrough_output",
@@ -142,6 +145,7 @@ def find_block_stacks(model: nn.Module, paths: Sequence[str] | None = None) -> l
             role = "decoder" if getattr(module, "is_decoder", False) else "encoder"
         path = f"{name}.{attribute}" if name else attribute
         stacks.append(BlockStack(path, role, type(module).__name__, blocks, module, attribute))
+    stacks += _registered_stacks(model, {id(stack.blocks) for stack in stacks})
     if not stacks:
         raise NoTargetModulesError(
             f"found no Transformer block stack in {type(model).__name__}: searched its modules for "
@@ -151,10 +155,53 @@ def find_block_stacks(model: nn.Module, paths: Sequence[str] | None = None) -> l
     return stacks
 
 
+def _registered_stacks(model: nn.Module, found: set[int]) -> list[BlockStack]:
+    """Lists of blocks whose class a user described with ``register_architecture`` (not yet ``found``)."""
+    classes = registered_block_classes()
+    if not classes:
+        return []
+    stacks = []
+    for name, module in model.named_modules():
+        if not name or id(module) in found or not isinstance(module, (nn.ModuleList, nn.Sequential)) or not len(module):
+            continue
+        if all(isinstance(block, classes) for block in module):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            cross = any(a.cross for a in (architecture_of(module[0]) or BlockArchitecture()).attentions)
+            stacks.append(
+                BlockStack(name, "decoder" if cross else "encoder", type(module[0]).__name__, module, parent, attribute)
+            )
+    return stacks
+
+
 # -- wrapping a block's forward ----------------------------------------------------------------
-#: Priority of wrappers that decide whether a block runs at all (LayerDrop, ProgressiveStacking):
-#: outermost, so a skipped block is neither run nor checkpointed nor otherwise wrapped.
-SKIP_PRIORITY = 100
+class Priority(IntEnum):
+    """The one order of every forward wrapper of the package: a higher value is further out.
+
+    A wrapper further out decides whether the ones inside it run at all. Read from the outside in:
+
+    - ``TOKEN_DROP`` (110): TokenDropping routes a subset of the tokens into the block, so what
+      runs inside (skipping, checkpointing, quantization) sees only the kept tokens.
+    - ``SKIP`` (100): LayerDrop and ProgressiveStacking decide whether the block runs; a skipped
+      block is neither run, nor checkpointed, nor otherwise wrapped.
+    - ``CHECKPOINT`` (50): ActivationCheckpointing recomputes everything inside it in backward.
+    - ``QUANTIZE`` (10): QuantizationAwareTraining replaces a Linear's matmul (innermost).
+
+    A new technique that wraps a forward takes its place in this list, here, with a reason.
+
+    Example:
+        >>> sorted(Priority, reverse=True)[0].name, Priority.SKIP > Priority.CHECKPOINT > Priority.QUANTIZE
+        ('TOKEN_DROP', True)
+    """
+
+    QUANTIZE = 10
+    CHECKPOINT = 50
+    SKIP = 100
+    TOKEN_DROP = 110
+
+
+#: Priority of wrappers that decide whether a block runs at all (kept for code written before :class:`Priority`).
+SKIP_PRIORITY = Priority.SKIP
 
 #: Keyword names under which blocks take their hidden states (HF layers, ``nn.Transformer*Layer``).
 HIDDEN_KEYWORDS = ("hidden_states", "src", "tgt", "x")
@@ -198,13 +245,13 @@ class _WrapperHandle:
                 chain.block.forward = chain.previous
 
 
-def wrap_forward(block: nn.Module, wrapper: ForwardWrapper, priority: int) -> _WrapperHandle:
+def wrap_forward(block: nn.Module, wrapper: ForwardWrapper, priority: int | Priority) -> _WrapperHandle:
     """Route ``block``'s forward through ``wrapper(forward, *args, **kwargs)``; undo with ``.remove()``.
 
     The block's class, parameters and checkpoint keys do not change (the wrapper lives in the
     instance's ``forward`` attribute). Several techniques may wrap one block: the wrapper with the
-    higher ``priority`` is further out and decides whether the inner ones run at all (skipping
-    techniques use :data:`SKIP_PRIORITY`). Handles may be removed in any order.
+    higher ``priority`` is further out and decides whether the inner ones run at all (take it
+    from :class:`Priority`). Handles may be removed in any order.
 
     Example:
         >>> block = nn.Linear(2, 2)
@@ -237,7 +284,9 @@ def block_hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.
     for name in HIDDEN_KEYWORDS:
         if isinstance(kwargs.get(name), torch.Tensor):
             return kwargs[name]
-    raise TypeError(f"cannot find the hidden states of a block call: no tensor first argument or keyword in {HIDDEN_KEYWORDS}")
+    raise TypeError(
+        f"cannot find the hidden states of a block call: no tensor first argument or keyword in {HIDDEN_KEYWORDS}"
+    )
 
 
 def _returns_tuple(block: nn.Module) -> bool:

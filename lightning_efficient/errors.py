@@ -1,12 +1,33 @@
-"""Errors raised by lightning_efficient before any training starts.
+"""Errors raised by lightning_efficient before any training starts, and the validators that raise them.
 
-Every error names the bad value and what is allowed, so a user can fix a YAML file
-without reading our source.
+Every error names the bad value and what is allowed, so a user can fix a YAML file without
+reading our source. Techniques, models, data modules and strategies validate their arguments with
+the functions here (:func:`check_choice`, :func:`check_range`, :func:`check_int`,
+:func:`check_patterns`), so one kind of mistake reads the same everywhere.
+
+Example:
+    >>> check_int("every", 0, low=1)
+    Traceback (most recent call last):
+    ...
+    lightning_efficient.errors.ConfigurationError: every=0 must be an integer >= 1
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "DataError", "CheckpointMismatchError", "NoTargetModulesError"]
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ConfigurationError",
+    "DataError",
+    "NoTargetModulesError",
+    "check_choice",
+    "check_int",
+    "check_patterns",
+    "check_range",
+]
 
 
 class ConfigurationError(ValueError):
@@ -33,3 +54,109 @@ class NoTargetModulesError(ConfigurationError):
 
     Techniques raise it instead of silently doing nothing.
     """
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else fail naming both.
+
+    Example:
+        >>> check_choice("schedule", "cubic", ("cubic", "linear"))
+        'cubic'
+        >>> check_choice("schedule", "cubc", ("cubic", "linear"))
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: schedule='cubc' is unknown; choose one of: 'cubic', 'linear'
+    """
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigurationError(f"{name}={value!r} is unknown; choose one of: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> Any:
+    """Return ``value`` if it is a finite number within the bounds, else fail naming the range.
+
+    Example:
+        >>> check_range("drop_rate", 0.5, low=0.0, high=1.0, high_inclusive=False)
+        0.5
+        >>> check_range("drop_rate", 1.0, low=0.0, high=1.0, high_inclusive=False)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: drop_rate=1.0 must lie in [0.0, 1.0)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name}={value!r} must be a finite number")
+    too_low = low is not None and (value < low or (value == low and not low_inclusive))
+    too_high = high is not None and (value > high or (value == high and not high_inclusive))
+    if too_low or too_high:
+        if low is not None and high is not None:
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+            raise ConfigurationError(f"{name}={value!r} must lie in {bounds}")
+        if low is not None:
+            raise ConfigurationError(f"{name}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
+        raise ConfigurationError(f"{name}={value!r} must be {'<=' if high_inclusive else '<'} {high}")
+    return value
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, optional: bool = False) -> Any:
+    """Return ``value`` if it is an ``int`` (not a bool) within ``[low, high]``, else fail naming the range.
+
+    Args:
+        name: The argument's name, as the user spells it.
+        value: The value given.
+        low: Smallest allowed value (None: no bound).
+        high: Largest allowed value (None: no bound).
+        optional: Also accept None (and return it).
+
+    Example:
+        >>> check_int("frequency", 3, low=1), check_int("end_step", None, optional=True)
+        (3, None)
+        >>> check_int("frequency", 2.5, low=1)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: frequency=2.5 must be an integer >= 1
+    """
+    if value is None and optional:
+        return None
+    bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+    if low is not None and high is not None:
+        wanted = f"an integer in [{low}, {high}]"
+    else:
+        wanted = " ".join(["an integer", *[b for b in bounds if b]])
+    wanted += " or None" if optional else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name}={value!r} must be {wanted}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigurationError(f"{name}={value!r} must be {wanted}")
+    return value
+
+
+def check_patterns(name: str, value: Any, optional: bool = True) -> list[str] | None:
+    """Return ``value`` as a list of non-empty strings (name patterns), else fail saying what is expected.
+
+    A single string is refused (a YAML ``include: "*.query"`` is one pattern, not a list of
+    characters): write it as a list.
+
+    Example:
+        >>> check_patterns("include", ["*.query", "*.value"]), check_patterns("exclude", None)
+        (['*.query', '*.value'], None)
+        >>> check_patterns("include", "*.query")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: include='*.query' must be a list of name patterns, e.g. ['*.query']
+    """
+    if value is None and optional:
+        return None
+    example = f"[{value!r}]" if isinstance(value, str) and value else "['*.attention.*']"
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ConfigurationError(f"{name}={value!r} must be a list of name patterns, e.g. {example}")
+    if not all(isinstance(pattern, str) and pattern for pattern in value):
+        raise ConfigurationError(f"{name}={list(value)!r} must hold only non-empty strings (name patterns)")
+    return list(value)

@@ -47,8 +47,7 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -56,7 +55,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.errors import ConfigurationError, check_choice, check_range
 
 __all__ = [
     "Technique",
@@ -74,55 +73,6 @@ CALLBACK_HOOKS: frozenset[str] = frozenset(
 
 #: Types a technique's state may hold besides tensors, at any depth (``weights_only`` loadable).
 PLAIN_TYPES = (bool, int, float, str, type(None))
-
-
-def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
-    """Return ``value`` if it is one of ``allowed``, else fail naming both.
-
-    Example:
-        >>> check_choice("schedule", "cubic", ("cubic", "linear"))
-        'cubic'
-        >>> check_choice("schedule", "cubc", ("cubic", "linear"))
-        Traceback (most recent call last):
-        ...
-        lightning_efficient.errors.ConfigurationError: schedule='cubc' is unknown; choose one of: 'cubic', 'linear'
-    """
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigurationError(f"{name}={value!r} is unknown; choose one of: {', '.join(map(repr, allowed))}")
-    return value
-
-
-def check_range(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> Any:
-    """Return ``value`` if it is a finite number within the bounds, else fail naming the range.
-
-    Example:
-        >>> check_range("drop_rate", 0.5, low=0.0, high=1.0, high_inclusive=False)
-        0.5
-        >>> check_range("drop_rate", 1.0, low=0.0, high=1.0, high_inclusive=False)
-        Traceback (most recent call last):
-        ...
-        lightning_efficient.errors.ConfigurationError: drop_rate=1.0 must lie in [0.0, 1.0)
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{name}={value!r} must be a finite number")
-    too_low = low is not None and (value < low or (value == low and not low_inclusive))
-    too_high = high is not None and (value > high or (value == high and not high_inclusive))
-    if too_low or too_high:
-        if low is not None and high is not None:
-            bounds = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-            raise ConfigurationError(f"{name}={value!r} must lie in {bounds}")
-        if low is not None:
-            raise ConfigurationError(f"{name}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
-        raise ConfigurationError(f"{name}={value!r} must be {'<=' if high_inclusive else '<'} {high}")
-    return value
 
 
 def check_plain_state(state: Any, owner: str, where: str = "state") -> None:
@@ -147,7 +97,9 @@ def check_plain_state(state: Any, owner: str, where: str = "state") -> None:
     if isinstance(state, dict):
         for key, item in state.items():
             if not isinstance(key, (str, int)):
-                raise TypeError(f"{owner}: {where} has a key {key!r} of type {type(key).__name__}; keys must be str or int")
+                raise TypeError(
+                    f"{owner}: {where} has a key {key!r} of type {type(key).__name__}; keys must be str or int"
+                )
             check_plain_state(item, owner, f"{where}[{key!r}]")
         return
     raise TypeError(
@@ -266,7 +218,8 @@ class Technique(Callback):
         implemented = {  # hooks the subclass (or a parent below Technique) overrides
             name
             for name in CALLBACK_HOOKS
-            if getattr(cls, name) is not getattr(Callback, name) and getattr(cls, name) is not getattr(Technique, name, None)
+            if getattr(cls, name) is not getattr(Callback, name)
+            and getattr(cls, name) is not getattr(Technique, name, None)
         }
         declared = set(cls.hooks)
         unknown = declared - CALLBACK_HOOKS

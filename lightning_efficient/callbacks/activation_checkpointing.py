@@ -80,7 +80,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_efficient.blocks import BlockStack, find_block_stacks, wrap_forward
+from lightning_efficient.blocks import BlockStack, Priority, find_block_stacks, wrap_forward
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 from lightning_efficient.technique import Technique
 
@@ -88,7 +88,7 @@ __all__ = ["CHECKPOINT_PRIORITY", "ActivationCheckpointing", "disable_hf_cache",
 
 #: Priority of the checkpoint wrapper on a block's forward: below the skipping techniques'
 #: ``SKIP_PRIORITY`` (100), so a skipped block is never checkpointed or recomputed.
-CHECKPOINT_PRIORITY = 50
+CHECKPOINT_PRIORITY = Priority.CHECKPOINT
 
 
 def select_blocks(

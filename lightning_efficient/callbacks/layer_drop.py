@@ -43,7 +43,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_efficient.blocks import SKIP_PRIORITY, block_hidden_states, find_block_stacks, passthrough_output, wrap_forward
+from lightning_efficient.blocks import (
+    Priority,
+    block_hidden_states,
+    find_block_stacks,
+    passthrough_output,
+    wrap_forward,
+)
 from lightning_efficient.technique import Technique, check_choice, check_range, check_unused_parameters_allowed
 
 __all__ = ["SCHEDULES", "LayerDrop", "keep_probabilities", "progressive_theta"]
@@ -134,7 +140,7 @@ class LayerDrop(Technique):
         stacks = find_block_stacks(pl_module, self.block_paths)
         self._depths = [len(stack) for stack in stacks]
         return [
-            wrap_forward(block, functools.partial(self._forward, s, i, block), SKIP_PRIORITY)
+            wrap_forward(block, functools.partial(self._forward, s, i, block), Priority.SKIP)
             for s, stack in enumerate(stacks)
             for i, block in enumerate(stack.blocks)
         ]

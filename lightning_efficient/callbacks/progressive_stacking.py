@@ -46,7 +46,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_efficient.blocks import SKIP_PRIORITY, block_hidden_states, find_block_stacks, passthrough_output, wrap_forward
+from lightning_efficient.blocks import (
+    Priority,
+    block_hidden_states,
+    find_block_stacks,
+    passthrough_output,
+    wrap_forward,
+)
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.technique import Technique, check_choice, check_unused_parameters_allowed
 
@@ -218,7 +224,7 @@ class ProgressiveStacking(Technique):
                 )
         self._stacks = [stack.blocks for stack in stacks]
         return [
-            wrap_forward(block, functools.partial(self._forward, i, block), SKIP_PRIORITY)
+            wrap_forward(block, functools.partial(self._forward, i, block), Priority.SKIP)
             for stack in stacks
             for i, block in enumerate(stack.blocks)
         ]

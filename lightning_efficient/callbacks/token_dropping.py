@@ -59,7 +59,7 @@ from torch import nn
 
 from lightning_efficient.blocks import (
     HIDDEN_KEYWORDS,
-    SKIP_PRIORITY,
+    Priority,
     block_hidden_states,
     find_block_stacks,
     wrap_forward,
@@ -80,7 +80,7 @@ __all__ = [
 
 #: Priority of the token-dropping wrappers: outside :data:`~lightning_efficient.blocks.SKIP_PRIORITY`,
 #: so a block that LayerDrop or ProgressiveStacking skips passes the shortened sequence through.
-TOKEN_DROP_PRIORITY = SKIP_PRIORITY + 10
+TOKEN_DROP_PRIORITY = Priority.TOKEN_DROP
 
 #: Keyword names of the attention masks a block may take (HF layers, ``nn.TransformerEncoderLayer``).
 MASK_KEYWORDS = ("attention_mask", "src_key_padding_mask", "src_mask")
