@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_efficient.blocks import find_block_stacks, wrap_forward
+from lightning_efficient.blocks import Priority, find_block_stacks, wrap_forward
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 from lightning_efficient.technique import Technique, check_choice, check_range
 
@@ -98,7 +98,7 @@ GRANULARITIES = ("per_channel", "per_group")
 #: per token (torchao ``IntxUnpackedToInt8Tensor``).
 ACTIVATIONS = ("per_tensor", "per_token", "asymmetric_per_token")
 #: Priority of the fake-quantization wrapper on a Linear's forward: innermost (it replaces the matmul).
-QAT_PRIORITY = 10
+QAT_PRIORITY = Priority.QUANTIZE
 QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "quantized_model.pt"
 
