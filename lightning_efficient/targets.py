@@ -56,6 +56,7 @@ def match_names(
     exclude: Sequence[str] | None = None,
     what: str = "module",
     owner: str = "the model",
+    option: str = "include",
 ) -> list[str]:
     """Filter ``names`` by ``include`` patterns, then ``exclude`` patterns (order kept).
 
@@ -65,6 +66,7 @@ def match_names(
         exclude: Then drop the names matching any of these.
         what: What a name names, for the error (``"Linear module"``, ``"block"``, ``"parameter"``).
         owner: Whose names they are, for the error (the model class).
+        option: The argument's name for ``include`` as the user wrote it (``"names"``, ``"params"``).
 
     Raises:
         NoTargetModulesError: A pattern matches nothing, or nothing is left.
@@ -78,14 +80,14 @@ def match_names(
         lightning_efficient.errors.NoTargetModulesError: no Linear module matched exclude pattern '*.key' among the included ones in Toy; candidates: a.query
     """
     chosen = list(names)
-    include = check_patterns("include", include)
+    include = check_patterns(option, include)
     exclude = check_patterns("exclude", exclude) or []
     if not chosen:
         raise NoTargetModulesError(f"found no {what} in {owner} to choose from")
     for pattern in include or []:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in chosen):
             raise NoTargetModulesError(
-                f"no {what} matched include pattern {pattern!r} in {owner}; candidates: {_shown(chosen)}"
+                f"no {what} matched {option} pattern {pattern!r} in {owner}; candidates: {_shown(chosen)}"
             )
     if include:
         chosen = [name for name in chosen if any(fnmatch.fnmatchcase(name, p) for p in include)]
@@ -125,6 +127,7 @@ def select_blocks(
     exclude: Sequence[str] | None = None,
     every: int = 1,
     block_paths: Sequence[str] | None = None,
+    option: str = "include",
 ) -> dict[str, nn.Module]:
     """The Transformer blocks chosen, by qualified name (``"<stack path>.<index>"``), in model order.
 
@@ -134,6 +137,7 @@ def select_blocks(
         exclude: Patterns of block names to leave out.
         every: Take blocks ``0, every, 2 * every, ...`` of each stack (before the patterns).
         block_paths: Attribute paths of the block lists, for models the locator does not know.
+        option: The name under which the technique takes ``include`` (for the error text).
 
     Raises:
         NoTargetModulesError: No block stack, or a pattern matches no block.
@@ -145,7 +149,7 @@ def select_blocks(
         for index, block in enumerate(stack.blocks)
         if index % every == 0
     }
-    names = match_names(blocks, include, exclude, "Transformer block", type(model).__name__)
+    names = match_names(blocks, include, exclude, "Transformer block", type(model).__name__, option)
     return {name: blocks[name] for name in names}
 
 

@@ -172,7 +172,7 @@ def test_select_blocks_by_every_and_by_name() -> None:
     assert list(select_blocks(stacks, names=["*.layers.1", "*encoder*1", "model.model.encoder.layers.0"])) == [
         "model.model.encoder.layers.0", "model.model.encoder.layers.1", "model.model.decoder.layers.1",
     ]  # fmt: skip
-    unmatched = r"'layers\.1' matches no Transformer block.*model\.model\.encoder\.layers\.0"
+    unmatched = r"no Transformer block matched names pattern 'layers\.1' in the model; candidates: model\.model\.encoder\.layers\.0"
     with pytest.raises(NoTargetModulesError, match=unmatched):
         select_blocks(stacks, names=["layers.1"])  # not a whole-name match
     bert_stacks = find_block_stacks(BertMLM(vocab_size=50, preset="tiny"))
@@ -283,9 +283,9 @@ def test_offload_on_cpu_warns_and_still_checkpoints(user_files: dict[str, str], 
         ({"every": -2}, r"every=-2 must be an integer >= 1"),
         ({"every": 1.5}, r"every=1\.5 must be an integer >= 1"),
         ({"every": True}, r"every=True must be an integer >= 1"),
-        ({"names": []}, r"names=\[\] must be a non-empty list"),
-        ({"names": "*.layer.0"}, r"names='\*\.layer\.0' must be a non-empty list"),
-        ({"names": ["*.0", ""]}, r"must be a non-empty list of non-empty patterns"),
+        ({"names": []}, r"names=\[\] must be a list of name patterns"),
+        ({"names": "*.layer.0"}, r"names='\*\.layer\.0' must be a list of name patterns, e.g. \['\*\.layer\.0'\]"),
+        ({"names": ["*.0", ""]}, r"must hold only non-empty strings"),
         ({"every": 2, "names": ["*.0"]}, r"every=2 and names=\['\*\.0'\] both choose blocks; give one of them"),
     ],
 )
@@ -297,7 +297,7 @@ def test_bad_arguments_fail_in_init(kwargs: dict[str, Any], message: str) -> Non
 def test_a_pattern_matching_nothing_fails_before_training(user_files: dict[str, str], tmp_path: Path) -> None:
     model, dm = tiny_family("bert", user_files)
     fit = trainer([ActivationCheckpointing(names=["*.encoder.layer.0", "*.decoder.*"])], steps=2, root=tmp_path)
-    with pytest.raises(ConfigurationError, match=r"names pattern '\*\.decoder\.\*' matches no Transformer block"):
+    with pytest.raises(ConfigurationError, match=r"no Transformer block matched names pattern '\*\.decoder\.\*' in BertMLM; candidates: model\.bert"):
         fit.fit(model, dm)
     assert fit.global_step == 0
 
@@ -328,3 +328,27 @@ def test_fragment_loads_through_the_cli(name: str, tmp_path: Path, monkeypatch: 
     else:  # on a CPU Lightning turns 16-mixed into bf16-mixed (fp16 needs a GPU)
         expected = "16-mixed" if name == "fp16_mixed" and torch.cuda.is_available() else "bf16-mixed"
         assert cli.trainer.precision == expected
+
+
+def test_a_user_registered_block_is_checkpointed_with_equal_gradients() -> None:
+    from own_block import OwnModel, registered_own_block
+
+    model = OwnModel()
+    batch = next(iter(model.train_dataloader()))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.training_step(batch, 0).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    reference = gradients()
+    with registered_own_block():
+        ac = ActivationCheckpointing(every=2)
+        ac.attach(model)
+        assert ac.selected == ["blocks.0", "blocks.2"]
+        checkpointed = gradients()
+        assert ac.checkpointed_blocks == 2
+        ac.detach(model)
+    assert reference.keys() == checkpointed.keys()
+    for name, grad in reference.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)

@@ -26,8 +26,8 @@ stacks of an encoder-decoder):
   block of a Marian model. Each pattern must match at least one block.
 
 Composition: skipping techniques (LayerDrop, ProgressiveStacking) wrap the blocks further out
-(:data:`~lightning_efficient.blocks.SKIP_PRIORITY`), so a block they skip is neither run nor
-checkpointed nor recomputed. Wrappers with a priority below :data:`CHECKPOINT_PRIORITY` run inside
+(:class:`~lightning_efficient.blocks.Priority`), so a block they skip is neither run nor
+checkpointed nor recomputed. Wrappers with a priority below ``Priority.CHECKPOINT`` run inside
 the checkpoint and therefore twice per step: they must draw their randomness from the global RNG
 (restored for the recompute), not from a generator of their own. Forward hooks of a block run
 outside the checkpoint, once.
@@ -69,7 +69,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -80,14 +79,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_efficient.blocks import BlockStack, Priority, find_block_stacks, wrap_forward
-from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+from lightning_efficient import targets
+from lightning_efficient.blocks import BlockStack, Priority, wrap_forward
+from lightning_efficient.errors import ConfigurationError, check_int, check_patterns
+from lightning_efficient.targets import match_names
 from lightning_efficient.technique import Technique
 
 __all__ = ["CHECKPOINT_PRIORITY", "ActivationCheckpointing", "disable_hf_cache", "select_blocks"]
 
-#: Priority of the checkpoint wrapper on a block's forward: below the skipping techniques'
-#: ``SKIP_PRIORITY`` (100), so a skipped block is never checkpointed or recomputed.
+#: Priority of the checkpoint wrapper (an alias of ``Priority.CHECKPOINT``, below the skipping
+#: techniques' ``Priority.SKIP``), so a skipped block is never checkpointed or recomputed.
 CHECKPOINT_PRIORITY = Priority.CHECKPOINT
 
 
@@ -105,6 +106,7 @@ def select_blocks(
         NoTargetModulesError: A pattern matches no block (the message lists the block names).
 
     Example:
+        >>> from lightning_efficient.blocks import find_block_stacks
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
         >>> stacks = find_block_stacks(nn.TransformerEncoder(layer, num_layers=5, enable_nested_tensor=False))
         >>> list(select_blocks(stacks, every=2))
@@ -112,22 +114,13 @@ def select_blocks(
         >>> list(select_blocks(stacks, names=["*.3", "layers.1"]))
         ['layers.1', 'layers.3']
     """
-    blocks = {f"{stack.path}.{index}": block for stack in stacks for index, block in enumerate(stack.blocks)}
-    if not names:
-        return {
-            f"{stack.path}.{index}": block
-            for stack in stacks
-            for index, block in enumerate(stack.blocks)
-            if index % every == 0
-        }
-    for pattern in names:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in blocks):
-            shown = ", ".join(list(blocks)[:12]) + (", ..." if len(blocks) > 12 else "")
-            raise NoTargetModulesError(
-                f"names pattern {pattern!r} matches no Transformer block; the blocks are: {shown} "
-                "(patterns are fnmatch-style and match the whole name; '*' also matches dots)"
-            )
-    return {name: block for name, block in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in names)}
+    blocks = {
+        f"{stack.path}.{index}": block
+        for stack in stacks
+        for index, block in enumerate(stack.blocks)
+        if names or index % every == 0
+    }
+    return {name: blocks[name] for name in match_names(blocks, names, what="Transformer block", option="names")}
 
 
 class _RestoreCache:
@@ -197,15 +190,10 @@ class ActivationCheckpointing(Technique):
         block_paths: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigurationError(f"every={every!r} must be an integer >= 1")
-        if names is not None:
-            if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
-                raise ConfigurationError(f"names={names!r} must be a non-empty list of non-empty patterns")
-            if every != 1:
-                raise ConfigurationError(
-                    f"every={every} and names={list(names)!r} both choose blocks; give one of them"
-                )
+        every = check_int("every", every, low=1)
+        names = check_patterns("names", names)
+        if names is not None and every != 1:
+            raise ConfigurationError(f"every={every} and names={list(names)!r} both choose blocks; give one of them")
         self.every = every
         self.names = list(names) if names is not None else None
         self.offload = bool(offload)
@@ -214,7 +202,9 @@ class ActivationCheckpointing(Technique):
         self.checkpointed_blocks = 0
 
     def apply(self, pl_module: nn.Module) -> list[Any]:
-        blocks = select_blocks(find_block_stacks(pl_module, self.block_paths), self.every, self.names)
+        blocks = targets.select_blocks(
+            pl_module, self.names, every=self.every, block_paths=self.block_paths, option="names"
+        )
         already = [name for name, block in blocks.items() if getattr(block, "gradient_checkpointing", False)]
         if already:
             raise ConfigurationError(
