@@ -15,7 +15,6 @@ deeper of the encoder's blocks are skipped more often during training), which fi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_efficient import BROWN_PROSE, EfficiencyMonitor, LayerDrop, TextClassificationDataModule
+from lightning_efficient.summary import SUMMARY_FILE, read_summary
 
 
 class SentenceClassifier(pl.LightningModule):
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         callbacks=[LayerDrop(drop_rate=0.2, schedule="linear"), monitor],
     )
     trainer.fit(model, data)
-    summary_path = Path(trainer.log_dir or args.root) / "efficiency.json"
-    return json.loads(summary_path.read_text())
+    return dict(read_summary(Path(trainer.log_dir or args.root) / SUMMARY_FILE))
 
 
 if __name__ == "__main__":

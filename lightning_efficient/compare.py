@@ -8,8 +8,9 @@ run) and draws one PNG (the monitored metric against wall-clock seconds and agai
     lightning-efficient compare runs/bert_small_mlm runs/bert_small_mlm_layer_drop --output compare.png
 
 The functions are pure and usable without the command: :func:`find_summary`, :func:`load_summary`,
-:func:`comparison_rows`, :func:`format_table`, :func:`plot`. The module needs only the standard
-library at import time; matplotlib is imported inside :func:`plot`.
+:func:`comparison_rows`, :func:`format_table`, :func:`plot`. The file's schema (keys, units, version)
+is :mod:`lightning_efficient.summary`. The module needs only the standard library at import time;
+matplotlib is imported inside :func:`plot`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.summary import SCHEMA_VERSION, SUMMARY_FILE, RunSummary, read_summary
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -38,20 +40,6 @@ __all__ = [
     "run_labels",
 ]
 
-SCHEMA_VERSION = 1
-"""The ``version`` of the ``efficiency.json`` schema this module reads."""
-
-SUMMARY_FILE = "efficiency.json"
-"""File name that ``EfficiencyMonitor`` writes into the run's log directory."""
-
-_REQUIRED_KEYS = (
-    "version", "run_name", "device", "precision", "world_size", "steps", "samples", "tokens", "wall_time_s",
-    "train_time_s", "samples_per_s", "tokens_per_s", "flops_per_step", "total_flops", "achieved_flops_per_s",
-    "peak_flops_per_s", "peak_flops_source", "mfu", "peak_memory_bytes", "memory_kind", "monitor", "mode",
-    "target", "final_metrics", "history",
-)  # fmt: skip
-_TARGET_KEYS = ("value", "reached", "step", "wall_time_s", "train_time_s", "tokens")
-_HISTORY_KEYS = ("step", "wall_time_s", "train_time_s", "tokens", "value")
 _MEMORY_KINDS = {
     "cuda_max_allocated": "CUDA max allocated",
     "process_peak_rss": "process peak RSS",
@@ -101,17 +89,21 @@ def find_summary(run_dir: str | Path) -> Path:
     return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
 
 
-def load_summary(path: str | Path) -> dict[str, Any]:
+def load_summary(path: str | Path) -> RunSummary:
     """Read and check one ``efficiency.json`` (schema version :data:`SCHEMA_VERSION`).
+
+    The same as :func:`lightning_efficient.summary.read_summary`, under the name ``compare`` has
+    always had.
 
     Args:
         path: The summary file (see :func:`find_summary` to locate it from a run directory).
 
     Returns:
-        The summary as a dict, unchanged.
+        The summary as a dict, as written (a file without ``version`` gets ``"version": 1``).
 
     Raises:
-        ConfigurationError: The file is not JSON, has another schema version, or lacks required keys.
+        ConfigurationError: (a ``DataError``) The file is not JSON, not a summary, has another
+            schema version, or lacks required keys.
 
     Example:
         >>> import tempfile
@@ -120,38 +112,9 @@ def load_summary(path: str | Path) -> dict[str, Any]:
         >>> load_summary(path)
         Traceback (most recent call last):
         ...
-        lightning_efficient.errors.ConfigurationError: ... has schema version 2; ... reads version 1 only
+        lightning_efficient.errors.DataError: ... has schema version 2; ... reads version 1 only ...
     """
-    try:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigurationError(f"cannot read efficiency summary {str(path)!r}: {error}") from error
-    if not isinstance(summary, dict):
-        raise ConfigurationError(f"efficiency summary {str(path)!r} is not a JSON object")
-    version = summary.get("version")
-    if version != SCHEMA_VERSION:
-        raise ConfigurationError(
-            f"efficiency summary {str(path)!r} has schema version {version!r}; this version of "
-            f"lightning-efficient reads version {SCHEMA_VERSION} only"
-        )
-    missing = [key for key in _REQUIRED_KEYS if key not in summary]
-    target = summary.get("target")
-    if isinstance(target, dict):
-        missing += [f"target.{key}" for key in _TARGET_KEYS if key not in target]
-    elif target is not None:
-        raise ConfigurationError(f"efficiency summary {str(path)!r}: 'target' must be null or an object")
-    if not isinstance(summary.get("final_metrics", {}), dict) or not isinstance(summary.get("history", []), list):
-        raise ConfigurationError(
-            f"efficiency summary {str(path)!r}: 'final_metrics' must be an object and 'history' a list"
-        )
-    for index, point in enumerate(summary.get("history", [])):
-        missing += [f"history[{index}].{key}" for key in _HISTORY_KEYS if key not in point]
-    if missing:
-        raise ConfigurationError(
-            f"efficiency summary {str(path)!r} lacks required keys: {', '.join(missing)} "
-            f"(schema version {SCHEMA_VERSION})"
-        )
-    return summary
+    return read_summary(path)
 
 
 # -- the table -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Model FLOPs of what actually runs: a counter read from tensor shapes, and the analytic formula.
+"""Model FLOPs of what actually runs (a counter read from tensor shapes, the analytic formula) and a device's peak.
 
 :class:`FlopCounter` is a ``torch.overrides.TorchFunctionMode``: while it is active it sees every
 call of the functions that carry nearly all of a Transformer's compute and adds their FLOPs from
@@ -31,13 +31,21 @@ dispatch hides the matmuls inside it (the mode cannot be re-entered for it, see
 ``_multi_head_attention``); reentrant activation checkpointing (``use_reentrant=True``) runs its
 forward under ``no_grad``, so those blocks count ``F`` instead of ``3F`` (the non-reentrant kind,
 the default of transformers' gradient checkpointing, is counted right).
+
+:func:`measure_peak_flops` times a device's matmuls: the peak FLOP/s against which MFU is reported.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
+import platform
+import time
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,9 +54,11 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_efficient.errors import ConfigurationError
 
-__all__ = ["FlopCounter", "count_flops", "transformer_flops"]
+__all__ = ["FlopCounter", "count_flops", "device_name", "measure_peak_flops", "transformer_flops"]
 
 Rule = Callable[[tuple, dict, Any, bool], float]
+_PEAK_CACHE_FILE = "peak_flops.json"
+_PROBE_SECONDS = 1.0
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -348,3 +358,94 @@ def transformer_flops(
         forward += decoder_layers * per_layer
     forward += sum(2.0 * params * tokens for params, tokens in extra_matmuls)
     return 3.0 * forward if training else forward
+
+
+# -- what the device can do: its peak matmul FLOP/s ---------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    """``"cuda: NVIDIA H100 ..."``, ``"cpu: Intel(R) Xeon(R) ..."`` or the device type.
+
+    Example:
+        >>> device_name(torch.device("cpu")).startswith("cpu: ")
+        True
+    """
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        model = platform.processor()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+        except OSError:
+            pass
+        return f"cpu: {model or platform.machine()}"
+    return device.type
+
+
+def _cache_file() -> Path:
+    """``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json`` (default cache ``~/.cache/lightning_efficient``)."""
+    default = Path.home() / ".cache" / "lightning_efficient"
+    return Path(os.environ.get("LIGHTNING_EFFICIENT_CACHE", default)) / _PEAK_CACHE_FILE
+
+
+def _time_matmuls(a: torch.Tensor, calls: int) -> float:
+    _synchronize(a.device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(a, a)
+    _synchronize(a.device)
+    return (time.perf_counter() - start) / calls
+
+
+def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Peak matmul FLOP/s of ``device`` in ``dtype``: the best of a few square matmuls (about 1 s).
+
+    The size is 2048 on a CPU (smaller if one product would take over 0.5 s, as with emulated
+    half precision), 4096 on an accelerator (10 back-to-back products per timing). The result
+    is cached per (device name, threads, dtype) in ``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json``.
+
+    Example:
+        >>> measure_peak_flops("cpu") > 1e8  # measured once, then read from the cache
+        True
+    """
+    device = torch.device(device)
+    key = f"{device_name(device)}|threads={torch.get_num_threads()}|{dtype}".replace("torch.", "")
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached.get(key), (int, float)):
+        return float(cached[key])
+    with torch.no_grad():
+        if device.type == "cpu":
+            probe = torch.randn(256, 256, device=device).to(dtype)
+            _time_matmuls(probe, 1)
+            rate = 2 * 256**3 / max(_time_matmuls(probe, 2), 1e-9)
+            n = next((m for m in (2048, 1024, 512) if 2 * m**3 / rate <= 0.5), 256)  # the probe underrates
+            calls = 1
+        else:
+            n, calls = 4096, 10
+        a = torch.randn(n, n, device=device).to(dtype)
+        best, started = _time_matmuls(a, calls), time.perf_counter()  # the first one warms up
+        for _ in range(5):
+            best = min(best, _time_matmuls(a, calls))
+            if time.perf_counter() - started > _PROBE_SECONDS:
+                break
+    peak = 2 * n**3 / best
+    cached[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(cached, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as err:
+        warnings.warn(f"could not cache the measured peak in {path}: {err}", stacklevel=2)
+    return peak

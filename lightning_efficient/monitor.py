@@ -4,7 +4,7 @@ Every training step the monitor counts the batch's samples and tokens, the model
 actually ran (:class:`~lightning_efficient.flops.FlopCounter` over the step's forward) and the
 step's wall time. It logs rolling figures under ``efficiency/``, records when the monitored
 validation metric first reaches a target, and at the end of ``fit`` logs a summary table and writes
-it as JSON (schema version 1, read by ``lightning-efficient compare``).
+it as JSON (the schema of :mod:`lightning_efficient.summary`, read by ``lightning-efficient compare``).
 
 With several processes each process counts its own share (its batches, its device); the
 summary is rank zero's, with ``world_size`` recorded: global throughput is about
@@ -13,14 +13,11 @@ summary is rank zero's, with ``world_size`` recorded: global throughput is about
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,14 +28,13 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_efficient.errors import ConfigurationError
-from lightning_efficient.flops import FlopCounter
+from lightning_efficient.flops import FlopCounter, _synchronize, device_name, measure_peak_flops
+from lightning_efficient.summary import SCHEMA_VERSION, SUMMARY_FILE, RunSummary, format_summary, write_summary
 
 __all__ = ["EfficiencyMonitor", "batch_counts", "measure_peak_flops"]
 
 MODES = ("min", "max")
-SUMMARY_VERSION = 1
-_PEAK_CACHE_FILE = "peak_flops.json"
-_PROBE_SECONDS = 1.0
+SUMMARY_VERSION = SCHEMA_VERSION  # the name before summary.py held the schema
 
 
 def batch_counts(batch: Any) -> tuple[int, int | torch.Tensor]:
@@ -87,90 +83,6 @@ def _count(value: torch.Tensor) -> int | torch.Tensor:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def device_name(device: torch.device) -> str:
-    """``"cuda: NVIDIA H100 ..."``, ``"cpu: Intel(R) Xeon(R) ..."`` or the device type."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        model = platform.processor()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as handle:
-                model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-        except OSError:
-            pass
-        return f"cpu: {model or platform.machine()}"
-    return device.type
-
-
-def _cache_file() -> Path:
-    """``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json`` (default cache ``~/.cache/lightning_efficient``)."""
-    default = Path.home() / ".cache" / "lightning_efficient"
-    return Path(os.environ.get("LIGHTNING_EFFICIENT_CACHE", default)) / _PEAK_CACHE_FILE
-
-
-def _time_matmuls(a: torch.Tensor, calls: int) -> float:
-    _synchronize(a.device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        torch.mm(a, a)
-    _synchronize(a.device)
-    return (time.perf_counter() - start) / calls
-
-
-def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Peak matmul FLOP/s of ``device`` in ``dtype``: the best of a few square matmuls (about 1 s).
-
-    The size is 2048 on a CPU (smaller if one product would take over 0.5 s, as with emulated
-    half precision), 4096 on an accelerator (10 back-to-back products per timing). The result
-    is cached per (device name, threads, dtype) in ``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json``.
-
-    Example:
-        >>> measure_peak_flops("cpu") > 1e8  # measured once, then read from the cache
-        True
-    """
-    device = torch.device(device)
-    key = f"{device_name(device)}|threads={torch.get_num_threads()}|{dtype}".replace("torch.", "")
-    path = _cache_file()
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cached = {}
-    if isinstance(cached.get(key), (int, float)):
-        return float(cached[key])
-    with torch.no_grad():
-        if device.type == "cpu":
-            probe = torch.randn(256, 256, device=device).to(dtype)
-            _time_matmuls(probe, 1)
-            rate = 2 * 256**3 / max(_time_matmuls(probe, 2), 1e-9)
-            n = next((m for m in (2048, 1024, 512) if 2 * m**3 / rate <= 0.5), 256)  # the probe underrates
-            calls = 1
-        else:
-            n, calls = 4096, 10
-        a = torch.randn(n, n, device=device).to(dtype)
-        best, started = _time_matmuls(a, calls), time.perf_counter()  # the first one warms up
-        for _ in range(5):
-            best = min(best, _time_matmuls(a, calls))
-            if time.perf_counter() - started > _PROBE_SECONDS:
-                break
-    peak = 2 * n**3 / best
-    cached[key] = peak
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(cached, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as err:
-        warnings.warn(f"could not cache the measured peak in {path}: {err}", stacklevel=2)
-    return peak
 
 
 def _autocast_dtype(precision: str) -> torch.dtype:
@@ -275,7 +187,8 @@ class EfficiencyMonitor(pl.Callback):
         summary_file: Name of the JSON summary written at the end of ``fit``.
 
     Attributes:
-        summary: The summary of the last ``fit`` (the dict written as JSON); None before one ends.
+        summary: The summary of the last ``fit`` (the dict written as JSON, a
+            :class:`~lightning_efficient.summary.RunSummary`); None before one ends.
         last_step: ``samples``, ``tokens`` and ``flops`` of the latest training batch.
         counter: The :class:`~lightning_efficient.flops.FlopCounter` of the step's forward.
 
@@ -301,7 +214,7 @@ class EfficiencyMonitor(pl.Callback):
         mode: str = "min",
         peak_flops: float | None = None,
         window: int = 20,
-        summary_file: str = "efficiency.json",
+        summary_file: str = SUMMARY_FILE,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ConfigurationError(f"monitor={monitor!r} must be a metric name, e.g. 'val/loss'")
@@ -322,7 +235,7 @@ class EfficiencyMonitor(pl.Callback):
         self.window = window
         self.summary_file = summary_file
         self.counter = FlopCounter()
-        self.summary: dict[str, Any] | None = None
+        self.summary: RunSummary | None = None
         self.last_step: dict[str, Any] = {}
         self._counting = False
         # Set again for every fit in on_fit_start:
@@ -521,15 +434,11 @@ class EfficiencyMonitor(pl.Callback):
         directory = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank calls it
         self.summary = self._summary(trainer)
         if trainer.is_global_zero:
-            path = Path(directory) / self.summary_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(json.dumps(self.summary, indent=1), encoding="utf-8")
-            os.replace(temporary, path)
-            rank_zero_info(self._table(str(path)))
+            path = write_summary(Path(directory) / self.summary_file, self.summary)
+            rank_zero_info(format_summary(self.summary, path))
 
     # -- summary --------------------------------------------------------------------------------
-    def _summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+    def _summary(self, trainer: pl.Trainer) -> RunSummary:
         steps, tokens = self._steps, self._total_tokens()
         train_time = self._train_clock.read()
         achieved = self._flops / train_time if train_time > 0 else 0.0
@@ -547,7 +456,7 @@ class EfficiencyMonitor(pl.Callback):
             if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         return {
-            "version": SUMMARY_VERSION,
+            "version": SCHEMA_VERSION,
             "run_name": os.path.basename(os.path.normpath(trainer.default_root_dir)),
             "device": device_name(self._device),
             "precision": str(trainer.precision),
@@ -573,28 +482,3 @@ class EfficiencyMonitor(pl.Callback):
             "final_metrics": final_metrics,
             "history": [dict(point) for point in self._history],
         }
-
-    def _table(self, path: str) -> str:
-        s = self.summary
-        assert s is not None
-        lines = [
-            f"EfficiencyMonitor summary of {s['run_name']!r} ({s['device']}, {s['precision']}) -> {path}",
-            f"  steps {s['steps']:,}   samples {s['samples']:,}   tokens {s['tokens']:,}",
-            f"  wall {s['wall_time_s']:.1f} s   training {s['train_time_s']:.1f} s   "
-            f"{s['tokens_per_s']:,.1f} tokens/s   {s['samples_per_s']:,.2f} samples/s",
-            f"  {s['flops_per_step']:.3g} FLOPs/step   achieved {s['achieved_flops_per_s']:.3g} FLOP/s   "
-            f"peak {s['peak_flops_per_s']:.3g} ({s['peak_flops_source']})   MFU {s['mfu']:.1%}",
-            f"  peak memory {s['peak_memory_bytes'] / 1e9:.2f} GB ({s['memory_kind']})",
-        ]
-        target = s["target"]
-        if target is not None:
-            relation = "<=" if self.mode == "min" else ">="
-            if target["reached"]:
-                lines.append(
-                    f"  target {self.monitor} {relation} {target['value']:g}: reached at step {target['step']} after "
-                    f"{target['wall_time_s']:.1f} s wall, {target['train_time_s']:.1f} s training, "
-                    f"{target['tokens']:,} tokens"
-                )
-            else:
-                lines.append(f"  target {self.monitor} {relation} {target['value']:g}: not reached")
-        return "\n".join(lines)

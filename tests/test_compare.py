@@ -46,7 +46,12 @@ def summary(**overrides: Any) -> dict[str, Any]:
 
 
 FAST = summary(
-    run_name="layer_drop", steps=300, tokens_per_s=4098.0, samples_per_s=32.0, mfu=0.3, peak_memory_bytes=3 * 2**29,
+    run_name="layer_drop",
+    steps=300,
+    tokens_per_s=4098.0,
+    samples_per_s=32.0,
+    mfu=0.3,
+    peak_memory_bytes=3 * 2**29,
     target={"value": 5.0, "reached": True, "step": 150, "wall_time_s": 120.0, "train_time_s": 90.0, "tokens": 327680},
     final_metrics={"val/loss": 4.2},  # no val/perplexity: blank cell
 )
@@ -149,8 +154,10 @@ def test_missing_summary_names_the_directory_and_the_fix(tmp_path):
 def test_load_summary_rejects_other_versions_and_malformed_files(tmp_path):
     with pytest.raises(ConfigurationError, match=r"schema version 2; .* reads version 1 only"):
         load_summary(write(tmp_path / "v2", summary(version=2)))
-    with pytest.raises(ConfigurationError, match=r"schema version None"):
-        load_summary(write(tmp_path / "noversion", {"run_name": "x"}))
+    with pytest.raises(ConfigurationError, match=r"noversion.* lacks required keys: device, precision"):
+        load_summary(write(tmp_path / "noversion", {"run_name": "x"}))  # read as version 1: incomplete
+    unversioned = {key: value for key, value in summary().items() if key != "version"}
+    assert load_summary(write(tmp_path / "unversioned", unversioned)) == summary()  # version 1 assumed
     incomplete = summary()
     del incomplete["mfu"], incomplete["target"]["tokens"], incomplete["history"][1]["value"]
     with pytest.raises(ConfigurationError, match=r"lacks required keys: mfu, target\.tokens, history\[1\]\.value"):

@@ -98,10 +98,10 @@ def tiny_step_flops(batch_size: int = 2) -> int:
 
 
 def trainer(root: str, callbacks: list[Callback], **kwargs) -> pl.Trainer:
-    defaults = dict(
-        default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1, limit_val_batches=1, accelerator="cpu",
-    )  # fmt: skip
+    defaults = {
+        "default_root_dir": root, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "log_every_n_steps": 1, "limit_val_batches": 1, "accelerator": "cpu",
+    }  # fmt: skip
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
