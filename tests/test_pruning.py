@@ -20,7 +20,7 @@ from lightning_efficient.callbacks.pruning import (
     apply_masks,
     block_units,
     cubic_sparsity,
-    export,
+    export_pruned,
     load_pruned,
     magnitude_masks,
     pruning_steps,
@@ -31,8 +31,8 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+    defaults = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # fmt: skip
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -83,7 +83,7 @@ def test_cubic_schedule_equals_zhu_gupta_formula() -> None:
     assert pruning_steps(t0, end, dt) == [3, 7, 11, 13]
     n_dt = end - t0
     last_event = None
-    for t in range(0, 20):
+    for t in range(20):
         if t in (3, 7, 11, 13):
             last_event = t
         expected = 0.0 if last_event is None else s_f + (s_i - s_f) * (1 - (last_event - t0) / n_dt) ** 3
@@ -312,14 +312,14 @@ def test_structured_export_equals_masked_model_and_loads_back(scope: str, tmp_pa
 
 def test_export_from_saved_weights_without_masks() -> None:
     """A checkpoint loaded with strict=False (mask buffers dropped) exports alike: pruned units are all-zero."""
-    model, pruning = _trained_classifier("heads_and_neurons", "per_layer", seed=2)
+    model, _ = _trained_classifier("heads_and_neurons", "per_layer", seed=2)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_mask")}
     plain = BertClassifier(vocab_size=60, num_labels=3, preset="tiny", max_length=16).eval()
     plain.load_state_dict(state)
     ids = torch.randint(5, 60, (2, 9))
     with torch.no_grad():
         expected = model(ids)
-    report = export(plain)
+    report = export_pruned(plain)
     assert (report["heads_removed"], report["neurons_removed"]) == (6, 57)
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), expected, rtol=0, atol=1e-5)
@@ -378,6 +378,59 @@ def test_block_units_of_an_encoder_layer_have_no_heads() -> None:
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=11)
     units = block_units(layer)
     assert units.attentions == [] and units.ffn.neurons == 11
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    with pytest.raises(ConfigurationError, match=r"block layers.0 \(TransformerEncoderLayer\) has no attention whose heads"
+                       r" can be pruned: .* fused parameter \(in_proj_weight\)"):  # fmt: skip
+        MagnitudePruning(structure="heads").attach(encoder)
+    pruning = MagnitudePruning(structure="neurons", final_sparsity=0.5)
+    pruning.attach(encoder)  # its FFN neurons can go
+    pruning.prune_now(encoder, 0.5)
+    assert [int(l.linear2.weight_mask.any(0).sum()) for l in encoder.layers] == [5, 5]
+
+
+def test_a_user_registered_block_gets_structured_pruning_and_export() -> None:
+    from own_block import DEPTH, FFN, VOCAB, OwnModel, registered_own_block
+
+    torch.manual_seed(0)
+    model = OwnModel()
+    with pytest.raises(ConfigurationError, match=r"OwnBlock has no architecture entry; known block classes: .*"
+                       r"register_architecture"):  # fmt: skip
+        MagnitudePruning(structure="neurons", block_paths=["blocks"]).attach(model)
+    unstructured = MagnitudePruning(block_paths=["blocks"])  # single weights need no entry
+    unstructured.attach(model)
+    assert len(unstructured._targets) == DEPTH * 6
+    unstructured.detach(model)
+    with registered_own_block():
+        pruning = MagnitudePruning(final_sparsity=0.5, start_step=1, structure="heads_and_neurons")
+        quiet_trainer(max_steps=3, callbacks=[pruning]).fit(model)
+        assert pruning.last_event == 1 and pruning._stats["heads_pruned"] == 0.5
+        ids = torch.randint(0, VOCAB, (2, 7))
+        with torch.no_grad():
+            expected = model.eval()(ids)
+        report = export_pruned(model)
+    assert (report["heads_removed"], report["neurons_removed"]) == (DEPTH * 2, DEPTH * (FFN - 18))
+    assert report["hf_loadable"] is None and not any(k.endswith("_mask") for k in model.state_dict())
+    for block in model.blocks:
+        assert block.n_heads == 2 and block.d_head == 8
+        assert [block.wq.out_features, block.wk.out_features, block.wv.out_features, block.wo.in_features] == [16] * 4
+        assert (block.ff_in.out_features, block.ff_out.in_features) == (18, 18)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-5)
+
+
+def test_old_public_names_are_the_same_objects_and_export_is_deprecated() -> None:
+    from lightning_efficient.callbacks import pruning
+    from lightning_efficient.callbacks.pruning import callback, exporting, masks, schedule, structured
+
+    assert pruning.MagnitudePruning is callback.MagnitudePruning and pruning.export_pruned is exporting.export_pruned
+    assert pruning.add_masks is masks.add_masks
+    assert pruning.cubic_sparsity is schedule.cubic_sparsity and pruning.block_units is structured.block_units
+    assert {"export", "export_pruned", "load_pruned", "structured_masks", "SCOPES"} <= set(pruning.__all__)
+    model = TwoLayers()
+    add_masks([model.big]).remove()
+    with pytest.warns(DeprecationWarning, match="use lightning_efficient.callbacks.export_pruned"):
+        report = pruning.export(model, shrink=False)
+    assert report["masked_modules"] == 0
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -387,11 +440,11 @@ def test_block_units_of_an_encoder_layer_have_no_heads() -> None:
         ({"final_sparsity": 1.0}, r"final_sparsity=1.0 must lie in \[0.0, 1.0\)"),
         ({"final_sparsity": -0.1}, r"final_sparsity=-0.1 must lie in \[0.0, 1.0\)"),
         ({"final_sparsity": 0.5, "initial_sparsity": 0.6}, r"initial_sparsity=0.6 must lie in \[0.0, 0.5\]"),
-        ({"start_step": 10, "end_step": 5}, r"end_step=5 must be >= 10"),
-        ({"frequency": 0}, r"frequency=0 must be >= 1"),
+        ({"start_step": 10, "end_step": 5}, r"end_step=5 must be an integer >= 10"),
+        ({"frequency": 0}, r"frequency=0 must be an integer >= 1"),
         ({"structure": "rows"}, r"structure='rows' is unknown; choose one of: 'unstructured', 'heads'"),
         ({"scope": "layer"}, r"scope='layer' is unknown; choose one of: 'per_layer', 'global'"),
-        ({"end_step": 5, "rewind_step": 6}, r"rewind_step=6 must lie in \[0, 5\]"),
+        ({"end_step": 5, "rewind_step": 6}, r"rewind_step=6 must be an integer in \[0, 5\] or None"),
         ({"module_types": ()}, r"module_types=\(\) must name at least one"),
     ],
 )
@@ -403,15 +456,26 @@ def test_bad_arguments_fail_in_init(kwargs: dict[str, Any], message: str) -> Non
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"include": ["*.nothing"]},
-         r"include pattern '\*.nothing' matches no Linear module of BertMLM; its Linear modules are: model.bert"),
-        ({"exclude": ["*.key*"], "include": ["*.query"]}, r"exclude pattern '\*.key\*' matches no"),
-        ({"structure": "heads", "final_sparsity": 0.9},
-         r"final_sparsity=0.9 would prune all 4 heads of an attention layer; .* must be < 0.875"),
-        ({"structure": "heads", "final_sparsity": 0.8, "scope": "global"},
-         r"final_sparsity=0.8 would prune every head of some attention layer"),
-        ({"structure": "neurons", "final_sparsity": 0.99},
-         r"final_sparsity=0.99 would prune all 37 neurons of an FFN layer"),
+        (
+            {"include": ["*.nothing"]},
+            r"no Linear module matched include pattern '\*.nothing' in BertMLM; candidates: model.bert",
+        ),
+        (
+            {"exclude": ["*.key*"], "include": ["*.query"]},
+            r"no Linear module matched exclude pattern '\*.key\*' among the included ones in BertMLM; candidates: ",
+        ),
+        (
+            {"structure": "heads", "final_sparsity": 0.9},
+            r"final_sparsity=0.9 would prune all 4 heads of an attention layer; .* must be < 0.875",
+        ),
+        (
+            {"structure": "heads", "final_sparsity": 0.8, "scope": "global"},
+            r"final_sparsity=0.8 would prune every head of some attention layer",
+        ),
+        (
+            {"structure": "neurons", "final_sparsity": 0.99},
+            r"final_sparsity=0.99 would prune all 37 neurons of an FFN layer",
+        ),
     ],
 )
 def test_bad_targets_fail_at_setup_before_training(kwargs: dict[str, Any], message: str, mlm_data: Any) -> None:
