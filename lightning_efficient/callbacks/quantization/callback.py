@@ -1,0 +1,274 @@
+"""The QuantizationAwareTraining callback: which Linear layers, when fake quantization is on, held scales.
+
+The chosen layers are not swapped: their ``forward`` is routed through the fake quantizers of
+:mod:`~lightning_efficient.callbacks.quantization.fake_quant` with
+:func:`~lightning_efficient.blocks.wrap_forward` at ``Priority.QUANTIZE`` (innermost: it replaces
+the matmul), so parameters and checkpoint keys never change. The layers are chosen by the shared
+selector (:func:`~lightning_efficient.targets.select_modules`), so a block described with
+:func:`~lightning_efficient.architectures.register_architecture` is quantized like a built-in one.
+
+Example:
+    >>> from lightning_efficient import BertClassifier
+    >>> qat = QuantizationAwareTraining(exclude=["*.attention.*"])
+    >>> qat.attach(BertClassifier(vocab_size=50, num_labels=2, preset="tiny"))
+    >>> len(qat.targets), next(iter(qat.targets))  # the 2 FFN layers of each of the 3 blocks
+    (6, 'model.bert.encoder.layer.0.intermediate.dense')
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_efficient.blocks import Priority, wrap_forward
+from lightning_efficient.callbacks.quantization.fake_quant import (
+    ACTIVATIONS,
+    GRANULARITIES,
+    WEIGHT_DTYPES,
+    _activation_quantizer,
+    _embedding_weight_config,
+    _FakeQuantizers,
+    _int8_scheme,
+    _torchao,
+    fake_quantize_configs,
+)
+from lightning_efficient.errors import (
+    ConfigurationError,
+    NoTargetModulesError,
+    check_choice,
+    check_int,
+    check_patterns,
+    check_range,
+)
+from lightning_efficient.targets import select_modules
+from lightning_efficient.technique import Technique
+
+__all__ = ["QAT_PRIORITY", "QuantizationAwareTraining"]
+
+#: Priority of the fake-quantization wrapper on a Linear's forward (an alias of ``Priority.QUANTIZE``):
+#: innermost, it replaces the matmul.
+QAT_PRIORITY = Priority.QUANTIZE
+
+
+class QuantizationAwareTraining(Technique):
+    """Fake-quantize Linear layers with torchao from a chosen step, for an int8 model at the end.
+
+    Args:
+        weight_dtype: ``"int8"`` or ``"int4"`` weights.
+        granularity: Weight scales ``"per_channel"`` (one per output row) or ``"per_group"``
+            (one per ``group_size`` input columns of each row).
+        group_size: Columns per weight group (``per_group``, >= 2); must divide the input width
+            of every target layer.
+        activations: How the inputs are quantized (int8, dynamic): ``"per_tensor"`` or
+            ``"per_token"`` (symmetric; int8 weights per channel only; fast int8 kernels on CPU
+            through :func:`~lightning_efficient.callbacks.quantization.compile_quantized`), or
+            ``"asymmetric_per_token"`` (any weights; torchao's Intx layout, no CPU kernel).
+            Default: ``"per_tensor"`` for int8 weights per channel, else ``"asymmetric_per_token"``.
+        start_step: Optimizer step from which fake quantization is on (typically the last part
+            of training or fine-tuning; 0: from the start).
+        freeze_step: Step from which the weight scales are held at their values of that step
+            (>= ``start_step``; default: never, the scales follow the weights).
+        include: Shell-style patterns of module names to quantize (e.g. ``"*.attention.*"``),
+            searched in the whole model; default: every module of ``module_types`` inside the
+            Transformer blocks (not embeddings, not the task heads). Each pattern must match.
+        exclude: Patterns of names to leave out (each must match something).
+        module_types: Class names of the modules quantized (``nn.Linear`` subclasses).
+        embeddings: Also fake-quantize every ``nn.Embedding`` of the model (int8 per row, weight
+            only; word, position and type tables), for a smaller saved model.
+        block_paths: Attribute paths of the block lists, for models the block locator does not know.
+        strict_schedule: Fail before training when the run ends before ``start_step`` or
+            ``freeze_step`` (set False for a schedule spread over several fits, e.g. resuming with
+            a larger ``max_steps``: it warns).
+
+    Validation and prediction in a ``fit`` see the model as it trains (fake-quantized once
+    ``start_step`` is reached); ``validate``, ``test`` and ``predict`` runs evaluate it fake-quantized.
+    Logged every step: ``qat/active`` (1 once fake quantization is on) and ``qat/frozen``.
+    """
+
+    name = "qat"
+    hooks = ("setup", "on_train_start", "on_train_batch_start")
+    distributed_safe = True
+    keep_after_fit = True
+
+    def __init__(
+        self,
+        weight_dtype: str = "int8",
+        granularity: str = "per_channel",
+        group_size: int = 32,
+        activations: str | None = None,
+        start_step: int = 0,
+        freeze_step: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        module_types: Sequence[str] = ("Linear",),
+        embeddings: bool = False,
+        block_paths: Sequence[str] | None = None,
+        strict_schedule: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weight_dtype = check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.group_size = check_int("group_size", group_size, low=2)
+        int8_per_channel = self.weight_dtype == "int8" and self.granularity == "per_channel"
+        if activations is None:
+            activations = "per_tensor" if int8_per_channel else "asymmetric_per_token"
+        self.activations = check_choice("activations", activations, ACTIVATIONS)
+        if _int8_scheme(self.activations) and not int8_per_channel:
+            raise ConfigurationError(
+                f"activations={self.activations!r} converts to torchao's Int8Tensor, which holds int8 weights per "
+                f"channel only, not weight_dtype={self.weight_dtype!r} with granularity={self.granularity!r}; "
+                "use activations='asymmetric_per_token' (or leave it unset) for int4 or grouped weights"
+            )
+        self.start_step = int(check_range("start_step", start_step, low=0))
+        if freeze_step is not None:
+            freeze_step = int(check_range("freeze_step", freeze_step, low=self.start_step))
+        self.freeze_step = freeze_step
+        self.include = check_patterns("include", include) if include else None
+        self.exclude = check_patterns("exclude", exclude) if exclude else []
+        self.module_types = tuple(module_types)
+        if not self.module_types:
+            raise ConfigurationError("module_types=() must name at least one module class, e.g. ('Linear',)")
+        self.embeddings = bool(embeddings)
+        self.block_paths = list(block_paths) if block_paths else None
+        self.strict_schedule = bool(strict_schedule)
+        _torchao()
+        self.active = False
+        self.targets: dict[str, nn.Module] = {}
+        self._quantizers: dict[str, _FakeQuantizers] = {}
+        self._pending_frozen: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- surgery ------------------------------------------------------------------------------
+    def apply(self, pl_module: nn.Module) -> list[Any]:
+        owner = type(pl_module).__name__
+        chosen = select_modules(
+            pl_module, self.include, self.exclude or None, self.module_types, block_paths=self.block_paths
+        )
+        candidates = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}  # torchao converts Linears
+        names = list(candidates)
+        if not names:
+            shown = ", ".join(list(chosen)[:3]) + (", ..." if len(chosen) > 3 else "")
+            raise NoTargetModulesError(
+                f"no nn.Linear among the modules chosen in {owner} ({shown}); QuantizationAwareTraining quantizes "
+                f"nn.Linear layers (module_types={list(self.module_types)!r}), and nn.Embedding tables with embeddings=True"
+            )
+        if self.granularity == "per_group":
+            bad = {n: candidates[n].in_features for n in names if candidates[n].in_features % self.group_size}
+            if bad:
+                widths = sorted({candidates[n].in_features for n in names})
+                name, width = next(iter(bad.items()))
+                divisors = [d for d in range(2, widths[0] + 1) if all(w % d == 0 for w in widths)]
+                fix = (
+                    f"a group size that divides them all ({divisors[-6:]})"
+                    if divisors
+                    else "no group size divides them all"
+                )
+                raise ConfigurationError(
+                    f"group_size={self.group_size} does not divide the input width {width} of {name} "
+                    f"({len(bad)} layers affected; the target widths are {widths}): {fix}; or use "
+                    "granularity='per_channel', or exclude those layers"
+                )
+        weight = fake_quantize_configs(self.weight_dtype, self.granularity, self.group_size)[1]
+        self.targets = {n: candidates[n] for n in names}
+        self._quantizers = {n: _FakeQuantizers(_activation_quantizer(self.activations), weight) for n in names}
+        handles = [
+            wrap_forward(module, functools.partial(self._forward, self._quantizers[n], module), Priority.QUANTIZE)
+            for n, module in self.targets.items()
+        ]
+        if self.embeddings:
+            tables = {n: m for n, m in pl_module.named_modules() if isinstance(m, nn.Embedding)}
+            if not tables:
+                raise NoTargetModulesError(f"embeddings=True, but {owner} has no nn.Embedding")
+            for name, table in tables.items():
+                self.targets[name] = table
+                self._quantizers[name] = _FakeQuantizers(None, _embedding_weight_config())
+                forward = functools.partial(self._embedding_forward, self._quantizers[name], table)
+                handles.append(wrap_forward(table, forward, Priority.QUANTIZE))
+        return handles
+
+    def remove(self, pl_module: nn.Module) -> None:
+        super().remove(pl_module)
+        self.targets, self._quantizers = {}, {}
+
+    def _forward(self, quantizers: _FakeQuantizers, module: nn.Linear, forward: Any, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return forward(x)
+        output = F.linear(quantizers.activation(x), quantizers.weight(module.weight), module.bias)
+        quantizers.release()
+        return output
+
+    def _embedding_forward(
+        self, quantizers: _FakeQuantizers, table: nn.Embedding, forward: Any, ids: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.active:
+            return forward(ids)
+        weight = quantizers.weight(table.weight)
+        quantizers.release()
+        return F.embedding(
+            ids, weight, table.padding_idx, table.max_norm, table.norm_type, table.scale_grad_by_freq, table.sparse
+        )
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the weight scales are held (``freeze_step`` reached)."""
+        return bool(self._quantizers) and all(q.frozen for q in self._quantizers.values())
+
+    def frozen_scales(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The held weight scales and zero points of each target, by module name (empty unless frozen)."""
+        return {
+            n: {"scale": q.weight.scale.detach().clone(), "zero_point": q.weight.zero_point.detach().clone()}
+            for n, q in self._quantizers.items()
+            if q.frozen
+        }
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            self.active = True  # validate / test / predict evaluate the model as it will be quantized
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        for option, step in (("start_step", self.start_step), ("freeze_step", self.freeze_step)):
+            if step is not None and step > 0 and math.isfinite(total) and step >= total:
+                message = (
+                    f"{option}={step} is never reached: the run has {int(total)} optimizer steps "
+                    f"(0-{int(total) - 1}); lower it or raise max_steps"
+                )
+                if self.strict_schedule:
+                    raise ConfigurationError(message + " (or strict_schedule=False to reach it in a later fit)")
+                warnings.warn(message, UserWarning, stacklevel=2)
+        unknown = sorted(set(self._pending_frozen) - set(self._quantizers))
+        if unknown:
+            raise ConfigurationError(
+                f"the checkpoint holds held weight scales of {unknown[:3]}, which this {type(self).__name__} does not "
+                "quantize; resume with the include / exclude / embeddings settings of the run that wrote it"
+            )
+        for name, saved in self._pending_frozen.items():
+            device = self.targets[name].weight.device  # the checkpoint may have been read onto another device
+            self._quantizers[name].set_frozen(saved["scale"].to(device), saved["zero_point"].to(device))
+        self._pending_frozen = {}
+        self.active = trainer.global_step >= self.start_step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        self.active = step >= self.start_step
+        if self.freeze_step is not None and step >= self.freeze_step and not self.frozen:
+            for name, quantizers in self._quantizers.items():
+                quantizers.freeze_weight(self.targets[name].weight)
+        self.log_metrics(pl_module, {"active": float(self.active), "frozen": float(self.frozen)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen_scales": self.frozen_scales()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_frozen = dict(state_dict.get("frozen_scales", {}))

@@ -1,0 +1,282 @@
+"""From a QuantizationAwareTraining run to an int8 model: conversion, compilation, files.
+
+:func:`export_quantized` converts the fake-quantized layers into torchao's int8 layers (the
+scheme's conversion target) with the codes training saw; :func:`compile_quantized` compiles the
+model for CPU inference (the fused int8 kernels); :func:`save_quantized` / :func:`load_quantized`
+write and read (and compile) it. :func:`export` is the deprecated name of :func:`export_quantized`.
+
+Example:
+    >>> from lightning_efficient import BertClassifier
+    >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny").eval()
+    >>> qat = QuantizationAwareTraining()
+    >>> qat.attach(model)
+    >>> report = export_quantized(model, qat)
+    >>> report["converted"], report["activations"], qat.is_applied
+    (18, 'per_tensor', False)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_efficient.callbacks.quantization.callback import QuantizationAwareTraining
+from lightning_efficient.callbacks.quantization.fake_quant import (
+    _activation_granularity,
+    _dtype,
+    _int8_scheme,
+    _torchao,
+)
+from lightning_efficient.errors import ConfigurationError
+
+__all__ = [
+    "QUANTIZATION_FILE",
+    "WEIGHTS_FILE",
+    "compile_quantized",
+    "export",
+    "export_quantized",
+    "load_quantized",
+    "save_quantized",
+]
+
+QUANTIZATION_FILE = "quantization.json"
+WEIGHTS_FILE = "quantized_model.pt"
+
+
+def _embedding_base_config() -> Any:
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+
+
+def _base_config(weight_dtype: str, granularity: str, group_size: int, activations: str) -> Any:
+    """The torchao post-training config that :func:`export_quantized` applies (the QAT scheme's target)."""
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        MappingType,
+        PerAxis,
+        PerGroup,
+        PerRow,
+    )
+
+    if _int8_scheme(activations):
+        return Int8DynamicActivationInt8WeightConfig(
+            act_mapping_type=MappingType.SYMMETRIC,
+            granularity=[_activation_granularity(activations), PerRow()],
+            set_inductor_config=False,  # no process-wide inductor settings; compile_quantized patches its calls only
+        )
+    weight_granularity = PerAxis(0) if granularity == "per_channel" else PerGroup(group_size)
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=_dtype(weight_dtype), weight_granularity=weight_granularity
+    )
+
+
+@torch.no_grad()
+def export_quantized(model: nn.Module, qat: QuantizationAwareTraining) -> dict[str, Any]:
+    """Convert ``qat``'s target layers of ``model`` into torchao int8 layers, in place; ``qat`` lets go.
+
+    Each target ``nn.Linear`` gets an int8 weight (scales per channel or group, the held scales
+    when ``freeze_step`` was reached) that quantizes its input at run time as in training:
+    torchao's ``Int8Tensor`` for the symmetric ``activations`` schemes, ``IntxUnpackedToInt8Tensor``
+    for ``"asymmetric_per_token"``; embedding tables (``embeddings=True``) get int8 rows. The
+    outputs equal those of the fake-quantized model up to the float rounding of the int8 products
+    (the integer codes are the same). On a CPU, :func:`compile_quantized` then makes it fast. Masks
+    of :class:`~lightning_efficient.callbacks.MagnitudePruning` on the same layers should be made
+    permanent first (``export_pruned``): zero weights stay zero.
+
+    Returns:
+        ``{"converted", "weight_dtype", "granularity", "group_size", "activations", "embeddings",
+        "modules"}`` (``modules``: the converted names, relative to ``model``).
+    """
+    _torchao()
+    from torchao.quantization import MappingType, PerRow, quantize_
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    if qat._applied_to is not model:
+        raise ConfigurationError(
+            "export_quantized: the QuantizationAwareTraining callback is not applied to this model"
+        )
+    frozen = qat.frozen_scales()
+    names = list(qat.targets)
+    qat.detach(model)
+    config = _base_config(qat.weight_dtype, qat.granularity, qat.group_size, qat.activations)
+    dynamic = set(names) - set(frozen)
+    quantize_(model, config, filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Linear))
+    quantize_(
+        model,
+        _embedding_base_config(),
+        filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Embedding),
+    )
+    for name, saved in frozen.items():  # torchao's conversion would measure the scales anew: use the held ones
+        layer = model.get_submodule(name)
+        table = isinstance(layer, nn.Embedding)
+        if not table and _int8_scheme(qat.activations):
+            weight = Int8Tensor.from_hp(
+                layer.weight.detach(),
+                PerRow(),
+                scale=saved["scale"].reshape(-1, 1).float(),
+                zero_point=torch.zeros(layer.weight.shape[0], 1, dtype=torch.int8, device=layer.weight.device),
+                act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=_activation_granularity(qat.activations)),
+            )
+        else:
+            group = layer.weight.shape[1] if table or qat.granularity == "per_channel" else qat.group_size
+            weight = IntxUnpackedToInt8Tensor.from_hp(
+                layer.weight.detach(),
+                (1, group),
+                torch.int8 if table else _dtype(qat.weight_dtype),
+                mapping_type=MappingType.SYMMETRIC,
+                activation_quantization=None if table else "int8_asym_per_token",
+                intx_choose_qparams_algorithm=None,  # the held scales instead of new ones
+                custom_scale=saved["scale"],
+                custom_zero_point=saved["zero_point"].to(torch.int8),
+            )
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+    return {
+        "converted": len(names),
+        "weight_dtype": qat.weight_dtype,
+        "granularity": qat.granularity,
+        "group_size": qat.group_size,
+        "activations": qat.activations,
+        "embeddings": qat.embeddings,
+        "modules": names,
+    }
+
+
+def export(model: nn.Module, qat: QuantizationAwareTraining) -> dict[str, Any]:
+    """Deprecated name of :func:`export_quantized` (kept for one release): warns, then converts.
+
+    Example:
+        >>> from lightning_efficient import BertClassifier
+        >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny").eval()
+        >>> qat = QuantizationAwareTraining()
+        >>> qat.attach(model)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     report = export(model, qat)
+        >>> report["converted"], caught[0].category.__name__
+        (18, 'DeprecationWarning')
+    """
+    warnings.warn(
+        "lightning_efficient.callbacks.quantization.export is deprecated; use "
+        "lightning_efficient.callbacks.export_quantized (the same conversion)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return export_quantized(model, qat)
+
+
+def compile_quantized(model: nn.Module) -> nn.Module:
+    """Compile ``model``'s forward for inference with ``torch.compile`` and Inductor's freezing, in place.
+
+    Under freezing the int8 weights of :func:`export_quantized` become constants of the graph and the int8
+    products fused int8 kernels: this is where the speed of an int8 model on a CPU comes from (the
+    eager torchao layers are no faster than fp32: 0.5x-1x on BERT-small and -base). Freezing applies where gradients are off
+    (``torch.inference_mode``, ``torch.no_grad``, Lightning's ``predict`` / ``validate``); the
+    weights are then folded in, so do not change them afterwards. The first call compiles (seconds
+    to a minute); a second input shape compiles once more, for every shape from then on. The
+    module keeps its type and attributes (``config``, ``generate``); needs a C++ compiler, as any
+    ``torch.compile`` on CPU.
+
+    Returns:
+        ``model`` itself.
+    """
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model.forward)
+
+    @functools.wraps(model.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with inductor_config.patch(freezing=True):  # a torch.compile option would not reach dynamo's tracing
+            return compiled(*args, **kwargs)
+
+    model.forward = forward
+    return model
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """``model`` itself if it is a transformers model, else its outermost transformers submodule."""
+    from transformers import PreTrainedModel
+
+    for _, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise ConfigurationError(f"{type(model).__name__} holds no transformers model to save; save its state_dict instead")
+
+
+def _converted_types() -> tuple[type, ...]:
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    return Int8Tensor, IntxUnpackedToInt8Tensor
+
+
+def save_quantized(model: nn.Module, path: str | Path, report: dict[str, Any]) -> Path:
+    """Save the transformers model inside ``model``, converted by :func:`export_quantized`, to a directory.
+
+    Writes ``config.json`` (the HF config), ``quantization.json`` (the scheme from ``report``,
+    what :func:`export_quantized` returned, and the converted module names) and ``quantized_model.pt`` (the
+    state dict with torchao's int8 tensors). :func:`load_quantized` reads it back.
+    """
+    hf = _hf_model(model)
+    converted = _converted_types()
+    modules = [n for n, m in hf.named_modules() if isinstance(getattr(m, "weight", None), converted)]
+    if not modules:
+        raise ConfigurationError(f"{type(hf).__name__} has no converted layer: run export_quantized(model, qat) first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(path)
+    scheme = {k: report[k] for k in ("weight_dtype", "granularity", "group_size", "activations", "embeddings")}
+    scheme.update(architecture=type(hf).__name__, modules=modules)
+    (path / QUANTIZATION_FILE).write_text(json.dumps(scheme, indent=1))
+    torch.save(hf.state_dict(), path / WEIGHTS_FILE)
+    return path
+
+
+def load_quantized(path: str | Path, compile: bool = True) -> nn.Module:
+    """Load a model written by :func:`save_quantized`: the HF model, int8 layers in place, in eval mode.
+
+    Args:
+        path: The directory :func:`save_quantized` wrote.
+        compile: Compile it for inference with :func:`compile_quantized` (the fast int8 kernels on a
+            CPU; the first call compiles); False: torchao's eager layers.
+    """
+    _torchao()
+    import transformers
+    from torchao.quantization import quantize_
+
+    path = Path(path)
+    scheme = json.loads((path / QUANTIZATION_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = getattr(transformers, scheme["architecture"])(config)
+    chosen = set(scheme["modules"])
+    config = _base_config(
+        scheme["weight_dtype"],
+        scheme["granularity"],
+        scheme["group_size"],
+        scheme.get("activations", "asymmetric_per_token"),
+    )
+    quantize_(model, config, filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Linear))
+    quantize_(
+        model,
+        _embedding_base_config(),
+        filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Embedding),
+    )
+    state = torch.load(path / WEIGHTS_FILE, weights_only=True)  # torchao registers its tensors as safe
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tensors = model.state_dict()
+    loaded = {tensor.data_ptr() for key, tensor in tensors.items() if key in state}
+    untied = [key for key in missing if tensors[key].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ConfigurationError(
+            f"{path}: the saved weights do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.eval()  # not re-tied: a quantized embedding table and its float output head stay apart, as saved
+    return compile_quantized(model) if compile else model
