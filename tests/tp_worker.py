@@ -10,6 +10,7 @@ The single-process reference runs :func:`train` in the test's own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,12 +22,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from own_block import OwnBlock, OwnModel, registered_own_block
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lightning_efficient import (
+    LAMB,
     ActivationCheckpointing,
     BertMLM,
-    LAMB,
     ImageClassificationDataModule,
     LayerDrop,
     Lion,
@@ -55,15 +58,26 @@ class EvenTranslationData(TranslationDataModule):
         return batch
 
 
-def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.LightningModule, pl.LightningDataModule]:
-    """A tiny model of ``family`` without dropout (a single process and TP ranks draw it differently)."""
+def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.LightningModule, pl.LightningDataModule | None]:
+    """A tiny model of ``family`` without dropout (a single process and TP ranks draw it differently).
+
+    ``own``: the user's block of ``own_block.py`` (FFN 38, 2 heads per rank), with its own loader."""
+    if family == "own":
+        model = OwnModel(depth=2)
+        model.blocks = nn.ModuleList(OwnBlock(ffn=38) for _ in range(2))
+        return model, None
     shape = {**SHAPE, **shape}
     if family == "bert":
         dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=32, batch_size=8)
         return BertMLM(vocab_size=dm.vocab_size, max_length=32, warmup_fraction=0.25, **shape), dm
     if family == "mt":
         dm = EvenTranslationData(
-            train_files=[files["pairs"]], source_column="src", target_column="tgt", vocab_size=500, max_length=40, batch_size=8
+            train_files=[files["pairs"]],
+            source_column="src",
+            target_column="tgt",
+            vocab_size=500,
+            max_length=40,
+            batch_size=8,
         )
         return Translation(vocab_size=dm.vocab_size, max_length=40, bleu_batches=0, warmup_fraction=0.25, **shape), dm
     if family == "vit":
@@ -84,7 +98,9 @@ class Record(Callback):
         self.first_grads: dict[str, torch.Tensor] = {}
         self.batch_hash = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
         self.batch_hash = hash((self.batch_hash, tuple(first.flatten().tolist())))
 
@@ -94,7 +110,9 @@ class Record(Callback):
         if trainer.global_step == 0:
             self.first_grads = {n: _full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
@@ -103,6 +121,11 @@ def train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) 
     checkpoint at), ``resume`` (a checkpoint path), ``strategy`` (TensorParallelStrategy kwargs),
     ``techniques`` (names), ``optimizer`` (``lamb``/``lion``), ``shape`` (model overrides);
     ``expect_error``: the run must fail (its message is recorded). ``devices=1``: the reference."""
+    with registered_own_block() if run["family"] == "own" else contextlib.nullcontext():
+        return _train(run, files, root, devices)
+
+
+def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model, dm = build(run["family"], files, **run.get("shape", {}))
     record = Record()
@@ -115,7 +138,11 @@ def train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) 
         optimizer_class = {"lamb": LAMB, "lion": Lion}[run["optimizer"]]
         model.configure_optimizers = lambda: optimizer_class(model.parameters(), lr=1e-3)
     if run.get("save_at"):
-        callbacks.append(ModelCheckpoint(dirpath=root / run["name"], filename="{step}", every_n_train_steps=run["save_at"], save_top_k=-1))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=root / run["name"], filename="{step}", every_n_train_steps=run["save_at"], save_top_k=-1
+            )
+        )
     strategy: Any = TensorParallelStrategy(**run.get("strategy", {})) if devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=run["steps"], limit_val_batches=0,
@@ -138,12 +165,12 @@ def train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) 
 def main() -> None:
     spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)  # two processes on a small machine: more threads only contend
-    rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
     results = {}
     for run in spec["runs"]:
         try:
             results[run["name"]] = train(run, spec["files"], out, devices=spec.get("devices", 2))
-        except Exception as error:  # noqa: BLE001 - reported to the test
+        except Exception as error:  # reported to the test
             message = f"{type(error).__name__}: {error}"
             if run.get("expect_error"):  # recorded; the next run goes on in the same process group
                 results[run["name"]] = {"error": message}

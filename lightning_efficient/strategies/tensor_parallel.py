@@ -1,45 +1,32 @@
 """Tensor parallelism (Megatron-LM) for our Transformers, on ``torch.distributed.tensor.parallel``.
 
 :class:`TensorParallelStrategy` is Lightning's ``ModelParallelStrategy`` that writes the plan
-itself: it asks the block locator (:func:`~lightning_efficient.blocks.find_block_stacks`) where the
-Transformer blocks are and, for each block of HF BERT, ViT, Marian or BART (encoder, decoder and
-cross-attention), shards
+itself: at setup it applies :func:`~lightning_efficient.strategies.megatron_plans.megatron_plan`
+(the attention heads and FFN neurons of every block split over the ranks, read from the
+architecture table; optionally the vocabulary and the sequence) with ``parallelize_module``. This
+module holds the strategy and what it installs: gradient clipping over DTensor and plain
+parameters (:func:`clip_grad_norm_`), the sequence-parallel hooks at the entry and exit of each
+block stack, re-tying of tied weights, and the check that every technique in
+``trainer.callbacks`` composes with tensor parallelism (:func:`check_strategy_support`).
 
-- the attention Q/K/V projections column-wise (each rank holds ``heads / tp`` heads) and the
-  attention output projection row-wise (one all-reduce per attention),
-- the FFN's first projection column-wise and its second row-wise (one all-reduce per FFN),
-- optionally (``vocab_parallel``) the word embedding and the output head over the vocabulary,
-- optionally (``sequence_parallel``) the LayerNorm/dropout regions between them over the sequence
-  (the all-reduces become all-gather + reduce-scatter; activations there are ``1/tp`` the size).
-
-The pure functions (:func:`megatron_plan`, :func:`resolve_plan`, :func:`check_plan`,
-:func:`parallel_sizes`, :func:`clip_grad_norm_`) work without a process group: the strategy calls
-them on every rank before any collective, so a bad configuration fails everywhere with a
-:class:`~lightning_efficient.errors.ConfigurationError` instead of hanging.
+The plans and the size checks (:func:`megatron_plan`, :func:`resolve_plan`, :func:`check_plan`,
+:func:`parallel_sizes`) live in :mod:`~lightning_efficient.strategies.megatron_plans` and are
+importable from here too.
 
 On a CPU with gloo, tensor parallelism is *slower* than one process (every block adds two
 collectives through gloo); there it is for correctness checks. The speed-up is a multi-GPU matter.
 
 Example:
-    >>> from lightning_efficient import BertMLM
-    >>> model = BertMLM(vocab_size=50, preset="tiny", ffn_size=38)
-    >>> plan = megatron_plan(model, tensor_parallel_size=2)
-    >>> {fqn: type(style).__name__ for fqn, style in plan.items() if ".layer.0." in fqn}  # doctest: +NORMALIZE_WHITESPACE
-    {'model.bert.encoder.layer.0.attention.self.query': 'ColwiseParallel',
-     'model.bert.encoder.layer.0.attention.self.key': 'ColwiseParallel',
-     'model.bert.encoder.layer.0.attention.self.value': 'ColwiseParallel',
-     'model.bert.encoder.layer.0.attention.output.dense': 'RowwiseParallel',
-     'model.bert.encoder.layer.0.intermediate.dense': 'ColwiseParallel',
-     'model.bert.encoder.layer.0.output.dense': 'RowwiseParallel'}
-    >>> megatron_plan(BertMLM(vocab_size=50, preset="tiny"), tensor_parallel_size=2)
-    Traceback (most recent call last):
-    ...
-    lightning_efficient.errors.ConfigurationError: model.bert.encoder.layer.0.intermediate.dense: FFN width (out_features=37) is not divisible by tensor_parallel_size=2; use a tensor_parallel_size that divides it (1, 37) or change the model's FFN width
+    >>> from lightning_efficient import ActivationCheckpointing, ViTClassifier
+    >>> plan = megatron_plan(ViTClassifier(num_labels=10, preset="tiny", ffn_size=38), tensor_parallel_size=2)
+    >>> sorted({type(style).__name__ for style in plan.values()})
+    ['ColwiseParallel', 'RowwiseParallel']
+    >>> check_strategy_support([ActivationCheckpointing()])  # declared to compose: no error
 """
 
 from __future__ import annotations
 
-import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -50,17 +37,17 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from lightning_efficient.blocks import block_hidden_states, find_block_stacks
-from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.strategies.megatron_plans import (
+    STYLES,
+    check_plan,
+    megatron_plan,
+    parallel_sizes,
+    resolve_plan,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -71,6 +58,7 @@ __all__ = [
     "TensorParallelStrategy",
     "check_composition",
     "check_plan",
+    "check_strategy_support",
     "clip_grad_norm_",
     "megatron_plan",
     "parallel_sizes",
@@ -82,313 +70,12 @@ __all__ = [
 COMPOSES_WITH: frozenset[str] = frozenset({"activation_checkpointing", "lr_scaling", "trust_ratio"})
 
 
-def _styles() -> dict[str, ParallelStyle]:
-    return {
-        "colwise": ColwiseParallel(),
-        "rowwise": RowwiseParallel(),
-        "colwise_gather": ColwiseParallel(output_layouts=Replicate()),  # e.g. an output head: full logits
-        "vocab_embedding": RowwiseParallel(input_layouts=Replicate()),  # nn.Embedding sharded over the vocabulary
-        "sequence_parallel": SequenceParallel(use_local_output=True),
-        "colwise_from_sequence": ColwiseParallel(input_layouts=Shard(1)),
-        "rowwise_to_sequence": RowwiseParallel(output_layouts=Shard(1)),
-    }
-
-
-#: The style names a user plan (e.g. from YAML) may use, and the ``torch.distributed.tensor.parallel``
-#: style each stands for. A plan given in Python may also use ``ParallelStyle`` objects directly.
-STYLES: dict[str, ParallelStyle] = _styles()
-
-
-# -- the plans of the known block types -----------------------------------------------------------
-# Per block class: the attention modules (path in the block, Q/K/V names, output projection, the
-# number of positional arguments the block passes to the attention: sequence parallelism gathers
-# the first), the FFN (first, second projection) and the norms that a sequence-parallel plan
-# shards over the sequence. (Cross-attention's K/V input, the encoder output, is replicated.)
-_BERT = {
-    "attention": [("attention.self", ("query", "key", "value"), "attention.output.dense", 1)],
-    "ffn": ("intermediate.dense", "output.dense"),
-    "norms": ("attention.output.LayerNorm", "output.LayerNorm"),
-}
-_VIT5 = {  # transformers 5
-    "attention": [("attention", ("q_proj", "k_proj", "v_proj"), "attention.o_proj", 2)],
-    "ffn": ("mlp.fc1", "mlp.fc2"),
-    "norms": ("layernorm_before", "layernorm_after"),
-}
-_VIT4 = {  # transformers 4
-    "attention": [("attention.attention", ("query", "key", "value"), "attention.output.dense", 1)],
-    "ffn": ("intermediate.dense", "output.dense"),
-    "norms": ("layernorm_before", "layernorm_after"),
-}
-_SEQ2SEQ_ENCODER = {
-    "attention": [("self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn.out_proj", 1)],
-    "ffn": ("fc1", "fc2"),
-    "norms": ("self_attn_layer_norm", "final_layer_norm"),
-}
-_SEQ2SEQ_DECODER = {
-    "attention": [
-        ("self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn.out_proj", 1),
-        ("encoder_attn", ("q_proj", "k_proj", "v_proj"), "encoder_attn.out_proj", 1),
-    ],
-    "ffn": ("fc1", "fc2"),
-    "norms": ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
-}
-BLOCK_PLANS: dict[str, dict[str, Any]] = {
-    "BertLayer": _BERT,
-    "RobertaLayer": _BERT,
-    "ViTLayer": _VIT5,
-    "MarianEncoderLayer": _SEQ2SEQ_ENCODER,
-    "BartEncoderLayer": _SEQ2SEQ_ENCODER,
-    "MarianDecoderLayer": _SEQ2SEQ_DECODER,
-    "BartDecoderLayer": _SEQ2SEQ_DECODER,
-}
-
-#: Vocabulary modules (word embedding, output head) of the known model classes, by attribute path
-#: from the HF model, for ``vocab_parallel``.
-VOCAB_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "BertForMaskedLM": (("bert.embeddings.word_embeddings",), ("cls.predictions.decoder",)),
-    "BertForSequenceClassification": (("bert.embeddings.word_embeddings",), ()),
-    "MarianMTModel": (("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens"), ("lm_head",)),
-    "BartForConditionalGeneration": (("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens"), ("lm_head",)),
-}
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def _head_count(attention: nn.Module) -> int | None:
-    for name in ("num_attention_heads", "num_heads"):
-        value = getattr(attention, name, None)
-        if isinstance(value, int):
-            return value
-    config = getattr(attention, "config", None)
-    return getattr(config, "num_attention_heads", None)
-
-
-def _block_spec(block: nn.Module) -> dict[str, Any] | None:
-    spec = BLOCK_PLANS.get(type(block).__name__)
-    if spec is _VIT5 and not hasattr(block, "mlp"):
-        spec = _VIT4
-    return spec
-
-
-def parallel_sizes(
-    world_size: int,
-    data_parallel_size: int | Literal["auto"] = "auto",
-    tensor_parallel_size: int | Literal["auto"] = "auto",
-    num_nodes: int = 1,
-) -> tuple[int, int]:
-    """Resolve ``(data_parallel_size, tensor_parallel_size)`` for ``world_size`` processes.
-
-    ``"auto"`` for both is Lightning's rule: data-parallel across nodes, tensor-parallel within a
-    node; ``"auto"`` for one of them is the world size divided by the other.
-
-    Raises:
-        ConfigurationError: A size is not a positive int or ``"auto"``, or the world does not factor
-            into ``dp x tp``.
-
-    Example:
-        >>> parallel_sizes(4), parallel_sizes(4, data_parallel_size=2), parallel_sizes(4, 1, 4)
-        ((1, 4), (2, 2), (1, 4))
-        >>> parallel_sizes(3, tensor_parallel_size=2)
-        Traceback (most recent call last):
-        ...
-        lightning_efficient.errors.ConfigurationError: world size 3 does not factor into data_parallel_size x tensor_parallel_size=2; use a tensor_parallel_size that divides 3 (1, 3), or change the number of devices
-    """
-    for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigurationError(f"{name}={value!r} must be a positive integer or 'auto'")
-    if data_parallel_size == "auto" and tensor_parallel_size == "auto":
-        data_parallel_size = num_nodes
-    for name, known, other in (
-        ("tensor_parallel_size", tensor_parallel_size, "data_parallel_size"),
-        ("data_parallel_size", data_parallel_size, "tensor_parallel_size"),
-    ):
-        if known != "auto" and world_size % known:
-            raise ConfigurationError(
-                f"world size {world_size} does not factor into {other} x {name}={known}; use a {name} that "
-                f"divides {world_size} ({_divisors(world_size)}), or change the number of devices"
-            )
-    dp = world_size // tensor_parallel_size if data_parallel_size == "auto" else data_parallel_size
-    tp = world_size // dp if tensor_parallel_size == "auto" else tensor_parallel_size
-    if dp * tp != world_size:
-        raise ConfigurationError(
-            f"data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} is not the world size {world_size}; "
-            "choose sizes whose product is the number of processes (devices x nodes)"
-        )
-    return dp, tp
-
-
-def megatron_plan(
-    model: nn.Module,
-    tensor_parallel_size: int,
-    block_paths: Sequence[str] | None = None,
-    vocab_parallel: bool = False,
-    sequence_parallel: bool = False,
-) -> dict[str, ParallelStyle]:
-    """The Megatron-LM plan of ``model``: ``{module path: ParallelStyle}`` for ``parallelize_module``.
-
-    Blocks come from :func:`~lightning_efficient.blocks.find_block_stacks`; each block class must
-    be one of :data:`BLOCK_PLANS` (HF BERT, RoBERTa, ViT, Marian, BART). Paths are relative to
-    ``model`` (pass the LightningModule). The plan is checked with :func:`check_plan`.
-
-    Args:
-        model: The model (a LightningModule or an HF model).
-        tensor_parallel_size: Ranks a block is split over; heads and FFN width must be divisible.
-        block_paths: Attribute paths of the block lists, for the locator (default: search).
-        vocab_parallel: Also shard the word embedding(s) and the output head over the vocabulary
-            (the head's logits are gathered); tied weights stay tied.
-        sequence_parallel: Also shard the LayerNorm/dropout regions over the sequence dimension
-            (the sequence length must then be divisible by ``tensor_parallel_size``).
-
-    Raises:
-        ConfigurationError: A block class has no plan (pass ``plan=`` to the strategy), or a
-            head count, FFN width or vocabulary is not divisible by ``tensor_parallel_size``.
-        NoTargetModulesError: No block stack was found.
-    """
-    plan: dict[str, ParallelStyle] = {}
-    for stack in find_block_stacks(model, block_paths):
-        for index, block in enumerate(stack.blocks):
-            spec = _block_spec(block)
-            if spec is None:
-                raise ConfigurationError(
-                    f"{type(block).__name__} (in {stack.path}) has no built-in tensor-parallel plan; known block "
-                    f"types: {', '.join(BLOCK_PLANS)}; pass TensorParallelStrategy(plan={{module path: style}}) "
-                    f"with styles from: {', '.join(STYLES)}"
-                )
-            prefix = f"{stack.path}.{index}"
-            for attention, projections, output, arity in spec["attention"]:
-                heads = _head_count(block.get_submodule(attention))
-                if heads is not None and heads % tensor_parallel_size:
-                    raise ConfigurationError(
-                        f"{prefix}.{attention}: {heads} attention heads are not divisible by tensor_parallel_size="
-                        f"{tensor_parallel_size}; use a tensor_parallel_size that divides them ({_divisors(heads)}) "
-                        "or change num_heads"
-                    )
-                if sequence_parallel:  # gather the sequence once, before the attention (its reshapes need all of it)
-                    plan[f"{prefix}.{attention}"] = PrepareModuleInput(
-                        input_layouts=(Shard(1),) + (None,) * (arity - 1),
-                        desired_input_layouts=(Replicate(),) + (None,) * (arity - 1),
-                        use_local_output=True,
-                    )
-                for name in projections:
-                    plan[f"{prefix}.{attention}.{name}"] = ColwiseParallel()
-                plan[f"{prefix}.{output}"] = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
-            first, second = spec["ffn"]
-            plan[f"{prefix}.{first}"] = ColwiseParallel(input_layouts=Shard(1)) if sequence_parallel else ColwiseParallel()
-            plan[f"{prefix}.{second}"] = RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
-            if sequence_parallel:
-                for norm in spec["norms"]:
-                    plan[f"{prefix}.{norm}"] = SequenceParallel(use_local_output=True)
-    if vocab_parallel:
-        plan.update(_vocab_plan(model))
-    check_plan(model, plan, tensor_parallel_size)
-    return plan
-
-
-def _vocab_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    for path, module in model.named_modules():
-        known = VOCAB_MODULES.get(type(module).__name__)
-        if known is None:
-            continue
-        prefix = f"{path}." if path else ""
-        embeddings, heads = known
-        plan: dict[str, ParallelStyle] = {f"{prefix}{e}": RowwiseParallel(input_layouts=Replicate()) for e in embeddings}
-        plan.update({f"{prefix}{h}": ColwiseParallel(output_layouts=Replicate()) for h in heads})
-        return plan
-    raise ConfigurationError(
-        f"vocab_parallel=True: {type(model).__name__} holds none of the models whose vocabulary modules are known "
-        f"({', '.join(VOCAB_MODULES)}); set vocab_parallel=False or give the embedding a 'vocab_embedding' entry in plan="
-    )
-
-
-def resolve_plan(model: nn.Module, plan: Mapping[str, str | ParallelStyle]) -> dict[str, ParallelStyle]:
-    """Expand a user plan: glob patterns (``*``) to module paths, style names to ``ParallelStyle`` objects.
-
-    Raises:
-        NoTargetModulesError: An entry matches no module of ``model``.
-        ConfigurationError: A style name is not one of :data:`STYLES`.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
-        >>> {k: type(v).__name__ for k, v in resolve_plan(model, {"0": "colwise", "2": "rowwise"}).items()}
-        {'0': 'ColwiseParallel', '2': 'RowwiseParallel'}
-        >>> resolve_plan(model, {"3": "colwise"})
-        Traceback (most recent call last):
-        ...
-        lightning_efficient.errors.NoTargetModulesError: plan entry '3' matches no module of Sequential; modules there: 0, 1, 2
-    """
-    names = [name for name, _ in model.named_modules() if name]
-    resolved: dict[str, ParallelStyle] = {}
-    for pattern, style in plan.items():
-        if isinstance(style, str):
-            if style not in STYLES:
-                raise ConfigurationError(f"plan[{pattern!r}]={style!r} is not a known style; choose one of: {', '.join(STYLES)}")
-            style = _styles()[style]  # a fresh object per entry
-        elif not isinstance(style, ParallelStyle):
-            raise ConfigurationError(
-                f"plan[{pattern!r}] is a {type(style).__name__}; it must be a style name ({', '.join(STYLES)}) or a ParallelStyle"
-            )
-        matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matches:
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise NoTargetModulesError(f"plan entry {pattern!r} matches no module of {type(model).__name__}; modules there: {shown}")
-        for name in matches:
-            resolved[name] = style
-    return resolved
-
-
-def check_plan(model: nn.Module, plan: Mapping[str, ParallelStyle], tensor_parallel_size: int) -> None:
-    """Check that every entry names a module whose sharded dimension ``tensor_parallel_size`` divides.
-
-    Column-wise ``nn.Linear``: ``out_features``; row-wise ``nn.Linear``: ``in_features``;
-    row-wise ``nn.Embedding``: ``num_embeddings`` (vocabulary); column-wise ``nn.Embedding``:
-    ``embedding_dim``. Uneven shards would give ranks different head counts or break the
-    reshapes of HF attention.
-
-    Raises:
-        NoTargetModulesError: An entry names no module.
-        ConfigurationError: A sharded dimension is not divisible.
-
-    Example:
-        >>> check_plan(nn.Sequential(nn.Linear(4, 6)), {"0": ColwiseParallel()}, tensor_parallel_size=4)
-        Traceback (most recent call last):
-        ...
-        lightning_efficient.errors.ConfigurationError: 0: out_features=6 is not divisible by tensor_parallel_size=4; use a tensor_parallel_size that divides it (1, 2, 3, 6) or change the model's width
-    """
-    for path, style in plan.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError as error:
-            raise NoTargetModulesError(f"plan entry {path!r} matches no module of {type(model).__name__}: {error}") from None
-        sharded: tuple[str, int] | None = None
-        if isinstance(module, nn.Linear):
-            if isinstance(style, ColwiseParallel):
-                sharded = ("out_features", module.out_features)
-            elif isinstance(style, RowwiseParallel):
-                sharded = ("in_features", module.in_features)
-        elif isinstance(module, nn.Embedding):
-            if isinstance(style, RowwiseParallel):
-                sharded = ("num_embeddings (the vocabulary)", module.num_embeddings)
-            elif isinstance(style, ColwiseParallel):
-                sharded = ("embedding_dim", module.embedding_dim)
-        if sharded is not None and sharded[1] % tensor_parallel_size:
-            what, size = sharded
-            is_ffn = isinstance(style, ColwiseParallel) and path.endswith(("intermediate.dense", "fc1"))
-            label = f"FFN width (out_features={size})" if is_ffn else f"{what}={size}"
-            raise ConfigurationError(
-                f"{path}: {label} is not divisible by tensor_parallel_size={tensor_parallel_size}; use a "
-                f"tensor_parallel_size that divides it ({_divisors(size)}) or change the model's "
-                f"{'FFN width' if is_ffn else 'width'}"
-            )
-
-
-def check_composition(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
+def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
     """Fail if a technique in ``callbacks`` is not declared to compose with tensor parallelism.
 
     Example:
         >>> from lightning_efficient import LayerDrop
-        >>> check_composition([LayerDrop(drop_rate=0.1)])
+        >>> check_strategy_support([LayerDrop(drop_rate=0.1)])
         Traceback (most recent call last):
         ...
         lightning_efficient.errors.ConfigurationError: layer_drop (LayerDrop) is not supported under tensor parallelism (TensorParallelStrategy); techniques that compose with it: activation_checkpointing, lr_scaling, trust_ratio; remove it from trainer.callbacks or train with DDP
@@ -403,6 +90,28 @@ def check_composition(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSE
                 f"(TensorParallelStrategy); techniques that compose with it: {', '.join(sorted(allowed))}; "
                 "remove it from trainer.callbacks or train with DDP"
             )
+
+
+def check_composition(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
+    """Deprecated name of :func:`check_strategy_support` (kept for one release): warns, then checks.
+
+    Not to be confused with :func:`lightning_efficient.technique.check_composition` (techniques
+    against each other).
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     check_composition([])
+        >>> caught[0].category.__name__
+        'DeprecationWarning'
+    """
+    warnings.warn(
+        "lightning_efficient.strategies.tensor_parallel.check_composition is deprecated; use "
+        "lightning_efficient.strategies.tensor_parallel.check_strategy_support",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    check_strategy_support(callbacks, allowed)
 
 
 # -- gradient clipping over DTensor and plain parameters ------------------------------------------
@@ -448,14 +157,18 @@ def clip_grad_norm_(
 def _shard_stack_input(mesh: DeviceMesh, path: str) -> Any:
     """A forward pre-hook for a stack's first block: its (replicated) input becomes this rank's sequence shard."""
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         hidden = block_hidden_states(args, kwargs)
         if hidden.shape[1] % mesh.size():
             raise ConfigurationError(
                 f"sequence_parallel: {path} got a sequence of length {hidden.shape[1]}, not divisible by "
                 f"tensor_parallel_size={mesh.size()}; pad the batches to a multiple of {mesh.size()} or set sequence_parallel=False"
             )
-        local = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+        local = (
+            DTensor.from_local(hidden, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+        )
         if args and args[0] is hidden:
             return (local, *args[1:]), kwargs
         return args, {**kwargs, next(k for k, v in kwargs.items() if v is hidden): local}
@@ -510,7 +223,9 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> None:
 def _sequence_hooks(model: nn.Module, mesh: DeviceMesh, block_paths: Sequence[str] | None) -> list[Any]:
     handles = []
     for stack in find_block_stacks(model, block_paths):
-        handles.append(stack.blocks[0].register_forward_pre_hook(_shard_stack_input(mesh, stack.path), with_kwargs=True))
+        handles.append(
+            stack.blocks[0].register_forward_pre_hook(_shard_stack_input(mesh, stack.path), with_kwargs=True)
+        )
         handles.append(stack.blocks[len(stack.blocks) - 1].register_forward_hook(_gather_stack_output(mesh)))
     return handles
 
@@ -545,7 +260,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
             ConfigurationError at ``Trainer(...)``); ``"auto"``: the rest of the world.
         plan: Your own plan instead of the built-in one: ``{module path or glob: style}``, paths
             relative to the LightningModule, styles named in :data:`STYLES` or ``ParallelStyle``
-            objects. Needed for block types without a built-in plan.
+            objects. Needed for blocks the architecture table does not describe, or with a fused
+            in-projection (``nn.TransformerEncoderLayer``).
         block_paths: Attribute paths of the block lists, for models the locator does not know.
         vocab_parallel: Shard the word embedding(s) and output head over the vocabulary.
         sequence_parallel: Shard LayerNorm/dropout regions over the sequence (length divisible by
@@ -592,7 +308,9 @@ class TensorParallelStrategy(ModelParallelStrategy):
                 raise ConfigurationError(f"plan={plan!r} must be a non-empty mapping of module path -> style")
             for pattern, style in plan.items():
                 if isinstance(style, str) and style not in STYLES:
-                    raise ConfigurationError(f"plan[{pattern!r}]={style!r} is not a known style; choose one of: {', '.join(STYLES)}")
+                    raise ConfigurationError(
+                        f"plan[{pattern!r}]={style!r} is not a known style; choose one of: {', '.join(STYLES)}"
+                    )
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -639,7 +357,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         if module is not None:
             trainer = getattr(module, "_trainer", None)
             if trainer is not None:
-                check_composition(trainer.callbacks, self.composes_with)
+                check_strategy_support(trainer.callbacks, self.composes_with)
             if any(True for _ in module.parameters()) and not _has_dtensor(module):
                 self.build_plan(module, tp)
         return dp, tp
@@ -682,7 +400,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         tp_mesh = mesh["tensor_parallel"]
         plan = self.build_plan(model, tp_mesh.size())  # pure: fails alike on every rank
         if self.plan is None:
-            check_composition(self.lightning_module.trainer.callbacks, self.composes_with)
+            check_strategy_support(self.lightning_module.trainer.callbacks, self.composes_with)
         tied = _tied_groups(model)
         if tp_mesh.size() > 1:
             parallelize_module(model, tp_mesh, plan)
@@ -715,4 +433,3 @@ class TensorParallelStrategy(ModelParallelStrategy):
 
 def _has_dtensor(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
-
