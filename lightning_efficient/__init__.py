@@ -12,6 +12,22 @@ Example:
     ['val/accuracy', 'val/loss', 'val/perplexity']
 """
 
+from lightning_efficient.blocks import BlockStack, find_block_stacks
+from lightning_efficient.callbacks import (
+    ActivationCheckpointing,
+    ImportanceSampling,
+    LayerDrop,
+    LRScaling,
+    MagnitudePruning,
+    ProgressiveStacking,
+    QuantizationAwareTraining,
+    TokenDropping,
+    TrustRatioMonitor,
+    export_pruned,
+    export_quantized,
+    load_pruned,
+    load_quantized,
+)
 from lightning_efficient.data import (
     BROWN_PROSE,
     ImageClassificationDataModule,
@@ -21,22 +37,11 @@ from lightning_efficient.data import (
     TextClassificationDataModule,
     TranslationDataModule,
 )
-from lightning_efficient.blocks import BlockStack, find_block_stacks
-from lightning_efficient.callbacks import (
-    ActivationCheckpointing,
-    LayerDrop,
-    MagnitudePruning,
-    ProgressiveStacking,
-    QuantizationAwareTraining,
-    TokenDropping,
-    load_pruned,
-    load_quantized,
-)
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
-from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
+from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.monitor import EfficiencyMonitor
-from lightning_efficient.optim import LAMB, Lion, LRScaling, TrustRatioMonitor
+from lightning_efficient.optim import LAMB, Lion
 from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.strategies import TensorParallelStrategy
 from lightning_efficient.technique import Technique
@@ -44,9 +49,10 @@ from lightning_efficient.technique import Technique
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationCheckpointing",
     "BROWN_PROSE",
+    "LAMB",
     "PRESETS",
+    "ActivationCheckpointing",
     "BertClassifier",
     "BertMLM",
     "BlockStack",
@@ -56,8 +62,8 @@ __all__ = [
     "EfficiencyMonitor",
     "FlopCounter",
     "ImageClassificationDataModule",
+    "ImportanceSampling",
     "JsonlPredictionWriter",
-    "LAMB",
     "LRScaling",
     "LayerDrop",
     "Lion",
@@ -73,11 +79,13 @@ __all__ = [
     "TextClassificationDataModule",
     "TokenDropping",
     "Translation",
-    "TrustRatioMonitor",
     "TranslationDataModule",
+    "TrustRatioMonitor",
     "ViTClassifier",
     "__version__",
     "count_flops",
+    "export_pruned",
+    "export_quantized",
     "find_block_stacks",
     "load_pruned",
     "load_quantized",

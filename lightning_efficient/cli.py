@@ -14,25 +14,34 @@ On top of LightningCLI it
 - with ``--ckpt_path``, takes the tokenizer from the checkpoint (so ``predict`` needs only the
   checkpoint) and fails early when the checkpoint was written by another model type;
 - with ``model.init_args.pretrained_checkpoint`` (pretrain -> fine-tune), takes the tokenizer from
-  that checkpoint.
+  that checkpoint;
+- reads every ``class_path`` of ours in its canonical spelling (:func:`canonical_class_paths`):
+  a deprecated one (``lightning_efficient.callbacks.layer_drop.LayerDrop``,
+  ``lightning_efficient.optim.LRScaling``) still loads, with a ``DeprecationWarning`` naming the new path.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_efficient import compare
-from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
+from lightning_efficient.checkpoint import checkpoint_module_class
 from lightning_efficient.errors import CheckpointMismatchError
 
-__all__ = ["EfficientCLI", "main"]
+__all__ = ["EfficientCLI", "canonical_class_paths", "main"]
 
 
 def _import_class(class_path: str) -> type:
@@ -44,10 +53,84 @@ def _accepts(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
 
 
-def checkpoint_module_name(ckpt_path: str | Path) -> str | None:
-    """Name of the LightningModule class that wrote a checkpoint of ours (None for foreign ones)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # no tensor is read
-    return checkpoint.get(CHECKPOINT_KEY, {}).get("module")
+#: Subpackages whose exports are the canonical spelling of their classes (techniques, strategies,
+#: optimizers); other classes exported at the top level are spelled there.
+CANONICAL_SUBPACKAGES = ("callbacks", "strategies", "optim")
+
+
+@functools.cache
+def _spellings() -> tuple[dict[str, str], frozenset[str]]:
+    """Our public classes: name -> canonical path, and every valid path (``__all__`` of the top level or a subpackage)."""
+    canonical: dict[str, str] = {}
+    valid: set[str] = set()
+    for subpackage in ("", *CANONICAL_SUBPACKAGES, "models", "data"):
+        module = importlib.import_module(f"lightning_efficient.{subpackage}".rstrip("."))
+        for name in module.__all__:
+            if inspect.isclass(getattr(module, name)):
+                valid.add(f"{module.__name__}.{name}")
+                if name not in canonical or subpackage in CANONICAL_SUBPACKAGES:
+                    canonical[name] = f"{module.__name__}.{name}"
+    return canonical, frozenset(valid)
+
+
+def canonical_class_paths(config: Any) -> Any:
+    """Rewrite, in place, every deprecated spelling of our public classes in ``config``'s ``class_path`` values.
+
+    Walks dicts, lists and jsonargparse ``Namespace`` s. A class has two valid spellings, which are
+    left as they are: the top level (``lightning_efficient.BertMLM``) and its subpackage
+    (``lightning_efficient.callbacks.LayerDrop``, the canonical one for techniques, strategies and
+    optimizers). Any other path to the same class (a module-deep one, or a class that moved: a
+    ``lightning_efficient.optim.LRScaling``) becomes the canonical path, with a
+    ``DeprecationWarning`` naming it. Paths that are not ours, or do not import, are left alone.
+
+    Example:
+        >>> config = {"trainer": {"callbacks": [{"class_path": "lightning_efficient.callbacks.layer_drop.LayerDrop"}]}}
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     config = canonical_class_paths(config)
+        >>> config["trainer"]["callbacks"][0]["class_path"], str(caught[0].message)
+        ('lightning_efficient.callbacks.LayerDrop', 'class_path lightning_efficient.callbacks.layer_drop.LayerDrop is deprecated; use lightning_efficient.callbacks.LayerDrop')
+    """
+    items = vars(config) if isinstance(config, Namespace) else config
+    if isinstance(items, list):
+        for item in items:
+            canonical_class_paths(item)
+    elif isinstance(items, dict):
+        for key, value in items.items():
+            if key == "class_path" and isinstance(value, str):
+                items[key] = _canonical_class_path(value)
+            else:
+                canonical_class_paths(value)
+    return config
+
+
+def _canonical_class_path(class_path: str) -> str:
+    """``class_path``, or the canonical path of the same class of ours, with a warning, if it is a deprecated one."""
+    canonical, valid = _spellings()
+    name = class_path.rpartition(".")[2]
+    if not class_path.startswith("lightning_efficient.") or class_path in valid or name not in canonical:
+        return class_path
+    with warnings.catch_warnings():  # a moved name's own warning: ours names the class_path to change
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            same = _import_class(class_path) is _import_class(canonical[name])
+        except (ImportError, AttributeError):
+            return class_path  # not ours after all: LightningCLI reports it
+    if not same:
+        return class_path
+    rank_zero_warn(f"class_path {class_path} is deprecated; use {canonical[name]}", category=DeprecationWarning)
+    return canonical[name]
+
+
+#: The parser mode of :class:`EfficientCLI`: YAML, with :func:`canonical_class_paths` applied to what is read.
+PARSER_MODE = "lightning_efficient"
+
+
+def _load_yaml(text: str) -> Any:
+    return canonical_class_paths(get_loader("yaml")(text))
+
+
+set_loader(PARSER_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
 
 
 class EfficientCLI(LightningCLI):
@@ -57,7 +140,14 @@ class EfficientCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        if not sys.warnoptions:  # Python hides DeprecationWarning; show ours (deprecated class paths) unless -W says
+            warnings.filterwarnings("default", category=DeprecationWarning, module=re.escape(__name__))
         super().__init__(**kwargs)
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        """LightningCLI's parser, reading YAML through :func:`canonical_class_paths` (``PARSER_MODE``)."""
+        kwargs.setdefault("parser_mode", PARSER_MODE)
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def configure_optimizers(lightning_module: Any, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> Any:
@@ -78,6 +168,7 @@ class EfficientCLI(LightningCLI):
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
+        canonical_class_paths(self.config)  # what the YAML loader did not see: dict args, command-line strings
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
         model = config.get("model")
@@ -85,7 +176,7 @@ class EfficientCLI(LightningCLI):
             return
         if not Path(ckpt_path).is_file():
             raise CheckpointMismatchError(f"ckpt_path {ckpt_path!r} does not exist")
-        written_by = checkpoint_module_name(ckpt_path)
+        written_by = checkpoint_module_class(ckpt_path)  # its metadata only: no tensor is read
         expected = model.class_path.rpartition(".")[2]
         if written_by is not None and written_by != expected:
             raise CheckpointMismatchError(
@@ -113,18 +204,28 @@ class EfficientCLI(LightningCLI):
             data_cls = _import_class(data_cfg.class_path)
             model_cls = _import_class(model_cfg.class_path)
             provided = getattr(data_cls, "model_argument_names", ())
-            unset = [k for k, v in model_cfg.init_args.items() if v is None and k in provided and _accepts(model_cls, k)]
-            if unset:  # e.g. predict --ckpt_path: the checkpoint's hyperparameters already set them
+            unset = [
+                k for k, v in model_cfg.init_args.items() if v is None and k in provided and _accepts(model_cls, k)
+            ]
+            if unset:  # none, e.g., in predict --ckpt_path: the checkpoint's hyperparameters already set them
                 datamodule = data_cls(**data_cfg.init_args.as_dict())
                 for name, value in datamodule.model_arguments().items():
                     if name in unset:
                         model_cfg.init_args[name] = value
-        super().instantiate_classes()
-        if datamodule is not None:
-            # Keep the instance that already resolved its tokenizer and read its files.
-            self.datamodule = datamodule
-            subcommand = self.config_init.get("subcommand")
-            (self.config_init[subcommand] if subcommand else self.config_init)["data"] = datamodule
+        if datamodule is None:
+            super().instantiate_classes()
+            return
+        # The data module is built once: this instance, which already resolved its tokenizer (from a
+        # checkpoint's metadata or by training it) and read its files. LightningCLI instantiates the
+        # rest with the data left out, and the config keeps its data section (config.yaml).
+        config["data"] = None
+        try:
+            super().instantiate_classes()
+        finally:
+            config["data"] = data_cfg
+        self.datamodule = datamodule
+        subcommand = self.config_init.get("subcommand")
+        (self.config_init[subcommand] if subcommand else self.config_init)["data"] = datamodule
 
 
 _COMPARE_EPILOG = (

@@ -15,14 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_efficient.errors import ConfigurationError
-from lightning_efficient.optim.lr_scaling import (
+from lightning_efficient.callbacks.lr_scaling import (
     LRScaling,
     data_parallel_size,
     scale_learning_rates,
     scaled_lr,
     warmup_factor,
 )
+from lightning_efficient.errors import ConfigurationError
 
 BASE_LR = 0.1
 
@@ -295,8 +295,9 @@ SMALL_MLM = Path(__file__).parents[1] / "configs" / "bert" / "small_mlm.yaml"
 
 @pytest.mark.parametrize("name", ["lamb_large_batch", "lion", "lr_scaling", "trust_ratio_monitor"])
 def test_fragment_loads_through_the_cli(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_efficient.callbacks import TrustRatioMonitor
     from lightning_efficient.cli import EfficientCLI
-    from lightning_efficient.optim import LAMB, Lion, TrustRatioMonitor
+    from lightning_efficient.optim import LAMB, Lion
 
     fragment = FRAGMENTS / f"{name}.yaml"
     assert (

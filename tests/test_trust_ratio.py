@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 from lightning_efficient.optim import LAMB, Lion
-from lightning_efficient.optim.trust_ratio import TrustRatioMonitor
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
@@ -212,7 +212,7 @@ def test_pattern_matching_nothing_fails_before_training(tmp_path: Path) -> None:
     model = Toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        NoTargetModulesError, match=r"'\*attention\*' matches no .* of Toy .*net\.0\.weight, net\.2\.weight"
+        NoTargetModulesError, match=r"no trainable matrix .* matched params pattern '\*attention\*' in Toy; candidates: net\.0\.weight, net\.2\.weight"
     ):
         fit(TrustRatioMonitor(params=["net.*", "*attention*"]), tmp_path, 2, model=model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1,4 +1,7 @@
-"""Technique callbacks, one module per technique.
+"""Technique callbacks, one module (or package) per technique, and the two export verbs.
+
+``export_pruned`` makes :class:`MagnitudePruning`'s masks permanent (and slices structured units
+away); ``export_quantized`` converts :class:`QuantizationAwareTraining`'s layers to int8.
 
 Example:
     >>> from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
@@ -9,19 +12,25 @@ Example:
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_efficient.callbacks.importance_sampling import ImportanceSampling, importance_weighted_loss
 from lightning_efficient.callbacks.layer_drop import LayerDrop
+from lightning_efficient.callbacks.lr_scaling import LRScaling
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
-from lightning_efficient.callbacks.pruning import MagnitudePruning, load_pruned
-from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, load_quantized
+from lightning_efficient.callbacks.pruning import MagnitudePruning, export_pruned, load_pruned
+from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, export_quantized, load_quantized
 from lightning_efficient.callbacks.token_dropping import TokenDropping
+from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 
 __all__ = [
     "ActivationCheckpointing",
     "ImportanceSampling",
+    "LRScaling",
     "LayerDrop",
     "MagnitudePruning",
     "ProgressiveStacking",
     "QuantizationAwareTraining",
     "TokenDropping",
+    "TrustRatioMonitor",
+    "export_pruned",
+    "export_quantized",
     "importance_weighted_loss",
     "load_pruned",
     "load_quantized",

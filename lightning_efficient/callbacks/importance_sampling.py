@@ -12,7 +12,8 @@ the variance reduction ``tau`` (an exponential moving average) exceeds the break
 ``(B + 3b) / (3b)``; on the other steps the batch is ``b`` uniformly drawn pool examples and
 ``tau`` is estimated from the scores of their training forward, which costs nothing extra.
 
-The pure functions:
+The pure functions (the loss protocol's pieces live in :mod:`lightning_efficient.losses`, shared
+with the models, and are re-exported here):
 
 - :func:`cross_entropy_gradient_norms`: the score, the norm of the loss gradient with respect
   to the logits (the last layer's pre-activation), in closed form for cross-entropy:
@@ -26,7 +27,8 @@ The pure functions:
 - :func:`importance_weighted_loss`: the loss a module's ``training_step`` returns, weighted when
   the callback put weights into the batch.
 
-**What a module must provide** (the package's BERT, translation and ViT modules do):
+**What a module must provide** (the package's BERT, translation and ViT modules do; the protocol
+is stated in :mod:`lightning_efficient.losses`):
 
 1. ``importance_scores(batch) -> Tensor (N,)``: the score of each example of a dict batch, from
    a forward pass (the callback calls it under ``torch.no_grad()`` in eval mode). It may add
@@ -53,15 +55,24 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.losses import (
+    PADDED_KEYS,
+    SCORE_REQUEST_KEY,
+    SCORES_KEY,
+    WEIGHTS_KEY,
+    cross_entropy_gradient_norms,
+    importance_weighted_loss,
+    is_importance_batch,
+    row_gradient_norms,
+)
 from lightning_efficient.technique import Technique, check_range
 
 __all__ = [
@@ -78,75 +89,6 @@ __all__ = [
     "tau_threshold",
     "variance_reduction",
 ]
-
-#: Batch key of the drawn examples' loss weights ``1 / (B p_i)``, put in by the callback, taken out by
-#: :func:`importance_weighted_loss`.
-WEIGHTS_KEY = "importance_weights"
-#: Batch key by which the callback asks the training step for its examples' scores (uniform steps).
-SCORE_REQUEST_KEY = "importance_score_request"
-#: Batch key under which :func:`importance_weighted_loss` leaves the scores asked for.
-SCORES_KEY = "importance_scores"
-#: Batch keys of ``(N, T)`` tensors aligned with ``attention_mask`` (the package's text batches, and
-#: the masks BertMLM scored with): trimmed to the longest kept row after a draw.
-PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mlm_input_ids", "mlm_labels")
-
-
-@torch.no_grad()
-def cross_entropy_gradient_norms(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, token_mean: bool = True
-) -> torch.Tensor:
-    """Per example, the norm of the gradient of its cross-entropy loss with respect to its logits.
-
-    Args:
-        logits: ``(N, C)`` (one prediction per example) or ``(N, T, C)`` (a sequence each).
-        targets: ``(N,)`` or ``(N, T)`` class indices; ``ignore_index`` marks tokens without a loss.
-        ignore_index: The target value of tokens that are not predicted.
-        token_mean: Sequences: the example's loss is the mean over its predicted tokens (the
-            gradient norm is divided by their count), else their sum.
-
-    Returns:
-        ``(N,)`` float32 scores; 0 for a sequence with no predicted token.
-
-    Raises:
-        ConfigurationError: The shapes of ``logits`` and ``targets`` do not fit.
-    """
-    if logits.dim() not in (2, 3) or targets.shape != logits.shape[:-1]:
-        raise ConfigurationError(
-            f"logits of shape {tuple(logits.shape)} and targets of shape {tuple(targets.shape)} do not fit: "
-            "expected (N, C) with (N,), or (N, T, C) with (N, T)"
-        )
-    valid = targets != ignore_index
-    probabilities = F.softmax(logits.float(), dim=-1)
-    target_probability = probabilities.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    squared = (probabilities.square().sum(-1) - 2 * target_probability + 1).clamp(min=0) * valid  # ||p - y||^2
-    if logits.dim() == 2:
-        return squared.sqrt()
-    norms = squared.sum(-1).sqrt()
-    return norms / valid.sum(-1).clamp(min=1) if token_mean else norms
-
-
-@torch.no_grad()
-def row_gradient_norms(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Per row, the gradient norm of the *sum* of its token losses, from token logits gathered over rows.
-
-    Args:
-        logits: ``(M, C)`` logits of ``M`` predicted tokens.
-        targets: ``(M,)`` their classes.
-        rows: ``(M,)`` the row (example) each token belongs to.
-        num_rows: The number of rows ``N``.
-
-    Returns:
-        ``(N,)`` float32 ``sqrt(sum over the row's tokens of ||softmax(z) - onehot(y)||^2)``; 0 for a
-        row without tokens.
-
-    Example:
-        >>> logits = torch.zeros(3, 2)
-        >>> norms = row_gradient_norms(logits, torch.tensor([0, 1, 0]), torch.tensor([0, 0, 2]), 3)
-        >>> [round(n, 4) for n in norms.tolist()]  # two tokens of 0.5 squared each, none, one
-        [1.0, 0.0, 0.7071]
-    """
-    squared = cross_entropy_gradient_norms(logits, targets).square()
-    return torch.zeros(num_rows, device=logits.device).index_add_(0, rows, squared).sqrt()
 
 
 def importance_sample(
@@ -208,55 +150,6 @@ def tau_threshold(pool_size: int, batch_size: int) -> float:
             f"pool_size={pool_size} must be >= batch_size={batch_size} >= 1: the batch is drawn from the pool"
         )
     return (pool_size + 3 * batch_size) / (3 * batch_size)
-
-
-def is_importance_batch(batch: Any) -> bool:
-    """Whether :class:`ImportanceSampling` put weights or a score request into ``batch``."""
-    return isinstance(batch, MutableMapping) and (WEIGHTS_KEY in batch or SCORE_REQUEST_KEY in batch)
-
-
-def importance_weighted_loss(
-    losses: torch.Tensor,
-    batch: MutableMapping[str, Any],
-    tokens: torch.Tensor | None = None,
-    scores: Callable[[], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The training loss of a batch, weighted by the importance weights the callback put into it.
-
-    Takes the weights ``w`` out of the batch (so the callback can tell they were used) and
-    returns, for per-example losses, ``mean(w * losses)``, whose expectation is the pool's mean
-    loss; for sequences (``tokens`` given: each example's summed token losses and its number of
-    predicted tokens) the weighted token mean ``sum(w * losses) / sum(w * tokens)``, the ratio
-    estimate of the pool's token mean (consistent, its bias falls as 1/b). Without weights it is
-    the plain mean (or token mean). When the callback asked for the batch's scores, it calls
-    ``scores()`` (under ``no_grad``) and leaves them in ``batch[SCORES_KEY]``.
-
-    Args:
-        losses: ``(N,)`` the loss of each example (with its graph), or the sum of its token losses.
-        batch: The dict batch of the training step.
-        tokens: ``(N,)`` predicted tokens per example, for token losses.
-        scores: Gives the ``(N,)`` scores of this forward (``cross_entropy_gradient_norms`` of its logits).
-
-    Example:
-        >>> losses = torch.tensor([1.0, 2.0, 3.0])
-        >>> batch = {"x": torch.zeros(3), WEIGHTS_KEY: torch.tensor([2.0, 1.0, 0.0])}
-        >>> round(float(importance_weighted_loss(losses, batch)), 4), WEIGHTS_KEY in batch  # (2 + 2 + 0) / 3
-        (1.3333, False)
-        >>> float(importance_weighted_loss(losses, {}, tokens=torch.tensor([1, 1, 2])))  # 6 / 4
-        1.5
-    """
-    weights = batch.pop(WEIGHTS_KEY, None)
-    if scores is not None and batch.pop(SCORE_REQUEST_KEY, False):
-        with torch.no_grad():
-            batch[SCORES_KEY] = scores().detach().float()
-    if weights is not None:
-        weights = weights.to(device=losses.device, dtype=losses.dtype)
-        losses = weights * losses
-    if tokens is None:
-        return losses.mean()
-    tokens = tokens.to(device=losses.device, dtype=losses.dtype)
-    counted = tokens.sum() if weights is None else (weights * tokens).sum()
-    return losses.sum() / counted.clamp(min=torch.finfo(losses.dtype).tiny)
 
 
 def _rows(batch: MutableMapping[str, Any]) -> int:

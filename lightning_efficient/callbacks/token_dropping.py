@@ -26,7 +26,8 @@ state is the same on every rank (each rank drops different tokens of its own bat
 
 Models: the callback needs the module to say which positions are predicted: an attribute
 ``predicted_positions``, a ``(B, T)`` bool tensor while the encoder runs (``BertMLM`` sets it in
-``masked_logits``). A model without it (translation, image classification) is refused at setup.
+``masked_logits``; the protocol is stated in :mod:`lightning_efficient.losses`). A model without it
+(translation, image classification) is refused at setup.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -65,6 +66,7 @@ from lightning_efficient.blocks import (
     wrap_forward,
 )
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+from lightning_efficient.losses import PREDICTED_POSITIONS
 from lightning_efficient.technique import Technique, check_range
 
 __all__ = [
@@ -341,7 +343,7 @@ class TokenDropping(Technique):
 
     # -- surgery --------------------------------------------------------------------------------
     def apply(self, pl_module: nn.Module) -> list[Any]:
-        if not hasattr(pl_module, "predicted_positions"):
+        if not hasattr(pl_module, PREDICTED_POSITIONS):
             raise ConfigurationError(
                 f"token_dropping never drops the positions the loss predicts, and {type(pl_module).__name__} does not "
                 "say which they are: it has no attribute predicted_positions. A masked-LM module (like BertMLM) sets "
@@ -417,7 +419,7 @@ class TokenDropping(Technique):
         """At the first block of the range: choose the kept tokens of this call (None: keep all)."""
         if not block.training:
             return None
-        required = getattr(self._module, "predicted_positions", None)
+        required = getattr(self._module, PREDICTED_POSITIONS, None)
         if required is None:
             if not self._warned:
                 self._warned = True

@@ -19,26 +19,24 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
+from lightning_efficient.checkpoint import CHECKPOINT_KEY, checkpoint_tokenizer
+from lightning_efficient.errors import ConfigurationError, DataError
 
 __all__ = [
     "BERT_SPECIAL_TOKENS",
-    "MT_SPECIAL_TOKENS",
     "CHECKPOINT_KEY",
-    "train_wordpiece",
-    "train_shared_bpe",
+    "MT_SPECIAL_TOKENS",
     "cached_tokenizer",
-    "load_tokenizer",
     "check_special_tokens",
+    "load_tokenizer",
+    "train_shared_bpe",
+    "train_wordpiece",
 ]
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MT_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-#: Key of the dict that our LightningModules add to every checkpoint (module name, tokenizer, labels).
-CHECKPOINT_KEY = "lightning_efficient"
 _FORMAT_VERSION = "1"
 
 
@@ -57,13 +55,9 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, show_progress: bool =
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS), show_progress=show_progress
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
+    return _train_and_frame(
+        tokenizer, trainer, texts, ("[CLS]", "[SEP]"), single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1"
     )
-    return tokenizer
 
 
 def train_shared_bpe(texts: Sequence[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:
@@ -81,10 +75,19 @@ def train_shared_bpe(texts: Sequence[str], vocab_size: int, show_progress: bool 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(MT_SPECIAL_TOKENS), show_progress=show_progress
     )
+    return _train_and_frame(tokenizer, trainer, texts, ("</s>",), single="$A </s>")
+
+
+def _train_and_frame(
+    tokenizer: Tokenizer, trainer: trainers.Trainer, texts: Sequence[str], framing: Sequence[str], **templates: str
+) -> Tokenizer:
+    """Train ``tokenizer`` on ``texts``, then frame its encodings with ``templates`` (``single``, ``pair``).
+
+    ``framing`` names the special tokens the templates use; they get their ids in the trained vocabulary.
+    """
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
-    )
+    special_tokens = [(token, tokenizer.token_to_id(token)) for token in framing]
+    tokenizer.post_processor = processors.TemplateProcessing(**templates, special_tokens=special_tokens)
     return tokenizer
 
 
@@ -147,17 +150,7 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
             return Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a plain Exception on bad JSON
             raise DataError(f"tokenizer file {str(path)!r} cannot be parsed: {err}") from err
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
-    except Exception as err:
-        raise DataError(f"checkpoint {str(path)!r} cannot be read: {err}") from err
-    meta = checkpoint.get(CHECKPOINT_KEY, {}) if isinstance(checkpoint, dict) else {}
-    if not meta.get("tokenizer"):
-        raise CheckpointMismatchError(
-            f"checkpoint {str(path)!r} holds no tokenizer (written by {meta.get('module', 'an unknown module')}); "
-            "text models need a checkpoint of BertMLM, BertClassifier or Translation"
-        )
-    return Tokenizer.from_str(meta["tokenizer"])
+    return checkpoint_tokenizer(path)
 
 
 def check_special_tokens(tokenizer: Tokenizer, specials: Sequence[str], source: str) -> None:

@@ -2,7 +2,8 @@
 
 Every checkpoint written by one of our modules carries, under ``checkpoint["lightning_efficient"]``,
 the module's class name and (for text models) the tokenizer, so ``predict`` needs nothing but the
-checkpoint, and loading a checkpoint into the wrong model type fails with a message saying so.
+checkpoint, and loading a checkpoint into the wrong model type fails with a message saying so
+(:mod:`lightning_efficient.checkpoint` writes and reads that metadata).
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import lightning.pytorch as pl
 import torch
 from tokenizers import Tokenizer
 
-from lightning_efficient.data.tokenizers import CHECKPOINT_KEY
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.checkpoint import check_module, read_metadata, read_tokenizer, write_metadata, write_tokenizer
+from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.losses import classification_loss
 from lightning_efficient.monitor import batch_counts
 from lightning_efficient.optim.param_groups import no_decay_groups
 
 __all__ = [
     "EfficientModule",
     "capture_rng_state",
+    "class_names",
     "decay_parameter_groups",
     "require_argument",
     "restore_rng_state",
-    "warn_if_epoch_was_cut_short",
     "warmup_schedule",
+    "warn_if_epoch_was_cut_short",
 ]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -128,6 +131,33 @@ def require_argument(name: str, value: Any, hint: str) -> Any:
     return value
 
 
+def class_names(num_labels: int | None, label_names: list[str] | None, hint: str) -> list[str]:
+    """The checked class names of a classifier: ``label_names``, or ``"0", "1", ...`` when not given.
+
+    Args:
+        num_labels: Number of classes (at least 2); missing: fail with ``hint``.
+        label_names: One name per class, or None.
+        hint: Where ``num_labels`` comes from, for the error when it is missing.
+
+    Raises:
+        ConfigurationError: ``num_labels`` is missing or below 2, or ``label_names`` has another length.
+
+    Example:
+        >>> class_names(3, None, "pass datamodule.num_labels")
+        ['0', '1', '2']
+        >>> class_names(2, ["a", "b", "c"], "pass datamodule.num_labels")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: label_names has 3 names but num_labels=2
+    """
+    num_labels = require_argument("num_labels", num_labels, hint)
+    if num_labels < 2:
+        raise ConfigurationError(f"num_labels={num_labels} must be at least 2")
+    if label_names is not None and len(label_names) != num_labels:
+        raise ConfigurationError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
+    return label_names or [str(i) for i in range(num_labels)]
+
+
 class EfficientModule(pl.LightningModule):
     """Base of the package's LightningModules.
 
@@ -155,7 +185,9 @@ class EfficientModule(pl.LightningModule):
         if not 0.0 <= warmup_fraction < 1.0:
             raise ConfigurationError(f"warmup_fraction={warmup_fraction} must lie in [0, 1)")
         if lr_schedule not in LR_SCHEDULES:
-            raise ConfigurationError(f"lr_schedule={lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+            raise ConfigurationError(
+                f"lr_schedule={lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}"
+            )
         self.tokenizer: Tokenizer | None = None
 
     # -- data / model consistency ---------------------------------------------------------------
@@ -177,7 +209,9 @@ class EfficientModule(pl.LightningModule):
             return
         if self.needs_tokenizer and getattr(datamodule, "tokenizer", None) is not None:
             self.tokenizer = datamodule.tokenizer
-        if hasattr(datamodule, "model_arguments") and not (stage == "predict" and getattr(datamodule, "predict_files", None)):
+        if hasattr(datamodule, "model_arguments") and not (
+            stage == "predict" and getattr(datamodule, "predict_files", None)
+        ):
             given = datamodule.model_arguments()
             for name, expected in self.data_requirements().items():
                 if name in given and given[name] != expected:
@@ -186,6 +220,17 @@ class EfficientModule(pl.LightningModule):
                         f"{name}={given[name]!r} ({type(datamodule).__name__}); set {name} to the data's value "
                         "(the lightning-efficient CLI fills it in when left unset)"
                     )
+
+    def classification_training_step(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The training step of a classifier from its logits ``(N, C)``: loss, logged with the accuracy.
+
+        The loss is :func:`lightning_efficient.losses.classification_loss` of ``batch["labels"]``
+        (importance-weighted when a technique weighted the batch); logs ``train/loss`` and ``train/accuracy``.
+        """
+        loss = classification_loss(logits, batch["labels"], batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
+        return loss
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -211,22 +256,18 @@ class EfficientModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta: dict[str, Any] = {"module": type(self).__name__, "rng": capture_rng_state()}
+        write_metadata(checkpoint, module=type(self).__name__, rng=capture_rng_state())
         if self.tokenizer is not None:
-            meta["tokenizer"] = self.tokenizer.to_str()
-        checkpoint[CHECKPOINT_KEY] = meta
+            write_tokenizer(checkpoint, self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
+        meta = read_metadata(checkpoint)
         if meta is None:
             return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
-        if meta.get("module") != type(self).__name__:
-            raise CheckpointMismatchError(
-                f"the checkpoint was written by {meta.get('module')}, not by {type(self).__name__}; "
-                f"use a {meta.get('module')} config for it, or a {type(self).__name__} checkpoint"
-            )
-        if meta.get("tokenizer"):
-            self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+        check_module(checkpoint, type(self).__name__)
+        tokenizer = read_tokenizer(checkpoint)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Resuming training: continue the global random streams (dropout) where they were.
             # Loading weights for inference or fine-tuning leaves the caller's RNG alone.

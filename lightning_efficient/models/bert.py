@@ -15,18 +15,20 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from lightning_efficient.callbacks.importance_sampling import (
+from lightning_efficient.checkpoint import checkpoint_module_class, read_metadata, write_metadata
+from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
+from lightning_efficient.losses import (
     cross_entropy_gradient_norms,
     importance_weighted_loss,
     is_importance_batch,
+    predicting,
     row_gradient_norms,
 )
-from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS, CHECKPOINT_KEY
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
-from lightning_efficient.models.base import EfficientModule, require_argument
+from lightning_efficient.models.base import EfficientModule, class_names, require_argument
 from lightning_efficient.models.presets import ModelSize, resolve_size
 
-__all__ = ["mask_tokens", "bert_config", "BertMLM", "BertClassifier"]
+__all__ = ["BertClassifier", "BertMLM", "bert_config", "mask_tokens"]
 
 MASK_TOKEN_ID = BERT_SPECIAL_TOKENS.index("[MASK]")
 NUM_SPECIAL = len(BERT_SPECIAL_TOKENS)
@@ -137,8 +139,8 @@ class BertMLM(EfficientModule):
     needs_tokenizer = True
 
     #: While :meth:`masked_logits` runs the encoder: ``(B, T)`` bool, True where the loss predicts
-    #: (``labels != -100``); None otherwise. :class:`~lightning_efficient.callbacks.TokenDropping`
-    #: reads it to never drop those positions.
+    #: (``labels != -100``); None otherwise (the protocol of :mod:`lightning_efficient.losses`).
+    #: :class:`~lightning_efficient.TokenDropping` reads it to never drop those positions.
     predicted_positions: torch.Tensor | None = None
 
     def __init__(
@@ -182,14 +184,11 @@ class BertMLM(EfficientModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, V)`` and targets ``(M,)`` at the ``M`` positions where ``labels != -100``."""
         keep = labels != -100
-        self.predicted_positions = keep  # (B, T): what a token-dropping technique must keep
-        try:
+        with predicting(self, keep):  # (B, T): what a token-dropping technique must keep
             if not self.hparams.head_on_masked_only:
                 logits = self(input_ids, attention_mask)  # (B, T, V)
                 return logits[keep], labels[keep]
             hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        finally:
-            self.predicted_positions = None
         return self.model.cls(hidden[keep]), labels[keep]  # (M, V): the head sees masked positions only
 
     def _step(
@@ -197,13 +196,17 @@ class BertMLM(EfficientModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, predict and score a batch: ``(loss, logits (M, V), targets (M,))``."""
         masked, labels = mask_tokens(
-            batch["input_ids"], batch["attention_mask"], generator, self.hparams.vocab_size, self.hparams.mlm_probability
+            batch["input_ids"],
+            batch["attention_mask"],
+            generator,
+            self.hparams.vocab_size,
+            self.hparams.mlm_probability,
         )
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         return F.cross_entropy(logits.float(), targets), logits, targets
 
     def _importance_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``_step`` for a batch of :class:`~lightning_efficient.callbacks.ImportanceSampling`: the weighted token mean."""
+        """``_step`` for a batch of :class:`~lightning_efficient.ImportanceSampling`: the weighted token mean."""
         if "mlm_labels" in batch:  # the masks the examples were scored with
             masked, labels = batch["mlm_input_ids"], batch["mlm_labels"]
         else:
@@ -300,11 +303,11 @@ class BertMLM(EfficientModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY]["mask_generator"] = self.mask_generator.get_state()
+        write_metadata(checkpoint, mask_generator=self.mask_generator.get_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get(CHECKPOINT_KEY, {}).get("mask_generator")
+        state = (read_metadata(checkpoint) or {}).get("mask_generator")
         if state is not None:
             self.mask_generator.set_state(state)
 
@@ -362,12 +365,8 @@ class BertClassifier(EfficientModule):
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
         vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
-        num_labels = require_argument("num_labels", num_labels, "pass datamodule.num_labels")
-        if num_labels < 2:
-            raise ConfigurationError(f"num_labels={num_labels} must be at least 2")
-        if label_names is not None and len(label_names) != num_labels:
-            raise ConfigurationError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
-        self.label_names = label_names or [str(i) for i in range(num_labels)]
+        self.label_names = class_names(num_labels, label_names, "pass datamodule.num_labels")
+        num_labels = len(self.label_names)
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
         config = bert_config(self.size, vocab_size, max_length, dropout, num_labels=num_labels)
         self.model = BertForSequenceClassification(config)
@@ -391,7 +390,7 @@ class BertClassifier(EfficientModule):
         if not path.is_file():
             raise DataError(f"pretrained_checkpoint {checkpoint_path!r} does not exist")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        written_by = checkpoint.get(CHECKPOINT_KEY, {}).get("module")
+        written_by = checkpoint_module_class(checkpoint)
         if written_by != "BertMLM":
             raise CheckpointMismatchError(
                 f"pretrained_checkpoint {checkpoint_path!r} was written by {written_by}; it must be a BertMLM checkpoint"
@@ -402,7 +401,11 @@ class BertClassifier(EfficientModule):
             theirs.get("num_heads"), theirs.get("ffn_size"),
         )  # fmt: skip
         ours = {**vars(self.size), "vocab_size": self.hparams.vocab_size, "max_length": self.hparams.max_length}
-        pretrained = {**vars(source), "vocab_size": theirs.get("vocab_size"), "max_length": theirs.get("max_length", 512)}
+        pretrained = {
+            **vars(source),
+            "vocab_size": theirs.get("vocab_size"),
+            "max_length": theirs.get("max_length", 512),
+        }
         differing = {k: (ours[k], pretrained[k]) for k in ours if ours[k] != pretrained[k]}
         if differing:
             detail = ", ".join(f"{k}: ours {a} vs checkpoint {b}" for k, (a, b) in differing.items())
@@ -429,17 +432,7 @@ class BertClassifier(EfficientModule):
         return cross_entropy_gradient_norms(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        if is_importance_batch(batch):
-            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            loss = importance_weighted_loss(
-                losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, batch["labels"])
-            )
-        else:
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
-        return loss
+        return self.classification_training_step(self(batch["input_ids"], batch["attention_mask"]), batch)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy: Any, f1: Any) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])
@@ -460,7 +453,11 @@ class BertClassifier(EfficientModule):
         """Predicted label name and class probabilities of each text."""
         probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
         return [
-            {"text": text, "label": self.label_names[int(p.argmax())], "probabilities": dict(zip(self.label_names, p.tolist()))}
+            {
+                "text": text,
+                "label": self.label_names[int(p.argmax())],
+                "probabilities": dict(zip(self.label_names, p.tolist())),
+            }
             for text, p in zip(batch["text"], probabilities)
         ]
 
@@ -468,4 +465,4 @@ class BertClassifier(EfficientModule):
         super().on_save_checkpoint(checkpoint)
         # The pretrained weights are part of this checkpoint now: reloading it must not need that file.
         checkpoint["hyper_parameters"]["pretrained_checkpoint"] = None
-        checkpoint[CHECKPOINT_KEY]["initialised_from"] = self.initialised_from
+        write_metadata(checkpoint, initialised_from=self.initialised_from)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from lightning_efficient.errors import ConfigurationError
 
-__all__ = ["ModelSize", "PRESETS", "resolve_size"]
+__all__ = ["PRESETS", "ModelSize", "resolve_size"]
 
 
 @dataclass(frozen=True)

@@ -9,23 +9,21 @@ import torch.nn.functional as F
 from torchmetrics.text import SacreBLEUScore
 from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, PreTrainedModel
 
-from lightning_efficient.callbacks.importance_sampling import (
-    cross_entropy_gradient_norms,
-    importance_weighted_loss,
-    is_importance_batch,
-)
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.losses import cross_entropy_gradient_norms, importance_weighted_loss, is_importance_batch
 from lightning_efficient.models.base import EfficientModule, require_argument
 from lightning_efficient.models.presets import ModelSize, resolve_size
 
-__all__ = ["ARCHITECTURES", "seq2seq_model", "Translation"]
+__all__ = ["ARCHITECTURES", "Translation", "seq2seq_model"]
 
 ARCHITECTURES = ("marian", "bart")
 PAD_ID, EOS_ID = MT_SPECIAL_TOKENS.index("<pad>"), MT_SPECIAL_TOKENS.index("</s>")
 
 
-def seq2seq_model(architecture: str, size: ModelSize, vocab_size: int, max_length: int, dropout: float) -> PreTrainedModel:
+def seq2seq_model(
+    architecture: str, size: ModelSize, vocab_size: int, max_length: int, dropout: float
+) -> PreTrainedModel:
     """A randomly initialised Marian or BART model of the given shape, using our special-token ids.
 
     Both stacks get ``size.num_layers`` blocks; source and target share one embedding matrix.
@@ -164,7 +162,7 @@ class Translation(EfficientModule):
         return cross_entropy_gradient_norms(logits, batch["labels"], token_mean=False)
 
     def _importance_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The training loss of a batch of :class:`~lightning_efficient.callbacks.ImportanceSampling`."""
+        """The training loss of a batch of :class:`~lightning_efficient.ImportanceSampling`."""
         labels = batch["labels"]
         logits = self(batch["input_ids"], batch["attention_mask"], labels)
         token_losses = F.cross_entropy(

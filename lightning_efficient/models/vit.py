@@ -9,13 +9,9 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
-from lightning_efficient.callbacks.importance_sampling import (
-    cross_entropy_gradient_norms,
-    importance_weighted_loss,
-    is_importance_batch,
-)
 from lightning_efficient.errors import ConfigurationError
-from lightning_efficient.models.base import EfficientModule, require_argument
+from lightning_efficient.losses import cross_entropy_gradient_norms
+from lightning_efficient.models.base import EfficientModule, class_names
 from lightning_efficient.models.presets import resolve_size
 
 __all__ = ["ViTClassifier"]
@@ -67,14 +63,10 @@ class ViTClassifier(EfficientModule):
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
-        num_labels = require_argument("num_labels", num_labels, "pass datamodule.model_arguments()['num_labels']")
-        if num_labels < 2:
-            raise ConfigurationError(f"num_labels={num_labels} must be at least 2")
-        if label_names is not None and len(label_names) != num_labels:
-            raise ConfigurationError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
+        self.label_names = class_names(num_labels, label_names, "pass datamodule.model_arguments()['num_labels']")
+        num_labels = len(self.label_names)
         if patch_size <= 0 or image_size % patch_size:
             raise ConfigurationError(f"patch_size={patch_size} must divide image_size={image_size}")
-        self.label_names = label_names or [str(i) for i in range(num_labels)]
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
         config = ViTConfig(
             image_size=image_size,
@@ -109,17 +101,7 @@ class ViTClassifier(EfficientModule):
         return cross_entropy_gradient_norms(self(batch["pixel_values"]), batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["pixel_values"])
-        if is_importance_batch(batch):
-            losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            loss = importance_weighted_loss(
-                losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, batch["labels"])
-            )
-        else:
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
-        return loss
+        return self.classification_training_step(self(batch["pixel_values"]), batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["pixel_values"])

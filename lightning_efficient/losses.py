@@ -1,0 +1,243 @@
+"""The per-example loss protocol: what a LightningModule tells the techniques about its loss.
+
+Some techniques need more from a module than its mean loss. This module holds everything that
+the package's models implement and those techniques consume, so a model imports no technique and
+your own LightningModule can take part by following the same three rules:
+
+1. **Per-example losses and weights.** A technique that reweights examples (importance sampling)
+   puts ``(N,)`` loss weights into the dict batch under :data:`WEIGHTS_KEY`, or asks for the
+   examples' scores with :data:`SCORE_REQUEST_KEY`. :func:`is_importance_batch` tells a
+   ``training_step`` that it did; the step then computes the loss of each example (for token
+   losses: each example's summed token losses and its number of predicted tokens) and returns
+   :func:`importance_weighted_loss` of them, which applies (and removes) the weights. Without
+   weights it is the plain mean, so the same step serves every batch. :func:`classification_loss`
+   does all of it for one prediction per example.
+2. **Scores.** ``importance_scores(batch) -> Tensor (N,)`` gives each example's score, an upper
+   bound of its gradient norm: :func:`cross_entropy_gradient_norms` of its logits (closed form for
+   cross-entropy), or :func:`row_gradient_norms` for token logits gathered from many rows. The step
+   passes the same function to ``importance_weighted_loss(..., scores=...)``, which leaves the scores
+   under :data:`SCORES_KEY` when they were asked for (they come free from the training forward).
+   A module may add ``(N, T)`` tensors to the batch while scoring (:data:`PADDED_KEYS` names the
+   ones aligned with ``attention_mask``).
+3. **Predicted positions.** A sequence model whose loss predicts only some positions (masked LM)
+   says which while its encoder runs: the attribute :data:`PREDICTED_POSITIONS`
+   (``predicted_positions``), a ``(B, T)`` bool tensor, True where the loss predicts, None otherwise
+   (:func:`predicting` sets and clears it). Token dropping never drops those positions.
+
+Example:
+    >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
+    >>> labels = torch.tensor([0, 0])
+    >>> batch = {"labels": labels, WEIGHTS_KEY: torch.tensor([0.5, 1.5])}  # as a technique leaves it
+    >>> is_importance_batch(batch)
+    True
+    >>> loss = classification_loss(logits, labels, batch)  # (0.5 * 0.0181 + 1.5 * 4.0181) / 2
+    >>> round(float(loss), 4), WEIGHTS_KEY in batch
+    (3.0181, False)
+    >>> [round(s, 3) for s in cross_entropy_gradient_norms(logits, labels).tolist()]  # right, then wrong
+    [0.025, 1.389]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_efficient.errors import ConfigurationError
+
+__all__ = [
+    "PADDED_KEYS",
+    "PREDICTED_POSITIONS",
+    "SCORES_KEY",
+    "SCORE_REQUEST_KEY",
+    "WEIGHTS_KEY",
+    "classification_loss",
+    "cross_entropy_gradient_norms",
+    "importance_weighted_loss",
+    "is_importance_batch",
+    "predicting",
+    "row_gradient_norms",
+]
+
+#: Batch key of the drawn examples' loss weights ``1 / (B p_i)``, put in by the callback, taken out by
+#: :func:`importance_weighted_loss`.
+WEIGHTS_KEY = "importance_weights"
+#: Batch key by which the callback asks the training step for its examples' scores (uniform steps).
+SCORE_REQUEST_KEY = "importance_score_request"
+#: Batch key under which :func:`importance_weighted_loss` leaves the scores asked for.
+SCORES_KEY = "importance_scores"
+#: Batch keys of ``(N, T)`` tensors aligned with ``attention_mask`` (the package's text batches, and
+#: the masks BertMLM scored with): trimmed to the longest kept row after a draw.
+PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "mlm_input_ids", "mlm_labels")
+#: Name of the module attribute holding, while the encoder runs, the ``(B, T)`` bool mask of the
+#: positions the loss predicts (None otherwise).
+PREDICTED_POSITIONS = "predicted_positions"
+
+
+@torch.no_grad()
+def cross_entropy_gradient_norms(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, token_mean: bool = True
+) -> torch.Tensor:
+    """Per example, the norm of the gradient of its cross-entropy loss with respect to its logits.
+
+    Args:
+        logits: ``(N, C)`` (one prediction per example) or ``(N, T, C)`` (a sequence each).
+        targets: ``(N,)`` or ``(N, T)`` class indices; ``ignore_index`` marks tokens without a loss.
+        ignore_index: The target value of tokens that are not predicted.
+        token_mean: Sequences: the example's loss is the mean over its predicted tokens (the
+            gradient norm is divided by their count), else their sum.
+
+    Returns:
+        ``(N,)`` float32 scores; 0 for a sequence with no predicted token.
+
+    Raises:
+        ConfigurationError: The shapes of ``logits`` and ``targets`` do not fit.
+
+    Example:
+        >>> norms = cross_entropy_gradient_norms(torch.zeros(1, 2, 2), torch.tensor([[0, -100]]))
+        >>> round(float(norms[0]), 4)  # ||(0.5, 0.5) - (1, 0)|| over the one predicted token
+        0.7071
+    """
+    if logits.dim() not in (2, 3) or targets.shape != logits.shape[:-1]:
+        raise ConfigurationError(
+            f"logits of shape {tuple(logits.shape)} and targets of shape {tuple(targets.shape)} do not fit: "
+            "expected (N, C) with (N,), or (N, T, C) with (N, T)"
+        )
+    valid = targets != ignore_index
+    probabilities = F.softmax(logits.float(), dim=-1)
+    target_probability = probabilities.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    squared = (probabilities.square().sum(-1) - 2 * target_probability + 1).clamp(min=0) * valid  # ||p - y||^2
+    if logits.dim() == 2:
+        return squared.sqrt()
+    norms = squared.sum(-1).sqrt()
+    return norms / valid.sum(-1).clamp(min=1) if token_mean else norms
+
+
+@torch.no_grad()
+def row_gradient_norms(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per row, the gradient norm of the *sum* of its token losses, from token logits gathered over rows.
+
+    Args:
+        logits: ``(M, C)`` logits of ``M`` predicted tokens.
+        targets: ``(M,)`` their classes.
+        rows: ``(M,)`` the row (example) each token belongs to.
+        num_rows: The number of rows ``N``.
+
+    Returns:
+        ``(N,)`` float32 ``sqrt(sum over the row's tokens of ||softmax(z) - onehot(y)||^2)``; 0 for a
+        row without tokens.
+
+    Example:
+        >>> logits = torch.zeros(3, 2)
+        >>> norms = row_gradient_norms(logits, torch.tensor([0, 1, 0]), torch.tensor([0, 0, 2]), 3)
+        >>> [round(n, 4) for n in norms.tolist()]  # two tokens of 0.5 squared each, none, one
+        [1.0, 0.0, 0.7071]
+    """
+    squared = cross_entropy_gradient_norms(logits, targets).square()
+    return torch.zeros(num_rows, device=logits.device).index_add_(0, rows, squared).sqrt()
+
+
+def is_importance_batch(batch: Any) -> bool:
+    """Whether a technique put loss weights (:data:`WEIGHTS_KEY`) or a score request into ``batch``.
+
+    Example:
+        >>> is_importance_batch({"x": torch.zeros(2)}), is_importance_batch({SCORE_REQUEST_KEY: True})
+        (False, True)
+    """
+    return isinstance(batch, MutableMapping) and (WEIGHTS_KEY in batch or SCORE_REQUEST_KEY in batch)
+
+
+def importance_weighted_loss(
+    losses: torch.Tensor,
+    batch: MutableMapping[str, Any],
+    tokens: torch.Tensor | None = None,
+    scores: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The training loss of a batch, weighted by the importance weights the callback put into it.
+
+    Takes the weights ``w`` out of the batch (so the callback can tell they were used) and
+    returns, for per-example losses, ``mean(w * losses)``, whose expectation is the pool's mean
+    loss; for sequences (``tokens`` given: each example's summed token losses and its number of
+    predicted tokens) the weighted token mean ``sum(w * losses) / sum(w * tokens)``, the ratio
+    estimate of the pool's token mean (consistent, its bias falls as 1/b). Without weights it is
+    the plain mean (or token mean). When the callback asked for the batch's scores, it calls
+    ``scores()`` (under ``no_grad``) and leaves them in ``batch[SCORES_KEY]``.
+
+    Args:
+        losses: ``(N,)`` the loss of each example (with its graph), or the sum of its token losses.
+        batch: The dict batch of the training step.
+        tokens: ``(N,)`` predicted tokens per example, for token losses.
+        scores: Gives the ``(N,)`` scores of this forward (``cross_entropy_gradient_norms`` of its logits).
+
+    Example:
+        >>> losses = torch.tensor([1.0, 2.0, 3.0])
+        >>> batch = {"x": torch.zeros(3), WEIGHTS_KEY: torch.tensor([2.0, 1.0, 0.0])}
+        >>> round(float(importance_weighted_loss(losses, batch)), 4), WEIGHTS_KEY in batch  # (2 + 2 + 0) / 3
+        (1.3333, False)
+        >>> float(importance_weighted_loss(losses, {}, tokens=torch.tensor([1, 1, 2])))  # 6 / 4
+        1.5
+    """
+    weights = batch.pop(WEIGHTS_KEY, None)
+    if scores is not None and batch.pop(SCORE_REQUEST_KEY, False):
+        with torch.no_grad():
+            batch[SCORES_KEY] = scores().detach().float()
+    if weights is not None:
+        weights = weights.to(device=losses.device, dtype=losses.dtype)
+        losses = weights * losses
+    if tokens is None:
+        return losses.mean()
+    tokens = tokens.to(device=losses.device, dtype=losses.dtype)
+    counted = tokens.sum() if weights is None else (weights * tokens).sum()
+    return losses.sum() / counted.clamp(min=torch.finfo(losses.dtype).tiny)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The cross-entropy training loss of one prediction per example, following the protocol.
+
+    The plain mean cross-entropy (in float32), or, for a batch a technique weighted or asked scores
+    of (:func:`is_importance_batch`), :func:`importance_weighted_loss` of the per-example losses
+    with :func:`cross_entropy_gradient_norms` as the scores.
+
+    Args:
+        logits: ``(N, C)`` class logits (with their graph).
+        labels: ``(N,)`` classes.
+        batch: The training step's batch (weights are taken out of a dict batch).
+
+    Example:
+        >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
+        >>> plain = classification_loss(logits, labels, {})
+        >>> weighted = classification_loss(logits, labels, {WEIGHTS_KEY: torch.tensor([1.0, 1.0])})
+        >>> torch.allclose(plain, weighted), torch.allclose(plain, F.cross_entropy(logits, labels))
+        (True, True)
+    """
+    if not is_importance_batch(batch):
+        return F.cross_entropy(logits.float(), labels)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    return importance_weighted_loss(losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, labels))
+
+
+@contextmanager
+def predicting(module: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module.predicted_positions`` is ``positions`` (then None again, even on error).
+
+    Args:
+        module: The LightningModule whose encoder runs inside the block.
+        positions: ``(B, T)`` bool, True where the loss predicts.
+
+    Example:
+        >>> module = nn.Linear(2, 2)
+        >>> with predicting(module, torch.tensor([[True, False]])):
+        ...     module.predicted_positions.tolist()
+        [[True, False]]
+        >>> module.predicted_positions is None
+        True
+    """
+    setattr(module, PREDICTED_POSITIONS, positions)
+    try:
+        yield
+    finally:
+        setattr(module, PREDICTED_POSITIONS, None)
