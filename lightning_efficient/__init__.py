@@ -1,6 +1,6 @@
 """lightning_efficient: cheaper Transformer training and compression for PyTorch Lightning.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import MLMDataModule, BertMLM
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)  # embedded Austen + Brown

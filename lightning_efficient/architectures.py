@@ -16,7 +16,7 @@ Known today: HF BERT/RoBERTa (``BertLayer``, ``RobertaLayer``), ViT (``ViTLayer`
 5), Marian and BART (encoder and decoder layers), ``nn.TransformerEncoderLayer`` and
 ``nn.TransformerDecoderLayer``.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> class Block(nn.Module):
     ...     def __init__(self, width: int = 8, heads: int = 2) -> None:
@@ -297,7 +297,7 @@ def _entries(cls: type) -> list[BlockArchitecture]:
 def architecture_of(block: nn.Module) -> BlockArchitecture | None:
     """The architecture entry of ``block`` (by class, then class name; the first variant that applies), or None.
 
-    Example:
+    Examples:
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2)
         >>> architecture_of(layer).ffn
         FeedForwardLayout(first='linear1', second='linear2')
@@ -353,7 +353,7 @@ def block_view(block: nn.Module) -> BlockView:
         ConfigurationError: ``block``'s class has no entry (the message lists the known classes), or a
             path of its entry does not lead to the expected module.
 
-    Example:
+    Examples:
         >>> view = block_view(nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=5, norm_first=True))
         >>> view.attentions[0].fused, view.attentions[0].heads, view.ffn.width, view.residual
         (True, 2, 5, 'pre')

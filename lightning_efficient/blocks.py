@@ -6,7 +6,7 @@ decoder stacks separately) and of ``torch.nn.TransformerEncoder`` / ``Transforme
 takes a user-given attribute path (``"model.encoder.layers"``) for anything else. Finding nothing
 is an error that names what was searched, never a silent no-op.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertMLM
     >>> [(s.path, s.role, len(s)) for s in find_block_stacks(BertMLM(vocab_size=50, preset="tiny"))]
     [('model.bert.encoder.layer', 'encoder', 3)]
@@ -116,7 +116,7 @@ def find_block_stacks(model: nn.Module, paths: Sequence[str] | None = None) -> l
         NoTargetModulesError: A path does not exist or is not a list of modules, or the search
             found no known stack (the message lists what was searched for).
 
-    Example:
+    Examples:
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
         >>> stack, = find_block_stacks(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False))
         >>> stack.path, stack.kind, len(stack)
@@ -189,7 +189,7 @@ class Priority(IntEnum):
 
     A new technique that wraps a forward takes its place in this list, here, with a reason.
 
-    Example:
+    Examples:
         >>> sorted(Priority, reverse=True)[0].name, Priority.SKIP > Priority.CHECKPOINT > Priority.QUANTIZE
         ('TOKEN_DROP', True)
     """
@@ -253,7 +253,7 @@ def wrap_forward(block: nn.Module, wrapper: ForwardWrapper, priority: int | Prio
     higher ``priority`` is further out and decides whether the inner ones run at all (take it
     from :class:`Priority`). Handles may be removed in any order.
 
-    Example:
+    Examples:
         >>> block = nn.Linear(2, 2)
         >>> handle = wrap_forward(block, lambda forward, x: 2 * forward(x), priority=0)
         >>> x = torch.ones(1, 2)
@@ -275,7 +275,7 @@ def wrap_forward(block: nn.Module, wrapper: ForwardWrapper, priority: int | Prio
 def block_hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """The hidden states a block was called with: its first positional argument or hidden keyword.
 
-    Example:
+    Examples:
         >>> block_hidden_states((), {"hidden_states": torch.zeros(1)}).shape
         torch.Size([1])
     """
@@ -301,7 +301,7 @@ def _returns_tuple(block: nn.Module) -> bool:
 def passthrough_output(block: nn.Module, hidden: torch.Tensor) -> Any:
     """What ``block`` returns when it is skipped: its input, in the form its stack expects.
 
-    Example:
+    Examples:
         >>> layer = nn.TransformerEncoderLayer(d_model=4, nhead=2)
         >>> h = torch.zeros(3, 1, 4)
         >>> passthrough_output(layer, h) is h

@@ -11,7 +11,7 @@ dict of a loaded checkpoint with :func:`read_metadata`, or of a file, without lo
 tensors or building anything, with :func:`read_checkpoint_metadata`. The key and the field names
 are those of release 0.1.0, so its checkpoints load unchanged.
 
-Example:
+Examples:
     >>> checkpoint = {"state_dict": {}}
     >>> write_metadata(checkpoint, module="BertMLM")
     {'module': 'BertMLM'}
@@ -58,7 +58,7 @@ def write_metadata(checkpoint: MutableMapping[str, Any], **fields: Any) -> dict[
     Fields already there and not named keep their value, so a technique's records written
     earlier in the same save survive the module's.
 
-    Example:
+    Examples:
         >>> checkpoint = {}
         >>> _ = write_metadata(checkpoint, module="ViTClassifier")
         >>> write_metadata(checkpoint, initialised_from=None)
@@ -128,7 +128,7 @@ def write_tokenizer(checkpoint: MutableMapping[str, Any], tokenizer: Tokenizer) 
 def read_tokenizer(checkpoint: Mapping[str, Any]) -> Tokenizer | None:
     """The tokenizer stored in a loaded checkpoint, or None when it holds none.
 
-    Example:
+    Examples:
         >>> from tokenizers import models
         >>> checkpoint = {}
         >>> write_tokenizer(checkpoint, Tokenizer(models.WordLevel({"[PAD]": 0, "cat": 1}, unk_token="[PAD]")))

@@ -83,7 +83,7 @@ def canonical_class_paths(config: Any) -> Any:
     ``lightning_efficient.optim.LRScaling``) becomes the canonical path, with a
     ``DeprecationWarning`` naming it. Paths that are not ours, or do not import, are left alone.
 
-    Example:
+    Examples:
         >>> config = {"trainer": {"callbacks": [{"class_path": "lightning_efficient.callbacks.layer_drop.LayerDrop"}]}}
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")

@@ -68,7 +68,7 @@ def find_summary(run_dir: str | Path) -> Path:
     Raises:
         ConfigurationError: ``run_dir`` does not exist or holds no summary.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
         >>> (root / "tensorboard" / "version_0").mkdir(parents=True)
@@ -105,7 +105,7 @@ def load_summary(path: str | Path) -> RunSummary:
         ConfigurationError: (a ``DataError``) The file is not JSON, not a summary, has another
             schema version, or lacks required keys.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "efficiency.json"
         >>> _ = path.write_text('{"version": 2}')
@@ -141,7 +141,7 @@ def run_labels(summaries: Sequence[dict[str, Any]], paths: Sequence[str | Path] 
     Equal names get the name of their summary's directory (e.g. ``version_3``) when ``paths`` are
     given and that tells them apart, else ``#1``, ``#2``, ...
 
-    Example:
+    Examples:
         >>> run_labels([{"run_name": "mlm"}, {"run_name": "mlm"}, {"run_name": "drop"}])
         ['mlm #1', 'mlm #2', 'drop']
         >>> run_labels([{"run_name": "mlm"}] * 2, ["v/version_0/efficiency.json", "v/version_3/efficiency.json"])
@@ -220,7 +220,7 @@ def comparison_rows(summaries: Sequence[dict[str, Any]]) -> list[Row]:
     Returns:
         One :class:`Row` per line of the table.
 
-    Example:
+    Examples:
         >>> s = {"device": "cpu", "precision": "32-true", "world_size": 1, "steps": 10, "tokens": 40960,
         ...      "wall_time_s": 12.0, "tokens_per_s": 3415.0, "samples_per_s": 26.68, "mfu": 0.45,
         ...      "peak_memory_bytes": 2**30, "memory_kind": "process_peak_rss", "monitor": "val/loss",
@@ -286,7 +286,7 @@ def format_table(summaries: Sequence[dict[str, Any]], labels: Sequence[str] | No
     Returns:
         The table, lines joined by newlines (no trailing newline).
 
-    Example:
+    Examples:
         >>> s = {"run_name": "a", "device": "cpu", "precision": "32-true", "world_size": 1, "steps": 10,
         ...      "tokens": 40960, "wall_time_s": 12.0, "tokens_per_s": 3415.0, "samples_per_s": 26.68,
         ...      "mfu": 0.45, "peak_memory_bytes": 2**30, "memory_kind": "process_peak_rss",
@@ -325,7 +325,7 @@ def plot(summaries: Sequence[dict[str, Any]], path: str | Path, labels: Sequence
     Returns:
         ``path`` as a Path.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> s = {"run_name": "a", "monitor": "val/loss", "mode": "min", "target": None,
         ...      "history": [{"step": 5, "wall_time_s": 3.0, "train_time_s": 2.5, "tokens": 800, "value": 4.2}]}
@@ -396,7 +396,7 @@ def main(args: Sequence[str] | None = None) -> None:
     Args:
         args: The arguments after ``compare`` (default: ``sys.argv[1:]``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> main([tempfile.mkdtemp()])  # an empty run directory: "no efficiency.json in ..." on stderr
         Traceback (most recent call last):

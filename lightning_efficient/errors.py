@@ -5,7 +5,7 @@ reading our source. Techniques, models, data modules and strategies validate the
 the functions here (:func:`check_choice`, :func:`check_range`, :func:`check_int`,
 :func:`check_patterns`), so one kind of mistake reads the same everywhere.
 
-Example:
+Examples:
     >>> check_int("every", 0, low=1)
     Traceback (most recent call last):
     ...
@@ -33,7 +33,7 @@ __all__ = [
 class ConfigurationError(ValueError):
     """An argument of a module, data module or technique is invalid.
 
-    Example:
+    Examples:
         >>> raise ConfigurationError("preset='huge' is unknown; choose one of: tiny, small, base")
         Traceback (most recent call last):
         ...
@@ -59,7 +59,7 @@ class NoTargetModulesError(ConfigurationError):
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``allowed``, else fail naming both.
 
-    Example:
+    Examples:
         >>> check_choice("schedule", "cubic", ("cubic", "linear"))
         'cubic'
         >>> check_choice("schedule", "cubc", ("cubic", "linear"))
@@ -83,7 +83,7 @@ def check_range(
 ) -> Any:
     """Return ``value`` if it is a finite number within the bounds, else fail naming the range.
 
-    Example:
+    Examples:
         >>> check_range("drop_rate", 0.5, low=0.0, high=1.0, high_inclusive=False)
         0.5
         >>> check_range("drop_rate", 1.0, low=0.0, high=1.0, high_inclusive=False)
@@ -115,7 +115,7 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
         high: Largest allowed value (None: no bound).
         optional: Also accept None (and return it).
 
-    Example:
+    Examples:
         >>> check_int("frequency", 3, low=1), check_int("end_step", None, optional=True)
         (3, None)
         >>> check_int("frequency", 2.5, low=1)
@@ -144,7 +144,7 @@ def check_patterns(name: str, value: Any, optional: bool = True) -> list[str] | 
     A single string is refused (a YAML ``include: "*.query"`` is one pattern, not a list of
     characters): write it as a list.
 
-    Example:
+    Examples:
         >>> check_patterns("include", ["*.query", "*.value"]), check_patterns("exclude", None)
         (['*.query', '*.value'], None)
         >>> check_patterns("include", "*.query")

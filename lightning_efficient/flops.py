@@ -251,7 +251,7 @@ class FlopCounter(TorchFunctionMode):
         flops: Total FLOPs counted since creation or the last :meth:`reset`.
         breakdown: The same total split by function family (``linear``, ``attention``, ...).
 
-    Example:
+    Examples:
         >>> layer = torch.nn.Linear(8, 4)
         >>> with FlopCounter() as counter:
         ...     _ = layer(torch.randn(3, 8))  # forward 2*3*8*4 = 192; weight trains: backward 192 more
@@ -294,7 +294,7 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any,
     The count includes the backward pass that the forward's gradients imply (see the module
     docstring), without running it.
 
-    Example:
+    Examples:
         >>> out, flops = count_flops(torch.matmul, torch.randn(2, 3), torch.randn(3, 5))
         >>> out.shape, flops  # 2 * 2*3*5, no operand needs a gradient
         (torch.Size([2, 5]), 60.0)
@@ -339,7 +339,7 @@ def transformer_flops(
     Returns:
         FLOPs of one step.
 
-    Example:
+    Examples:
         >>> transformer_flops(batch_size=1, seq_len=4, hidden_size=8, num_layers=1, ffn_size=16, training=False)
         4608.0
     """
@@ -372,7 +372,7 @@ def _synchronize(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     """``"cuda: NVIDIA H100 ..."``, ``"cpu: Intel(R) Xeon(R) ..."`` or the device type.
 
-    Example:
+    Examples:
         >>> device_name(torch.device("cpu")).startswith("cpu: ")
         True
     """
@@ -411,7 +411,7 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     half precision), 4096 on an accelerator (10 back-to-back products per timing). The result
     is cached per (device name, threads, dtype) in ``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json``.
 
-    Example:
+    Examples:
         >>> measure_peak_flops("cpu") > 1e8  # measured once, then read from the cache
         True
     """

@@ -24,7 +24,7 @@ your own LightningModule can take part by following the same three rules:
    (``predicted_positions``), a ``(B, T)`` bool tensor, True where the loss predicts, None otherwise
    (:func:`predicting` sets and clears it). Token dropping never drops those positions.
 
-Example:
+Examples:
     >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
     >>> labels = torch.tensor([0, 0])
     >>> batch = {"labels": labels, WEIGHTS_KEY: torch.tensor([0.5, 1.5])}  # as a technique leaves it
@@ -97,7 +97,7 @@ def cross_entropy_gradient_norms(
     Raises:
         ConfigurationError: The shapes of ``logits`` and ``targets`` do not fit.
 
-    Example:
+    Examples:
         >>> norms = cross_entropy_gradient_norms(torch.zeros(1, 2, 2), torch.tensor([[0, -100]]))
         >>> round(float(norms[0]), 4)  # ||(0.5, 0.5) - (1, 0)|| over the one predicted token
         0.7071
@@ -131,7 +131,7 @@ def row_gradient_norms(logits: torch.Tensor, targets: torch.Tensor, rows: torch.
         ``(N,)`` float32 ``sqrt(sum over the row's tokens of ||softmax(z) - onehot(y)||^2)``; 0 for a
         row without tokens.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(3, 2)
         >>> norms = row_gradient_norms(logits, torch.tensor([0, 1, 0]), torch.tensor([0, 0, 2]), 3)
         >>> [round(n, 4) for n in norms.tolist()]  # two tokens of 0.5 squared each, none, one
@@ -144,7 +144,7 @@ def row_gradient_norms(logits: torch.Tensor, targets: torch.Tensor, rows: torch.
 def is_importance_batch(batch: Any) -> bool:
     """Whether a technique put loss weights (:data:`WEIGHTS_KEY`) or a score request into ``batch``.
 
-    Example:
+    Examples:
         >>> is_importance_batch({"x": torch.zeros(2)}), is_importance_batch({SCORE_REQUEST_KEY: True})
         (False, True)
     """
@@ -173,7 +173,7 @@ def importance_weighted_loss(
         tokens: ``(N,)`` predicted tokens per example, for token losses.
         scores: Gives the ``(N,)`` scores of this forward (``cross_entropy_gradient_norms`` of its logits).
 
-    Example:
+    Examples:
         >>> losses = torch.tensor([1.0, 2.0, 3.0])
         >>> batch = {"x": torch.zeros(3), WEIGHTS_KEY: torch.tensor([2.0, 1.0, 0.0])}
         >>> round(float(importance_weighted_loss(losses, batch)), 4), WEIGHTS_KEY in batch  # (2 + 2 + 0) / 3
@@ -207,7 +207,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) 
         labels: ``(N,)`` classes.
         batch: The training step's batch (weights are taken out of a dict batch).
 
-    Example:
+    Examples:
         >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
         >>> plain = classification_loss(logits, labels, {})
         >>> weighted = classification_loss(logits, labels, {WEIGHTS_KEY: torch.tensor([1.0, 1.0])})
@@ -228,7 +228,7 @@ def predicting(module: nn.Module, positions: torch.Tensor) -> Iterator[None]:
         module: The LightningModule whose encoder runs inside the block.
         positions: ``(B, T)`` bool, True where the loss predicts.
 
-    Example:
+    Examples:
         >>> module = nn.Linear(2, 2)
         >>> with predicting(module, torch.tensor([[True, False]])):
         ...     module.predicted_positions.tolist()

@@ -46,7 +46,7 @@ def batch_counts(batch: Any) -> tuple[int, int | torch.Tensor]:
     per sample. A token count read from a tensor on an accelerator stays a 0-d tensor, so
     counting never waits for the device.
 
-    Example:
+    Examples:
         >>> ids = torch.ones(2, 5, dtype=torch.long)
         >>> mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
         >>> samples, tokens = batch_counts({"input_ids": ids, "attention_mask": mask})
@@ -192,7 +192,7 @@ class EfficiencyMonitor(pl.Callback):
         last_step: ``samples``, ``tokens`` and ``flops`` of the latest training batch.
         counter: The :class:`~lightning_efficient.flops.FlopCounter` of the step's forward.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import lightning.pytorch as pl
         >>> from lightning_efficient import BertMLM

@@ -19,7 +19,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         output_path: Target file; default ``<trainer.default_root_dir>/predictions.jsonl``.
             It is truncated at the start of ``predict``.
 
-    Example:
+    Examples:
         >>> writer = JsonlPredictionWriter("predictions.jsonl")
         >>> trainer = pl.Trainer(callbacks=[writer], logger=False)  # then trainer.predict(model, dm)
     """

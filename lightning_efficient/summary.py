@@ -39,7 +39,7 @@ A :class:`TargetRecord` holds ``value`` (the target), ``reached`` (bool) and, wh
 :class:`HistoryPoint` holds ``step``, ``wall_time_s``, ``train_time_s``, ``tokens`` (at that
 validation) and ``value`` (of the ``monitor`` metric).
 
-Example:
+Examples:
     >>> import tempfile
     >>> run = {"version": SCHEMA_VERSION, "run_name": "tiny", "device": "cpu", "precision": "32-true",
     ...        "world_size": 1, "steps": 2, "samples": 4, "tokens": 32, "wall_time_s": 1.5, "train_time_s": 1.0,
@@ -202,7 +202,7 @@ def read_summary(path: str | Path) -> RunSummary:
         DataError: (a ``ConfigurationError``) naming ``path``: the file is unreadable or not JSON, is
             not a summary, has another schema version (e.g. a newer one), or lacks required keys.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "efficiency.json"
         >>> _ = path.write_text('{"version": 2}')
@@ -234,7 +234,7 @@ def write_summary(path_or_dir: str | Path, summary: Mapping[str, Any]) -> Path:
     Raises:
         DataError: The summary lacks required keys or has another version.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> write_summary(Path(tempfile.mkdtemp()) / "run.json", {"version": 1, "run_name": "x"})
         Traceback (most recent call last):
@@ -265,7 +265,7 @@ def format_summary(summary: Mapping[str, Any], path: str | Path) -> str:
     Returns:
         The lines, joined by newlines.
 
-    Example:
+    Examples:
         >>> s = {"run_name": "tiny", "device": "cpu", "precision": "32-true", "steps": 2, "samples": 4,
         ...      "tokens": 32, "wall_time_s": 1.5, "train_time_s": 1.0, "tokens_per_s": 32.0, "samples_per_s": 4.0,
         ...      "flops_per_step": 1e9, "achieved_flops_per_s": 2e9, "peak_flops_per_s": 1e11,

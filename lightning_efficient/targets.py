@@ -16,7 +16,7 @@ Rules:
 - Every ``include`` pattern must match a candidate, and every ``exclude`` pattern one of the
   included names: a typo is an error, never a silent no-op. Selecting nothing is an error too.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertMLM
     >>> model = BertMLM(vocab_size=50, preset="tiny")
     >>> names = list(select_modules(model, exclude=["*.attention.*"], every=2))
@@ -71,7 +71,7 @@ def match_names(
     Raises:
         NoTargetModulesError: A pattern matches nothing, or nothing is left.
 
-    Example:
+    Examples:
         >>> match_names(["a.query", "a.key", "b.query"], include=["*.query"], exclude=["b.*"])
         ['a.query']
         >>> match_names(["a.query"], exclude=["*.key"], what="Linear module", owner="Toy")
@@ -108,7 +108,7 @@ def match_names(
 def is_of_type(module: nn.Module, types: Sequence[str | type]) -> bool:
     """Whether ``module``'s class, or a base class of it, is one of ``types`` (classes or class names).
 
-    Example:
+    Examples:
         >>> is_of_type(nn.Linear(2, 2), ["Linear"]), is_of_type(nn.ReLU(), [nn.Linear])
         (True, False)
     """

@@ -21,7 +21,7 @@ which weights are masked, which examples are drawn) without changing the user's 
   (:attr:`Technique.conflicts_with`). ``setup`` checks every technique in the trainer against
   these, and refuses distributed runs for techniques not marked :attr:`Technique.distributed_safe`.
 
-Example:
+Examples:
     >>> import torch
     >>> class Scale(Technique):
     ...     '''Multiply every block's output by ``factor`` during training (a toy).'''
@@ -81,7 +81,7 @@ def check_plain_state(state: Any, owner: str, where: str = "state") -> None:
     Allowed: tensors, ``bool``/``int``/``float``/``str``/``None``, and lists, tuples and dicts
     with string or integer keys of those.
 
-    Example:
+    Examples:
         >>> check_plain_state({"step": 3, "rng": torch.zeros(2)}, "demo")
         >>> check_plain_state({"when": object()}, "demo")
         Traceback (most recent call last):
@@ -117,7 +117,7 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
             distributed-safe runs with ``world_size > 1``. The message names both techniques
             and the fix.
 
-    Example:
+    Examples:
         >>> class A(Technique):
         ...     name = "a"
         >>> class B(Technique):

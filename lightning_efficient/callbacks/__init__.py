@@ -3,7 +3,7 @@
 ``export_pruned`` makes :class:`MagnitudePruning`'s masks permanent (and slices structured units
 away); ``export_quantized`` converts :class:`QuantizationAwareTraining`'s layers to int8.
 
-Example:
+Examples:
     >>> from lightning_efficient.callbacks import LayerDrop, ProgressiveStacking
     >>> LayerDrop(drop_rate=0.1).name, ProgressiveStacking({0: 2, 10: 4}).name
     ('layer_drop', 'progressive_stacking')

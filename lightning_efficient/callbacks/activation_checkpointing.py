@@ -49,7 +49,7 @@ Peak memory with and without the callback is what
 allocator's peak, or the process's peak RSS on the CPU). The callback logs
 ``activation_checkpointing/checkpointed_blocks``: blocks checkpointed in the step's forward pass.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=13, batch_first=True)
@@ -105,7 +105,7 @@ def select_blocks(
     Raises:
         NoTargetModulesError: A pattern matches no block (the message lists the block names).
 
-    Example:
+    Examples:
         >>> from lightning_efficient.blocks import find_block_stacks
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
         >>> stacks = find_block_stacks(nn.TransformerEncoder(layer, num_layers=5, enable_nested_tensor=False))
@@ -138,7 +138,7 @@ class _RestoreCache:
 def disable_hf_cache(model: nn.Module) -> _RestoreCache:
     """Set ``config.use_cache = False`` on every HF ``PreTrainedModel`` in ``model``; ``.remove()`` restores.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import Translation
         >>> mt = Translation(vocab_size=60, preset="tiny")
         >>> handle = disable_hf_cache(mt)

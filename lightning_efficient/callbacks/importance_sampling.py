@@ -39,7 +39,7 @@ is stated in :mod:`lightning_efficient.losses`):
    weights are applied; it passes ``scores=`` a function giving the same scores from the
    training forward, for the ``tau`` estimate of uniform steps.
 
-Example:
+Examples:
     >>> import torch
     >>> logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
     >>> scores = cross_entropy_gradient_norms(logits, torch.tensor([0, 0, 0]))
@@ -222,7 +222,7 @@ class ImportanceSampling(Technique):
     the paper's estimate of the step's worth in uniform steps per unit of time; 1 on uniform steps), and on sampled steps ``score_max_over_mean`` and
     ``weight_max``; a histogram of the pool's scores goes to TensorBoard on logging steps.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import lightning.pytorch as pl
         >>> from lightning_efficient import BertClassifier

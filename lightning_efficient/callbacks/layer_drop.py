@@ -20,7 +20,7 @@ The drops come from a generator that the callback owns, seeds and checkpoints: e
 draws the same blocks (DDP must run with ``find_unused_parameters=True``, since a dropped block's
 parameters get no gradient), and a resumed run draws what the uninterrupted run would have.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)
@@ -60,7 +60,7 @@ SCHEDULES = ("fixed", "linear", "progressive")
 def progressive_theta(step: int, drop_rate: float, gamma: float) -> float:
     """PLD's global keep probability ``theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar``.
 
-    Example:
+    Examples:
         >>> [round(progressive_theta(t, 0.5, 0.01), 4) for t in (0, 100, 10_000)]
         [1.0, 0.6839, 0.5]
     """
@@ -71,7 +71,7 @@ def progressive_theta(step: int, drop_rate: float, gamma: float) -> float:
 def keep_probabilities(schedule: str, drop_rate: float, depth: int, step: int = 0, gamma: float = 0.001) -> torch.Tensor:
     """The keep probability of each of ``depth`` blocks at optimizer step ``step`` (float64).
 
-    Example:
+    Examples:
         >>> keep_probabilities("fixed", 0.5, 4).tolist()
         [0.5, 0.5, 0.5, 0.5]
         >>> keep_probabilities("linear", 0.5, 4).tolist()

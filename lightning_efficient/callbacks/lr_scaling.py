@@ -15,7 +15,7 @@ is applied in ``on_train_start``, to whatever the optimizer holds then, as the r
 wanted factor and the one that state was written with (recorded in this callback's checkpoint
 state): 1 on a plain resume, never twice.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning.pytorch.demos.boring_classes import BoringModel  # SGD at lr 0.1, batch 1
     >>> scaling = LRScaling(reference_batch_size=1, rule="linear", batch_size=1, warmup_steps=2)
@@ -65,7 +65,7 @@ SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "_last_lr", "max_lrs")
 def scaled_lr(base_lr: float, effective_batch: int, reference_batch: int, rule: str) -> float:
     """The learning rate for ``effective_batch``, given ``base_lr`` tuned at ``reference_batch``.
 
-    Example:
+    Examples:
         >>> scaled_lr(1e-3, effective_batch=256, reference_batch=32, rule="linear")
         0.008
         >>> round(scaled_lr(1e-3, effective_batch=256, reference_batch=32, rule="sqrt"), 6)
@@ -79,7 +79,7 @@ def scaled_lr(base_lr: float, effective_batch: int, reference_batch: int, rule: 
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Multiplier of the LR at optimizer step ``step`` (0-based): ``(step + 1) / warmup_steps``, then 1.
 
-    Example:
+    Examples:
         >>> [warmup_factor(s, 4) for s in range(6)]
         [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
         >>> warmup_factor(0, 0)
@@ -98,7 +98,7 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, schedulers: list[Any]
     ``ChainedScheduler``. The schedules then continue exactly as if the optimizer had been built
     with ``ratio`` times its learning rate.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
         >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
         >>> scale_learning_rates(opt, [sched], 3.0)
@@ -130,7 +130,7 @@ def data_parallel_size(trainer: pl.Trainer) -> int:
     (``ModelParallelStrategy``: tensor-parallel ranks share a batch). Otherwise
     ``trainer.world_size``.
 
-    Example:
+    Examples:
         >>> data_parallel_size(pl.Trainer(logger=False))
         1
     """
@@ -194,7 +194,7 @@ class LRScaling(Technique):
         batch_size: Per-device batch size; ``None`` reads ``trainer.datamodule.batch_size``.
         warmup_steps: Optimizer steps of linear warmup (>= 0; 0: none).
 
-    Example:
+    Examples:
         >>> LRScaling(reference_batch_size=32, rule="cubic")
         Traceback (most recent call last):
         ...

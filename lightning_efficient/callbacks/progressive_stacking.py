@@ -22,7 +22,7 @@ A checkpoint holds the full parameter set plus the current depth, so a resume fr
 after a growth step continues exactly. The cost of this design is memory: the inactive blocks'
 parameters exist from the start.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)
@@ -69,7 +69,7 @@ def validate_stages(stages: Mapping[int, int]) -> dict[int, int]:
             does not grow, or a growth by more than the current depth (no rule can copy more
             blocks than there are).
 
-    Example:
+    Examples:
         >>> validate_stages({100: 6, 0: 3})
         {0: 3, 100: 6}
         >>> validate_stages({0: 3, 100: 7})
@@ -108,7 +108,7 @@ def validate_stages(stages: Mapping[int, int]) -> dict[int, int]:
 def growth_sources(depth: int, new_depth: int, rule: str) -> list[tuple[int, bool]]:
     """For each block position ``0 .. new_depth - 1`` after growth: (source block, is it the original).
 
-    Example:
+    Examples:
         >>> growth_sources(3, 5, "stack")
         [(0, True), (1, True), (2, True), (0, False), (1, False)]
         >>> growth_sources(3, 5, "interleave")
@@ -136,7 +136,7 @@ def grow_blocks(
     block that was trained keeps its optimizer state (moved, by parameter name, to the position
     its weights move to); a copy starts with none.
 
-    Example:
+    Examples:
         >>> blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(4))
         >>> grow_blocks(blocks, 2, 4, "stack")
         >>> torch.equal(blocks[2].weight, blocks[0].weight), torch.equal(blocks[3].weight, blocks[1].weight)
@@ -205,7 +205,7 @@ class ProgressiveStacking(Technique):
     def depth_at(self, step: int) -> int:
         """The scheduled depth at optimizer step ``step``.
 
-        Example:
+        Examples:
             >>> ProgressiveStacking({0: 3, 10: 6}).depth_at(9), ProgressiveStacking({0: 3, 10: 6}).depth_at(10)
             (3, 6)
         """

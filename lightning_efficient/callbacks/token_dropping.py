@@ -29,7 +29,7 @@ Models: the callback needs the module to say which positions are predicted: an a
 ``masked_logits``; the protocol is stated in :mod:`lightning_efficient.losses`). A model without it
 (translation, image classification) is refused at setup.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)
@@ -94,7 +94,7 @@ _MASK64 = (1 << 64) - 1
 def keep_count(fraction: float, length: int) -> int:
     """Tokens kept of ``length`` at ``fraction``: ``ceil(fraction * length)``, at least 1.
 
-    Example:
+    Examples:
         >>> keep_count(0.5, 128), keep_count(0.3, 10), keep_count(0.01, 16), keep_count(1.0, 7)
         (64, 3, 1, 7)
     """
@@ -104,7 +104,7 @@ def keep_count(fraction: float, length: int) -> int:
 def scheduled_keep_fraction(step: int, start: float, final: float | None = None, steps: int | None = None) -> float:
     """The kept fraction at optimizer step ``step``: ``start``, or linear from ``start`` to ``final`` over ``steps``.
 
-    Example:
+    Examples:
         >>> [scheduled_keep_fraction(t, 0.5, 1.0, 100) for t in (0, 50, 100, 150)]
         [0.5, 0.75, 1.0, 1.0]
         >>> scheduled_keep_fraction(70, 0.5)
@@ -136,7 +136,7 @@ def select_kept_tokens(
         real: ``(B, T)`` bool, True for real tokens (None: all are real).
         scores: ``(B, T)`` importance of each token (higher: kept first), instead of a random draw.
 
-    Example:
+    Examples:
         >>> required = torch.tensor([[True, False, False, True, False, False]])
         >>> real = torch.tensor([[True, True, True, True, True, False]])
         >>> select_kept_tokens(required, 3, scores=torch.tensor([[0.0, 0.1, 0.9, 0.0, 0.5, 1.0]]), real=real)
@@ -158,7 +158,7 @@ def select_kept_tokens(
 def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The rows ``indices`` ``(B, K)`` of each sequence of ``hidden`` ``(B, T, ...)``: ``(B, K, ...)``.
 
-    Example:
+    Examples:
         >>> gather_tokens(torch.arange(6.0).view(1, 3, 2), torch.tensor([[0, 2]])).tolist()
         [[[0.0, 1.0], [4.0, 5.0]]]
     """
@@ -171,7 +171,7 @@ def scatter_tokens(full: torch.Tensor, kept: torch.Tensor, indices: torch.Tensor
 
     Gradients flow to ``kept`` at the kept positions and to ``full`` everywhere else.
 
-    Example:
+    Examples:
         >>> full = torch.zeros(1, 3, 2)
         >>> scatter_tokens(full, torch.ones(1, 2, 2), torch.tensor([[0, 2]])).tolist()
         [[[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]]
@@ -188,7 +188,7 @@ def gather_mask(mask: torch.Tensor | None, indices: torch.Tensor) -> torch.Tenso
     and ``(B | 1, T | 1, T)``: the key dimension, and the query dimension when it is ``T``, are
     restricted to ``indices`` ``(B, K)``.
 
-    Example:
+    Examples:
         >>> mask = torch.tensor([[[[0.0, -1e9, 0.0]]]])  # (1, 1, 1, 3): key 1 is masked
         >>> gather_mask(mask, torch.tensor([[1, 2]])).tolist()
         [[[[-1000000000.0, 0.0]]]]

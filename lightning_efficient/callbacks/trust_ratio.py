@@ -8,7 +8,7 @@ it (``on_train_batch_end``), in fp32. Where the optimizer keeps its own trust ra
 (``state["trust_ratio"]``, as :class:`lightning_efficient.optim.LAMB` does), that is logged too.
 On all other steps it does nothing.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning.pytorch.demos.boring_classes import BoringModel  # one Linear(32, 2), SGD
     >>> monitor = TrustRatioMonitor(every_n_steps=2, include_1d=True)
@@ -45,7 +45,7 @@ AGGREGATIONS = ("tensor", "block")
 def layer_norms(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
     """``(||before||, ||after - before||)`` in fp32: a tensor's weight norm and its update's norm.
 
-    Example:
+    Examples:
         >>> layer_norms(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5]))
         (5.0, 0.5)
     """
@@ -80,7 +80,7 @@ class TrustRatioMonitor(Technique):
             only matrices (``ndim >= 2``) of trainable parameters are candidates.
         aggregate: ``"tensor"`` or ``"block"``.
 
-    Example:
+    Examples:
         >>> TrustRatioMonitor(every_n_steps=0)
         Traceback (most recent call last):
         ...

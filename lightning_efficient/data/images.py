@@ -71,7 +71,7 @@ class ImageClassificationDataModule(EfficientDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the validation split.
 
-    Example:
+    Examples:
         >>> dm = ImageClassificationDataModule(batch_size=8)
         >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["pixel_values"].shape
         torch.Size([8, 1, 28, 28])

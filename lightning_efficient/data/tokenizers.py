@@ -43,7 +43,7 @@ _FORMAT_VERSION = "1"
 def train_wordpiece(texts: Sequence[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:
     """Train a BERT-style lower-cased WordPiece tokenizer on ``texts``.
 
-    Example:
+    Examples:
         >>> tok = train_wordpiece(["the cat sat on the mat"] * 10, vocab_size=60, show_progress=False)
         >>> tok.encode("the cat").tokens
         ['[CLS]', 'the', 'cat', '[SEP]']
@@ -63,7 +63,7 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, show_progress: bool =
 def train_shared_bpe(texts: Sequence[str], vocab_size: int, show_progress: bool = True) -> Tokenizer:
     """Train one BPE vocabulary for source and target sentences together (translation).
 
-    Example:
+    Examples:
         >>> tok = train_shared_bpe(["le chat", "the cat"] * 10, vocab_size=40, show_progress=False)
         >>> tok.encode("the cat").tokens[-1]
         '</s>'

@@ -44,7 +44,7 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     model: a parameter with fewer than two dimensions (bias, LayerNorm scale) gets no weight decay,
     as in the BERT recipe. Empty groups are left out.
 
-    Example:
+    Examples:
         >>> groups = decay_parameter_groups(torch.nn.Linear(3, 2), weight_decay=0.01)
         >>> [len(g["params"]) for g in groups], [g["weight_decay"] for g in groups]
         ([1, 1], [0.01, 0.0])
@@ -55,7 +55,7 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
 def warmup_schedule(step: int, warmup_steps: int, total_steps: int, shape: str) -> float:
     """LR multiplier: linear warmup to 1, then ``linear`` / ``cosine`` decay to 0, or ``constant``.
 
-    Example:
+    Examples:
         >>> [round(warmup_schedule(s, 2, 10, "linear"), 3) for s in (0, 1, 2, 6, 10)]
         [0.5, 1.0, 1.0, 0.5, 0.0]
     """
@@ -73,7 +73,7 @@ def capture_rng_state() -> dict[str, Any]:
     Dropout draws from torch's global generator, so an exact resume needs it back. Only tensors
     and plain values, so a checkpoint holding it loads with ``torch.load(weights_only=True)``.
 
-    Example:
+    Examples:
         >>> state = capture_rng_state()
         >>> a = torch.rand(2)
         >>> restore_rng_state(state)
@@ -142,7 +142,7 @@ def class_names(num_labels: int | None, label_names: list[str] | None, hint: str
     Raises:
         ConfigurationError: ``num_labels`` is missing or below 2, or ``label_names`` has another length.
 
-    Example:
+    Examples:
         >>> class_names(3, None, "pass datamodule.num_labels")
         ['0', '1', '2']
         >>> class_names(2, ["a", "b", "c"], "pass datamodule.num_labels")

@@ -61,7 +61,7 @@ def mask_tokens(
     Returns:
         ``(masked_input_ids, labels)``; ``labels`` is -100 wherever no prediction is asked.
 
-    Example:
+    Examples:
         >>> ids = torch.arange(5, 25).view(2, 10)
         >>> masked, labels = mask_tokens(ids, torch.ones_like(ids), torch.Generator().manual_seed(0), 30)
         >>> bool(((labels == -100) | (labels == ids)).all()), int((labels != -100).sum()) >= 1
@@ -126,7 +126,7 @@ class BertMLM(EfficientModule):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
         seed: Seed of the masking generator (its state is checkpointed).
 
-    Example:
+    Examples:
         >>> model = BertMLM(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
         >>> ids = torch.randint(5, 100, (2, 16))
         >>> model(ids).shape
@@ -336,7 +336,7 @@ class BertClassifier(EfficientModule):
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
 
-    Example:
+    Examples:
         >>> model = BertClassifier(vocab_size=100, num_labels=2, label_names=["imaginative", "informative"], preset="tiny")
         >>> model(torch.randint(5, 100, (3, 12))).shape
         torch.Size([3, 2])

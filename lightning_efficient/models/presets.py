@@ -61,7 +61,7 @@ def resolve_size(
         ConfigurationError: Unknown preset, a non-positive field, or a hidden size that the
             head count does not divide.
 
-    Example:
+    Examples:
         >>> resolve_size("tiny", num_layers=2)
         ModelSize(hidden_size=32, num_layers=2, num_heads=4, ffn_size=37)
     """

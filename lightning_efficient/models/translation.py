@@ -28,7 +28,7 @@ def seq2seq_model(
 
     Both stacks get ``size.num_layers`` blocks; source and target share one embedding matrix.
 
-    Example:
+    Examples:
         >>> from lightning_efficient.models.presets import PRESETS
         >>> type(seq2seq_model("marian", PRESETS["tiny"], 101, 64, 0.1)).__name__
         'MarianMTModel'
@@ -84,7 +84,7 @@ class Translation(EfficientModule):
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
 
-    Example:
+    Examples:
         >>> model = Translation(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
         >>> source, target = torch.randint(3, 100, (2, 9)), torch.randint(3, 100, (2, 7))
         >>> model(source, torch.ones_like(source), target).shape  # teacher-forced logits

@@ -37,7 +37,7 @@ class ViTClassifier(EfficientModule):
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
 
-    Example:
+    Examples:
         >>> model = ViTClassifier(num_labels=10, preset="tiny")
         >>> model(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])

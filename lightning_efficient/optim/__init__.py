@@ -4,7 +4,7 @@
 their old spellings here (``lightning_efficient.optim.LRScaling``, ``.TrustRatioMonitor``,
 ``.scaled_lr``) still work for one release and warn (``DeprecationWarning``) with the new path.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_efficient.optim import LAMB, Lion
     >>> model = torch.nn.Linear(3, 2)
@@ -41,7 +41,7 @@ def _moved_attribute(old_module: str, name: str, new_module: str) -> Any:
     The warning names the shortest new spelling: ``lightning_efficient.callbacks.<name>`` where the
     callbacks package exports it, else ``<new_module>.<name>``. A missing name is an ``AttributeError``.
 
-    Example:
+    Examples:
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
         ...     rule = _moved_attribute("lightning_efficient.optim", "SCALING_RULES", _MOVED["LRScaling"])

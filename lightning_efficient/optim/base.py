@@ -25,7 +25,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """The dtype of an optimizer's state for ``param``: fp32 for 16-bit floats, else the param's.
 
-    Example:
+    Examples:
         >>> state_dtype(torch.zeros(2, dtype=torch.bfloat16)), state_dtype(torch.zeros(2, dtype=torch.float64))
         (torch.float32, torch.float64)
     """
@@ -41,7 +41,7 @@ def validate_settings(settings: Mapping[str, Any]) -> None:
 
     Checks whichever of ``lr``, ``betas``, ``eps``, ``weight_decay``, ``clamp`` are present.
 
-    Example:
+    Examples:
         >>> validate_settings({"lr": 1e-3, "betas": (0.9, 0.999)})
         >>> validate_settings({"lr": 0.0})
         Traceback (most recent call last):

@@ -40,7 +40,7 @@ def trust_ratios(
     Returns:
         One 0-d fp32 tensor per weight, on the weights' device.
 
-    Example:
+    Examples:
         >>> w = [torch.full((4,), 3.0), torch.zeros(2), torch.ones(4)]
         >>> u = [torch.ones(4), torch.ones(2), torch.zeros(4)]
         >>> [round(r.item(), 3) for r in trust_ratios(w, u, clamp=5.0)]  # ||w|| = 6 clipped to 5, ||u|| = 2
@@ -75,7 +75,7 @@ class LAMB(ForeachOptimizer):
         bias_correction: Divide the moments by ``1 - beta^t`` (Algorithm 2); False: raw moments.
         no_decay_1d: Split flat parameters by the no-decay rule.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 2)
         >>> optimizer = LAMB(model.parameters(), lr=1e-2)
         >>> [(len(g["params"]), g["weight_decay"], g["trust_ratio"]) for g in optimizer.param_groups]

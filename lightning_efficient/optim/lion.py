@@ -41,7 +41,7 @@ class Lion(ForeachOptimizer):
         weight_decay: Decoupled weight decay (>= 0); typically 3-10x larger than AdamW's.
         no_decay_1d: Split flat parameters by the no-decay rule.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 2)
         >>> optimizer = Lion(model.parameters(), lr=0.1)
         >>> before = model.weight.detach().clone()

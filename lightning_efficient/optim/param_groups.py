@@ -20,7 +20,7 @@ __all__ = ["is_no_decay", "no_decay_groups", "split_flat_params"]
 def is_no_decay(param: torch.Tensor) -> bool:
     """Whether ``param`` gets no weight decay (and trust ratio 1): it has fewer than two dimensions.
 
-    Example:
+    Examples:
         >>> layer = torch.nn.LayerNorm(4)
         >>> is_no_decay(layer.weight), is_no_decay(torch.nn.Linear(4, 4).weight)
         (True, False)
@@ -41,7 +41,7 @@ def no_decay_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list
     Returns:
         Parameter-group dicts for any ``torch.optim.Optimizer``.
 
-    Example:
+    Examples:
         >>> groups = no_decay_groups(torch.nn.Linear(3, 2).parameters(), weight_decay=0.01)
         >>> [(len(g["params"]), g["weight_decay"], g["trust_ratio"]) for g in groups]
         [(1, 0.01, True), (1, 0.0, False)]
@@ -60,7 +60,7 @@ def split_flat_params(params: Iterable[Any], weight_decay: float, no_decay_1d: b
     A flat iterable of tensors (what LightningCLI passes) is split by :func:`no_decay_groups` when
     ``no_decay_1d`` is set; explicit parameter-group dicts (or named parameters) are kept as given.
 
-    Example:
+    Examples:
         >>> layer = torch.nn.Linear(3, 2)
         >>> len(split_flat_params(layer.parameters(), 0.01, no_decay_1d=True))
         2

@@ -3,7 +3,7 @@
 Every name is still readable here for one release: reading one warns (``DeprecationWarning``)
 with the new path and returns the very same object.
 
-Example:
+Examples:
     >>> import warnings
     >>> from lightning_efficient.callbacks import TrustRatioMonitor
     >>> with warnings.catch_warnings(record=True) as caught:

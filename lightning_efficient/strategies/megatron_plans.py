@@ -18,7 +18,7 @@ These functions (:func:`megatron_plan`, :func:`resolve_plan`, :func:`check_plan`
 rank before any collective and a bad configuration fails everywhere with a
 :class:`~lightning_efficient.errors.ConfigurationError` instead of hanging.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertMLM
     >>> model = BertMLM(vocab_size=50, preset="tiny", ffn_size=38)
     >>> plan = megatron_plan(model, tensor_parallel_size=2)
@@ -98,7 +98,7 @@ def parallel_sizes(
         ConfigurationError: A size is not a positive int or ``"auto"``, or the world does not factor
             into ``dp x tp``.
 
-    Example:
+    Examples:
         >>> parallel_sizes(4), parallel_sizes(4, data_parallel_size=2), parallel_sizes(4, 1, 4)
         ((1, 4), (2, 2), (1, 4))
         >>> parallel_sizes(3, tensor_parallel_size=2)
@@ -246,7 +246,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str | ParallelStyle]) -> d
         NoTargetModulesError: An entry matches no module of ``model``.
         ConfigurationError: A style name is not one of :data:`STYLES`.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
         >>> {k: type(v).__name__ for k, v in resolve_plan(model, {"0": "colwise", "2": "rowwise"}).items()}
         {'0': 'ColwiseParallel', '2': 'RowwiseParallel'}
@@ -302,7 +302,7 @@ def check_plan(model: nn.Module, plan: Mapping[str, ParallelStyle], tensor_paral
         NoTargetModulesError: An entry names no module.
         ConfigurationError: A sharded dimension is not divisible.
 
-    Example:
+    Examples:
         >>> check_plan(nn.Sequential(nn.Linear(4, 6)), {"0": ColwiseParallel()}, tensor_parallel_size=4)
         Traceback (most recent call last):
         ...

@@ -16,7 +16,7 @@ importable from here too.
 On a CPU with gloo, tensor parallelism is *slower* than one process (every block adds two
 collectives through gloo); there it is for correctness checks. The speed-up is a multi-GPU matter.
 
-Example:
+Examples:
     >>> from lightning_efficient import ActivationCheckpointing, ViTClassifier
     >>> plan = megatron_plan(ViTClassifier(num_labels=10, preset="tiny", ffn_size=38), tensor_parallel_size=2)
     >>> sorted({type(style).__name__ for style in plan.values()})
@@ -73,7 +73,7 @@ COMPOSES_WITH: frozenset[str] = frozenset({"activation_checkpointing", "lr_scali
 def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
     """Fail if a technique in ``callbacks`` is not declared to compose with tensor parallelism.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import LayerDrop
         >>> check_strategy_support([LayerDrop(drop_rate=0.1)])
         Traceback (most recent call last):
@@ -98,7 +98,7 @@ def check_composition(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSE
     Not to be confused with :func:`lightning_efficient.technique.check_composition` (techniques
     against each other).
 
-    Example:
+    Examples:
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
         ...     check_composition([])
@@ -130,7 +130,7 @@ def clip_grad_norm_(
     Returns:
         The total norm of all gradients (a plain 0-d tensor), before clipping.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.ones(4)); w.grad = torch.full((4,), 2.0)
         >>> round(clip_grad_norm_([w], max_norm=1.0).item(), 4), round(w.grad.norm().item(), 4)
         (4.0, 1.0)
@@ -273,7 +273,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
     Raises:
         ConfigurationError: A bad size or plan (see :func:`parallel_sizes`, :func:`megatron_plan`).
 
-    Example:
+    Examples:
         >>> TensorParallelStrategy(tensor_parallel_size=0)
         Traceback (most recent call last):
         ...

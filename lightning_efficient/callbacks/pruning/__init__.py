@@ -45,7 +45,7 @@ The package, by job: :mod:`~lightning_efficient.callbacks.pruning.schedule` (whe
 :mod:`~lightning_efficient.callbacks.pruning.exporting` (slicing, saving, loading) and
 :mod:`~lightning_efficient.callbacks.pruning.callback` (the technique).
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)

@@ -1,6 +1,6 @@
 """The :class:`MagnitudePruning` technique: the schedule, the masks and the structured units put to work in a fit.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertClassifier
     >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny")
     >>> pruning = MagnitudePruning(final_sparsity=0.5, structure="heads")

@@ -8,7 +8,7 @@ head or a neuron, and which attribute holds the head count, come from the blocks
 into their config, so :func:`load_pruned` (or plain ``from_pretrained``, for shapes the config can
 express) reads a saved copy back.
 
-Example:
+Examples:
     >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=6)
     >>> encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     >>> with torch.no_grad():
@@ -181,7 +181,7 @@ def export_pruned(model: nn.Module, shrink: bool = True, block_paths: Sequence[s
         "parameters_after", "hf_loadable"}`` (``hf_loadable``: plain ``from_pretrained`` reads
         each HF model saved after this; None when there is none).
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertClassifier, MagnitudePruning
         >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny")
         >>> pruning = MagnitudePruning(final_sparsity=0.5, structure="neurons")
@@ -225,7 +225,7 @@ def export_pruned(model: nn.Module, shrink: bool = True, block_paths: Sequence[s
 def export(model: nn.Module, shrink: bool = True, block_paths: Sequence[str] | None = None) -> dict[str, Any]:
     """Deprecated name of :func:`export_pruned` (kept for one release): warns, then exports.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertClassifier
         >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny")
         >>> with warnings.catch_warnings(record=True) as caught:

@@ -4,7 +4,7 @@ A mask is a buffer (``weight_mask``, and ``bias_mask`` for rows pruned by struct
 the pruned module, so a checkpoint holds and reloads it; :func:`apply_masks` multiplies weights
 by their masks with one foreach multiply.
 
-Example:
+Examples:
     >>> layer = nn.Linear(4, 1, bias=False)
     >>> with torch.no_grad():
     ...     _ = layer.weight.copy_(torch.tensor([[0.1, -3.0, 0.2, 4.0]]))
@@ -70,7 +70,7 @@ def magnitude_masks(
         scope: ``"per_layer"`` or ``"global"``.
         masks: Current masks; weights already pruned stay pruned (they rank lowest).
 
-    Example:
+    Examples:
         >>> w = {"a": torch.tensor([1.0, -4.0, 2.0, 3.0]), "b": torch.tensor([0.5, 0.6])}
         >>> {k: v.int().tolist() for k, v in magnitude_masks(w, 0.5).items()}
         {'a': [0, 1, 0, 1], 'b': [0, 1]}
@@ -125,7 +125,7 @@ def add_masks(modules: Iterable[nn.Module], bias: bool = False) -> _MaskHandle:
     without them (a checkpoint written before pruning was added) loads with all-ones masks and a
     warning. Existing masks are kept. ``.remove()`` on the result deletes the buffers again.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(3, 2)
         >>> handle = add_masks([layer])
         >>> sorted(layer.state_dict())
@@ -166,7 +166,7 @@ def _mask_pairs(modules: Iterable[nn.Module]) -> tuple[list[torch.Tensor], list[
 def apply_masks(model: nn.Module) -> None:
     """Multiply every masked weight (and bias) of ``model`` by its mask, in place: call after ``optimizer.step()``.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 2)
         >>> _ = add_masks([layer]); layer.weight_mask[0] = 0
         >>> apply_masks(layer); (layer.weight[0] == 0).tolist(), (layer.weight[1] != 0).tolist()
@@ -181,7 +181,7 @@ def apply_masks(model: nn.Module) -> None:
 def mask_gradients(model: nn.Module) -> None:
     """Multiply the gradients of masked weights by their masks (before the optimizer step, and clipping).
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 1)
         >>> _ = add_masks([layer]); layer.weight_mask[0, 1] = 0
         >>> layer(torch.ones(1, 2)).sum().backward(); mask_gradients(layer)
@@ -201,7 +201,7 @@ def remove_masks(model: nn.Module) -> int:
     Returns:
         How many modules carried masks.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 2)
         >>> _ = add_masks([layer]); layer.weight_mask.zero_()[0, 0] = 1
         >>> remove_masks(layer), sorted(layer.state_dict()), int((layer.weight != 0).sum())

@@ -1,6 +1,6 @@
 """The pruning schedule: when pruning events happen and what sparsity each one reaches (Zhu & Gupta's cubic).
 
-Example:
+Examples:
     >>> pruning_steps(0, 30, 10), round(cubic_sparsity(10, 0.9, 0, 30, 10), 4)
     ([0, 10, 20, 30], 0.6333)
 """
@@ -15,7 +15,7 @@ __all__ = ["cubic_sparsity", "pruning_steps"]
 def pruning_steps(start_step: int, end_step: int, frequency: int) -> list[int]:
     """The optimizer steps at which pruning events happen: every ``frequency`` from the start, and the end.
 
-    Example:
+    Examples:
         >>> pruning_steps(10, 20, 4), pruning_steps(5, 5, 1)
         ([10, 14, 18, 20], [5])
     """
@@ -30,7 +30,7 @@ def cubic_sparsity(
     Zhu & Gupta's cubic schedule, ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3`` at the
     events ``t`` of :func:`pruning_steps`.
 
-    Example:
+    Examples:
         >>> [round(cubic_sparsity(t, 0.8, 10, 20, 5), 4) for t in (0, 10, 14, 15, 20, 99)]
         [0.0, 0.0, 0.0, 0.7, 0.8, 0.8]
     """

@@ -7,7 +7,7 @@ A head is ranked by the L2 norm of its query, key and value rows and its columns
 output projection; an FFN neuron by the norm of its row of the first FFN layer and its column of
 the second.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertMLM
     >>> units = block_units(BertMLM(vocab_size=50, preset="tiny").model.bert.encoder.layer[0])
     >>> units.attentions[0].heads_attribute, units.attentions[0].width_attribute, neuron_scores(units.ffn).shape
@@ -95,7 +95,7 @@ def block_units(block: nn.Module) -> BlockUnits:
         ConfigurationError: ``block``'s class has no architecture entry (the message names the known
             classes and :func:`~lightning_efficient.architectures.register_architecture`).
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertMLM
         >>> units = block_units(BertMLM(vocab_size=50, preset="tiny").model.bert.encoder.layer[0])
         >>> [(a.heads, a.head_size) for a in units.attentions], units.ffn.neurons
@@ -124,7 +124,7 @@ def block_units(block: nn.Module) -> BlockUnits:
 def head_scores(unit: AttentionUnit) -> torch.Tensor:
     """The L2 norm of each head's query/key/value rows and output-projection columns, ``(heads,)``.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertMLM
         >>> unit = block_units(BertMLM(vocab_size=50, preset="tiny").model.bert.encoder.layer[0]).attentions[0]
         >>> head_scores(unit).shape
@@ -139,7 +139,7 @@ def head_scores(unit: AttentionUnit) -> torch.Tensor:
 def neuron_scores(unit: FeedForwardUnit) -> torch.Tensor:
     """The L2 norm of each FFN neuron's input row and output column, ``(neurons,)``.
 
-    Example:
+    Examples:
         >>> unit = FeedForwardUnit(nn.Linear(4, 3), nn.Linear(3, 4))
         >>> neuron_scores(unit).shape
         torch.Size([3])
@@ -187,7 +187,7 @@ def structured_masks(
     attention keeps at least one head and every FFN one neuron. Weights are not touched: call
     :func:`~lightning_efficient.callbacks.pruning.masks.apply_masks` after.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertMLM
         >>> from lightning_efficient.callbacks.pruning.masks import add_masks
         >>> units = [block_units(b) for b in BertMLM(vocab_size=50, preset="tiny").model.bert.encoder.layer]

@@ -45,7 +45,7 @@ The package: :mod:`.fake_quant` (torchao's configs and the fake quantizers), :mo
 
 torchao is an optional dependency: ``pip install "lightning-efficient[quant]"``.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)

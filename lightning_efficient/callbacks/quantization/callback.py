@@ -7,7 +7,7 @@ the matmul), so parameters and checkpoint keys never change. The layers are chos
 selector (:func:`~lightning_efficient.targets.select_modules`), so a block described with
 :func:`~lightning_efficient.architectures.register_architecture` is quantized like a built-in one.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertClassifier
     >>> qat = QuantizationAwareTraining(exclude=["*.attention.*"])
     >>> qat.attach(BertClassifier(vocab_size=50, num_labels=2, preset="tiny"))

@@ -5,7 +5,7 @@ scheme's conversion target) with the codes training saw; :func:`compile_quantize
 model for CPU inference (the fused int8 kernels); :func:`save_quantized` / :func:`load_quantized`
 write and read (and compile) it. :func:`export` is the deprecated name of :func:`export_quantized`.
 
-Example:
+Examples:
     >>> from lightning_efficient import BertClassifier
     >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny").eval()
     >>> qat = QuantizationAwareTraining()
@@ -153,7 +153,7 @@ def export_quantized(model: nn.Module, qat: QuantizationAwareTraining) -> dict[s
 def export(model: nn.Module, qat: QuantizationAwareTraining) -> dict[str, Any]:
     """Deprecated name of :func:`export_quantized` (kept for one release): warns, then converts.
 
-    Example:
+    Examples:
         >>> from lightning_efficient import BertClassifier
         >>> model = BertClassifier(vocab_size=50, num_labels=2, preset="tiny").eval()
         >>> qat = QuantizationAwareTraining()

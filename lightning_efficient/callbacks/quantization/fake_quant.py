@@ -5,7 +5,7 @@ columns. Activations: torchao's asymmetric per-token ``IntxFakeQuantizer``, or t
 quantizer of the ``Int8Tensor`` conversion itself (:class:`_SymmetricInt8Activation`), so training
 sees the codes inference will use. Rounding is in the forward pass, the gradient is straight-through.
 
-Example:
+Examples:
     >>> act, weight = fake_quantize_configs()
     >>> act.dtype, act.is_symmetric, weight.dtype, weight.is_symmetric
     (torch.int8, False, torch.int8, True)
@@ -57,7 +57,7 @@ def fake_quantize_configs(
     columns (the weights of every scheme). These are the configs torchao's ``QATConfig`` derives
     from ``Int8DynamicActivationIntxWeightConfig``, that scheme's conversion target.
 
-    Example:
+    Examples:
         >>> act, weight = fake_quantize_configs("int4", "per_group", 16)
         >>> act.dtype, weight.dtype, weight.granularity.group_size
         (torch.int8, torch.int4, 16)
