@@ -22,11 +22,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from techniques import CASES, TechniqueCase, tiny_family
 
-from lightning_efficient.technique import Technique, check_plain_state
+from lightning_efficient import BertMLM, ConfigurationError, Technique
+from lightning_efficient.technique import check_composition, check_plain_state
 
 ROWS = {case.id: case for case in CASES}
-DDP_TIMEOUT_S = 300
+DDP_TIMEOUT_S = 300  # for all DDP rows together (one 2-process run)
 STEPS_PER_EPOCH = 4
+#: The fixed pair set that trains and resumes: every row with each of these (and with bf16-mixed).
+FIXED_PAIR_PARTNERS = ("layer_drop", "pruning")
 
 
 class Recorder(Callback):
@@ -37,10 +40,14 @@ class Recorder(Callback):
         self.final: dict[str, Any] = {}
         self.applied: set[bool] = set()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.applied |= {cb.is_applied for cb in trainer.callbacks if isinstance(cb, Technique)}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,9 +116,17 @@ def assert_same(actual: Any, expected: Any, where: str) -> None:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
-def check_resume(cases: list[TechniqueCase], family: str, files: dict[str, str], tmp_path: Path, steps: int, interrupt_at: tuple[int, ...]) -> None:
-    """Interrupt at each step of ``interrupt_at``, resume, and compare with the uninterrupted run."""
-    full, _ = fit(cases, family, files, tmp_path / "full", steps, save_every_step=True)
+def check_resume(
+    cases: list[TechniqueCase],
+    family: str,
+    files: dict[str, str],
+    tmp_path: Path,
+    steps: int,
+    interrupt_at: tuple[int, ...],
+    **trainer_kwargs: Any,
+) -> tuple[Recorder, list[Technique]]:
+    """Interrupt at each step of ``interrupt_at``, resume, and compare with the uninterrupted run (returned)."""
+    full, techniques = fit(cases, family, files, tmp_path / "full", steps, save_every_step=True, **trainer_kwargs)
     for k in interrupt_at:
         checkpoint = tmp_path / "full" / f"step={k}.ckpt"
         state = torch.load(checkpoint, weights_only=True)  # the whole checkpoint is weights_only loadable
@@ -119,10 +134,64 @@ def check_resume(cases: list[TechniqueCase], family: str, files: dict[str, str],
             check_plain_state(state["callbacks"].get(f"lightning_efficient.{case.build().name}", {}), case.id)
         with warnings.catch_warnings():  # a checkpoint written during training resumes exactly: no warning
             warnings.filterwarnings("error", message=".*never trained on.*")
-            resumed, _ = fit(cases, family, files, tmp_path / f"resumed_{k}", steps, ckpt_path=str(checkpoint), seed=1234)
+            resumed, _ = fit(
+                cases,
+                family,
+                files,
+                tmp_path / f"resumed_{k}",
+                steps,
+                ckpt_path=str(checkpoint),
+                seed=1234,
+                **trainer_kwargs,
+            )
         where = f"resumed after step {k}"
         assert {s: v for s, v in resumed.losses.items()} == {s: v for s, v in full.losses.items() if s > k}, where
         assert_same(resumed.final, full.final, where)
+    return full, techniques
+
+
+def conflict(a: Technique, b: Technique) -> bool:
+    """Whether ``a`` and ``b`` declare that they cannot run together."""
+    return a.name in b.conflicts_with or b.name in a.conflicts_with
+
+
+def in_order(first: TechniqueCase, second: TechniqueCase) -> list[TechniqueCase]:
+    """The two rows in an order their ``runs_before`` declarations accept."""
+    return [second, first] if first.build().name in second.build().runs_before else [first, second]
+
+
+# -- the table ---------------------------------------------------------------------------------
+def exported_techniques() -> dict[str, type[Technique]]:
+    """Every ``Technique`` subclass the package exports, by its public path (walks ``__all__``)."""
+    import lightning_efficient
+    import lightning_efficient.callbacks
+    import lightning_efficient.strategies
+
+    found = {}
+    for module in (lightning_efficient, lightning_efficient.callbacks, lightning_efficient.strategies):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if isinstance(value, type) and issubclass(value, Technique) and value is not Technique:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_every_exported_technique_has_a_row() -> None:
+    exported = exported_techniques()
+    assert {"lightning_efficient.LayerDrop", "lightning_efficient.callbacks.MagnitudePruning"} <= set(exported)
+    covered = {type(case.build()) for case in CASES}
+    missing = sorted({f"{cls.__name__} ({path})" for path, cls in exported.items() if cls not in covered})
+    assert not missing, (
+        f"exported techniques with no contract row: {', '.join(missing)}; add a TechniqueCase row for each "
+        "to CASES in tests/techniques.py"
+    )
+
+
+def test_rows_have_unique_ids_and_run_on_bert() -> None:
+    """The pairwise, precision, copy and DDP tests run on the tiny BERT."""
+    assert len(ROWS) == len(CASES), "two rows share an id"
+    assert all("bert" in case.families and case.resume_family in case.families for case in CASES)
+    assert all(partner in ROWS for partner in FIXED_PAIR_PARTNERS)
 
 
 # -- per row -----------------------------------------------------------------------------------
@@ -132,7 +201,9 @@ def test_fits_every_family(case: TechniqueCase, user_files: dict[str, str], tmp_
         recorder, (technique,) = fit([case], family, user_files, tmp_path / family, steps=3)
         assert len(recorder.losses) == 3 and all(torch.isfinite(torch.tensor(list(recorder.losses.values())))), family
         assert recorder.applied == {True}, f"{family}: the surgery was not in place during training"
-        foreign = {m for m in recorder.metric_names if not m.startswith(("train/", "val/", "test/", f"{technique.name}/"))}
+        foreign = {
+            m for m in recorder.metric_names if not m.startswith(("train/", "val/", "test/", f"{technique.name}/"))
+        }
         assert not foreign, f"{family}: metrics not named <technique>/<metric>: {sorted(foreign)}"
         assert not technique.is_applied or technique.keep_after_fit, f"{family}: surgery not undone at teardown"
 
@@ -179,7 +250,9 @@ CONFIGS = {"bert": "bert/tiny_mlm.yaml", "mt": "mt/tiny_en_fr.yaml", "vit": "vit
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_instantiates_from_yaml_through_the_cli(case: TechniqueCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_instantiates_from_yaml_through_the_cli(
+    case: TechniqueCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The row's fragment appends the technique to a config's callbacks (``callbacks+:``)."""
     from lightning_efficient.cli import EfficientCLI
 
@@ -195,44 +268,131 @@ def test_instantiates_from_yaml_through_the_cli(case: TechniqueCase, tmp_path: P
 
 
 # -- pairs -------------------------------------------------------------------------------------
-PAIRS = list(itertools.combinations(CASES, 2))
+ALL_PAIRS = list(itertools.combinations(CASES, 2))
+FIXED_PAIRS = [pair for pair in ALL_PAIRS if {pair[0].id, pair[1].id} & set(FIXED_PAIR_PARTNERS)]
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0].id}+{p[1].id}")
-def test_pairs_compose_and_resume(pair: tuple[TechniqueCase, TechniqueCase], user_files: dict[str, str], tmp_path: Path) -> None:
-    first, second = pair
-    a, b = first.build(), second.build()
-    if a.name in b.conflicts_with or b.name in a.conflicts_with:
-        with pytest.raises(ValueError, match=f"{a.name}|{b.name}"):
+def pair_id(pair: tuple[TechniqueCase, TechniqueCase]) -> str:
+    return f"{pair[0].id}+{pair[1].id}"
+
+
+@pytest.mark.parametrize("pair", FIXED_PAIRS, ids=pair_id)
+def test_fixed_pairs_compose_and_resume(
+    pair: tuple[TechniqueCase, TechniqueCase], user_files: dict[str, str], tmp_path: Path
+) -> None:
+    """Every row with each of ``FIXED_PAIR_PARTNERS`` trains and resumes exactly (or is refused clearly)."""
+    a, b = (case.build() for case in pair)
+    if conflict(a, b):
+        with pytest.raises(ConfigurationError, match=f"{a.name}|{b.name}") as error:
             fit(list(pair), "bert", user_files, tmp_path, steps=1)
+        assert a.name in str(error.value) and b.name in str(error.value)
         return
-    ordered = list(pair) if a.name not in b.runs_before else [second, first]
-    check_resume(ordered, "bert", user_files, tmp_path, steps=6, interrupt_at=(3,))
+    check_resume(in_order(*pair), "bert", user_files, tmp_path, steps=6, interrupt_at=(3,))
+
+
+def tiny_bert_batch() -> tuple[BertMLM, dict[str, torch.Tensor]]:
+    """A tiny BERT (odd vocabulary) and a masked-LM batch of 2 x 11 tokens with padding, no data module."""
+    torch.manual_seed(0)
+    model = BertMLM(vocab_size=97, preset="tiny", max_length=33)
+    input_ids = torch.randint(5, 97, (2, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, [2, 5, 7]] = input_ids[0, [2, 5, 7]]
+    labels[1, [1, 4]] = input_ids[1, [1, 4]]
+    return model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def structure(model: torch.nn.Module) -> list[tuple[str, str, int, int, bool]]:
+    """Each module's name, class, forward hook and pre-hook counts, and whether its ``forward`` is wrapped."""
+    return [
+        (name, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in vars(m))
+        for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("pair", ALL_PAIRS, ids=pair_id)
+def test_every_pair_composes(pair: tuple[TechniqueCase, TechniqueCase]) -> None:
+    """Every pair of rows passes ``check_composition`` (or is refused clearly), and both surgeries apply and undo.
+
+    No training: both techniques are attached to a tiny BERT, a forward and backward pass runs,
+    and detaching them (in reverse order) restores the model's modules, hooks, parameters, buffers
+    and outputs.
+    """
+    a, b = (case.build() for case in pair)
+    if conflict(a, b):
+        for ordered in ([a, b], [b, a]):
+            with pytest.raises(ConfigurationError) as error:
+                check_composition(ordered)
+            assert a.name in str(error.value) and b.name in str(error.value)
+        return
+    first, second = (case.build() for case in in_order(*pair))
+    if first.name in second.runs_before or second.name in first.runs_before:
+        with pytest.raises(ConfigurationError, match="must run before"):
+            check_composition([second, first])
+    check_composition([first, second])
+
+    model, batch = tiny_bert_batch()
+    reference, targets = model.eval().masked_logits(**batch)  # the training path: head on the masked positions
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    plain = structure(model)
+    first.attach(model)
+    second.attach(model)
+    assert first.is_applied and second.is_applied
+    logits, _ = model.train().masked_logits(**batch)
+    assert logits.shape == reference.shape and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits.float(), targets).backward()
+    second.detach(model)
+    first.detach(model)
+    assert not first.is_applied and not second.is_applied
+    assert structure(model) == plain, "hooks, wrappers or modules left after detaching both"
+    assert_same(model.state_dict(), before, "model after detaching both")
+    assert torch.equal(model.eval().masked_logits(**batch)[0], reference), "outputs differ after detaching both"
 
 
 # -- distributed -------------------------------------------------------------------------------
 DDP_CASES = [c for c in CASES if c.build().distributed_safe]
 
 
-@pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: c.id)
-def test_ddp_two_processes(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
-    """Two gloo processes train with the technique, under a hard timeout: same decisions on both ranks."""
+@pytest.fixture(scope="module")
+def ddp_runs(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """One 2-process gloo run of every DDP row in turn, under a hard timeout: (output folder, exit code, log).
+
+    One run for all rows: a run of its own costs each row ~8 s of start-up (two Python processes
+    importing torch and Lightning).
+    """
+    out = tmp_path_factory.mktemp("ddp")
     worker = Path(__file__).parent / "ddp_worker.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])}
+    ids = ",".join(case.id for case in DDP_CASES)
     try:
         result = subprocess.run(
-            [sys.executable, str(worker), case.id, json.dumps(user_files), str(tmp_path)],
-            env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S,
+            [sys.executable, str(worker), ids, json.dumps(user_files), str(out)],
+            check=False, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S,
         )  # fmt: skip
     except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"DDP run of {case.id} hung for {DDP_TIMEOUT_S} s:\n{timeout.stderr}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        return out, -1, f"the DDP runs hung for {DDP_TIMEOUT_S} s:\n{timeout.stderr}"
+    return out, result.returncode, result.stderr
+
+
+@pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: c.id)
+def test_ddp_two_processes(case: TechniqueCase, ddp_runs: tuple[Path, int, str]) -> None:
+    """Two gloo processes train with the technique: same decisions on both ranks."""
+    out, returncode, log = ddp_runs
+    paths = [out / case.id / f"rank{r}.pt" for r in (0, 1)]
+    if not all(path.exists() for path in paths):
+        pytest.fail(f"the DDP worker (exit code {returncode}) stopped before {case.id} finished:\n{log[-3000:]}")
+    ranks = [torch.load(path, weights_only=True) for path in paths]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3
     assert_same(ranks[1]["technique"], ranks[0]["technique"], "technique state across ranks")
     assert_same(ranks[1]["weights"], ranks[0]["weights"], "weights across ranks")
     assert ranks[0]["batch_hash"] != ranks[1]["batch_hash"], "each rank must see its own shard"
+
+
+def test_ddp_worker_exits_cleanly(ddp_runs: tuple[Path, int, str]) -> None:
+    _, returncode, log = ddp_runs
+    assert returncode == 0, log[-3000:]
 
 
 # -- mixed precision ---------------------------------------------------------------------------
@@ -256,10 +416,16 @@ def _assert_finite(recorder: Recorder, technique: Technique, steps: int) -> None
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bf16_mixed_stays_finite(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
-    """Lightning's bf16 autocast (``configs/techniques/bf16_mixed.yaml``) with each technique, 3 steps on tiny BERT."""
-    recorder, (technique,) = fit([case], "bert", user_files, tmp_path, steps=3, precision="bf16-mixed")
-    _assert_finite(recorder, technique, steps=3)
+def test_bf16_mixed_resumes_and_stays_finite(case: TechniqueCase, user_files: dict[str, str], tmp_path: Path) -> None:
+    """Lightning's bf16 autocast (``configs/techniques/bf16_mixed.yaml``) with each technique on tiny BERT.
+
+    bf16 is the third partner of the fixed pair set: 6 steps, interrupted after step 3 and resumed
+    exactly, with finite losses, weights and technique state.
+    """
+    full, (technique,) = check_resume(
+        [case], "bert", user_files, tmp_path, steps=6, interrupt_at=(3,), precision="bf16-mixed"
+    )
+    _assert_finite(full, technique, steps=6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
