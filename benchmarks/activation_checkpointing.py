@@ -52,12 +52,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from harness import LightningJob, Variant, harness_arguments, interleave, report, run_variant, setup, write_json
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_efficient import BertMLM, EfficiencyMonitor, MLMDataModule
+import torch
+
+from benchmarks.harness import (
+    LightningJob,
+    Variant,
+    harness_arguments,
+    interleave,
+    report,
+    run_variant,
+    setup,
+    write_json,
+)
+from benchmarks.jobs import mlm_arguments, mlm_data, mlm_job_line, mlm_module
+from lightning_efficient import EfficiencyMonitor, MLMDataModule
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
-from lightning_efficient.models.presets import PRESETS
 
 NONE, EVERY, EVERY_2, HF = "none", "ours every block", "ours every 2nd block", "HF checkpointing"
 VARIANTS = (NONE, EVERY, EVERY_2, HF)
@@ -67,18 +79,17 @@ GIB = 2**30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the claim's setting (BERT-base, 8 x 512, fp32)."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=2, steps=2, warmup=1)
-    parser.add_argument("--preset", default="base", choices=sorted(PRESETS), help="model size (claim: base)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence (packed: every batch is full)")
-    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = harness_arguments(__doc__, rounds=2, steps=2, warmup=1)
+    mlm_arguments(parser, preset="base", batch_size=8, max_length=512)  # the claim's BERT-base, 8 x 512
     parser.add_argument("--memory", default="subprocess", choices=("subprocess", "in-process"),
                         help="measure peak memory in a fresh process per variant, or in the timed runs")  # fmt: skip
     parser.add_argument("--memory-steps", type=int, default=2, help="training steps of each memory process")
-    parser.add_argument("--memory-repeats", type=int, default=1,
-                        help="memory processes per variant (the peak RSS varies by up to ~10%% between identical runs)")
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=1,
+        help="memory processes per variant (the peak RSS varies by up to ~10%% between identical runs)",
+    )
     parser.add_argument("--max-memory", type=float, default=0.5, help="pass if every-block peak <= this x baseline")
     parser.add_argument("--max-time", type=float, default=1.4, help="pass if every-block step time <= this x baseline")
     parser.add_argument("--tie", type=float, default=0.05, help="ours counts as at least as good as HF within this")
@@ -127,7 +138,7 @@ def build(
     keep_summaries(runs)
     release_free_memory()
     start = resident_bytes()
-    module = BertMLM(vocab_size=datamodule.vocab_size, preset=args.preset, max_length=args.max_length, seed=args.seed)
+    module = mlm_module(datamodule.vocab_size, args)
     callbacks: list[Any] = []
     if variant == EVERY:
         callbacks.append(ActivationCheckpointing(every=1))
@@ -155,8 +166,17 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
 
 def measure_in_subprocess(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``variant`` for ``--memory-steps`` steps in a fresh Python process; return its memory record."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--measure-memory", variant, *child_arguments(args),
-               "--steps", str(args.memory_steps - 1), "--warmup", "0"]  # fmt: skip  (the harness adds one batch)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure-memory",
+        variant,
+        *child_arguments(args),
+        "--steps",
+        str(args.memory_steps - 1),
+        "--warmup",
+        "0",
+    ]  # fmt: skip  (the harness adds one batch)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     records = [line[len(MEMORY_TAG) :] for line in done.stdout.splitlines() if line.startswith(MEMORY_TAG)]
     if done.returncode != 0 or not records:
@@ -203,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
     torch.manual_seed(args.seed)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
+    datamodule = mlm_data(args)
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     root = tempfile.TemporaryDirectory()  # the monitors' efficiency.json files
     if args.measure_memory:  # child mode: one variant, one run, print the record
@@ -218,8 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return runs[name][0]
 
     print(
-        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {datamodule.vocab_size}, "
-        f"fp32, {torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} timed steps "
+        f"{mlm_job_line(args, datamodule.vocab_size)}, fp32; {args.rounds} rounds x {args.steps} timed steps "
         f"(+{args.warmup} warmup) per variant; memory: {args.memory}"
     )
     memory_runs = runs  # --memory in-process: the timed runs' monitors

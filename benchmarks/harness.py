@@ -3,11 +3,12 @@
 Runs a baseline config and the same config with a technique, interleaved in one process to resist
 the machine's noise, repeated, and prints the ratios with their spread. Each technique issue adds
 its benchmark here: a script in ``benchmarks/`` that builds two (or more) :class:`Variant` s, calls
-:func:`interleave` and :func:`report`, and prints a verdict against its claim::
+:func:`interleave` and :func:`report`, and prints a verdict against its claim (the jobs the scripts
+share, e.g. the main MLM job, come from :mod:`benchmarks.jobs`)::
 
-    from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
+    from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 
-    parser = harness_arguments(__doc__.split("\\n\\n")[0], rounds=4, steps=10, warmup=3)
+    parser = harness_arguments(__doc__, rounds=4, steps=10, warmup=3)
     args = parser.parse_args()
     setup(args)
     variants = [
@@ -19,12 +20,13 @@ its benchmark here: a script in ``benchmarks/`` that builds two (or more) :class
     write_json(args.json, result)
 
 What a step is. For a Lightning variant (``build()`` returns a :class:`LightningJob`), a fresh
-``Trainer`` runs ``Trainer.fit`` for ``warmup + steps + 1`` batches and :class:`StepTimer` records
-``time.perf_counter()`` at every ``on_train_batch_start``: step i lasts from the start of batch i to
-the start of batch i+1, so it includes every hook, logging, the optimizer step and fetching the
-next batch (the one extra batch closes the last timed interval and is not timed). For a plain
-variant (``build()`` returns a ``step()`` callable, e.g. a hand-written PyTorch loop), each call is
-one step, timed around the call. On CUDA the device is synchronized before each time stamp.
+``Trainer`` (:func:`benchmark_trainer`) runs ``Trainer.fit`` for ``warmup + steps + 1`` batches and
+:class:`StepTimer` records ``time.perf_counter()`` at every ``on_train_batch_start``: step i lasts
+from the start of batch i to the start of batch i+1, so it includes every hook, logging, the
+optimizer step and fetching the next batch (the one extra batch closes the last timed interval and
+is not timed). For a plain variant (``build()`` returns a ``step()`` callable, e.g. a hand-written
+PyTorch loop), each call is one step, timed around the call. On CUDA the device is synchronized
+before each time stamp.
 
 How runs are ordered. Each round runs every variant once, each with a fresh build; the order
 rotates by one every round (A B, B A, A B, ... for two variants), so no variant always goes first;
@@ -57,6 +59,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.testing import QUIET_TRAINER, quiet_trainer
 
 __all__ = [
     "METRICS",
@@ -65,6 +68,7 @@ __all__ = [
     "LightningJob",
     "StepTimer",
     "Variant",
+    "benchmark_trainer",
     "harness_arguments",
     "interleave",
     "report",
@@ -76,16 +80,13 @@ __all__ = [
 METRICS = ("step time", "throughput")
 """What a ratio expresses: variant / baseline step time, or variant / baseline throughput."""
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "limit_val_batches": 0,
-    "num_sanity_val_steps": 0,
-}
-"""Trainer arguments of every Lightning run (a job's ``trainer_kwargs`` override them)."""
+TRAINER_DEFAULTS: dict[str, Any] = {**QUIET_TRAINER, "devices": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+"""Trainer arguments of every Lightning run: quiet, one device, no validation (``trainer_kwargs`` override them)."""
+
+
+def benchmark_trainer(**overrides: Any) -> pl.Trainer:
+    """A :func:`~lightning_efficient.testing.quiet_trainer` with :data:`TRAINER_DEFAULTS`; ``overrides`` win."""
+    return quiet_trainer(**{**TRAINER_DEFAULTS, **overrides})
 
 
 @dataclass
@@ -160,8 +161,8 @@ class StepTimer(pl.Callback):
 
 def _fit(job: LightningJob, steps: int, warmup: int) -> list[float]:
     timer = StepTimer(warmup)
-    kwargs = {**TRAINER_DEFAULTS, "max_steps": warmup + steps + 1, **job.trainer_kwargs}
-    trainer = pl.Trainer(**kwargs, callbacks=[*job.callbacks, timer])
+    kwargs = {"max_steps": warmup + steps + 1, **job.trainer_kwargs}
+    trainer = benchmark_trainer(**kwargs, callbacks=[*job.callbacks, timer])
     if isinstance(job.data, pl.LightningDataModule):
         trainer.fit(job.module, datamodule=job.data)
     else:
@@ -324,9 +325,12 @@ def harness_arguments(description: str, rounds: int = 4, steps: int = 10, warmup
     """A parser with the harness options; a script adds its own and calls ``parse_args``.
 
     Options: ``--rounds``, ``--steps``, ``--warmup``, ``--threads`` (torch intra-op threads; default:
-    torch's choice), ``--json OUT`` (write the numbers there).
+    torch's choice), ``--json OUT`` (write the numbers there). The ``--help`` text is the first
+    paragraph of ``description`` (a script passes its ``__doc__``).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     group = parser.add_argument_group("harness")
     group.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (the order rotates each round)")
     group.add_argument("--steps", type=int, default=steps, help="timed steps per run")

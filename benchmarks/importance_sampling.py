@@ -28,14 +28,19 @@ quiet machine.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import lightning.pytorch as pl
 import torch
-from harness import TRAINER_DEFAULTS, harness_arguments, setup, write_json
 
+from benchmarks.harness import benchmark_trainer, harness_arguments, setup, write_json
+from benchmarks.jobs import reached
 from lightning_efficient import (
     BertClassifier,
     EfficiencyMonitor,
@@ -51,15 +56,19 @@ CLAIM = 0.85
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=1, steps=1, warmup=0)
+    parser = harness_arguments(__doc__, rounds=1, steps=1, warmup=0)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--preset", default="small", help="model size of both tasks")
     parser.add_argument("--pool-factor", type=int, default=3, help="pool B = this x the batch b (the paper: 3 to 5)")
     parser.add_argument("--tau-threshold", type=float, default=None, help="None: the break-even (B + 3b) / (3b)")
     parser.add_argument("--skip-always", action="store_true", help="skip the run that samples on every step")
     parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--target", type=float, default=None, help="val/accuracy target (default: baseline's best - tolerance)")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="default target: baseline's best accuracy minus this")
+    parser.add_argument(
+        "--target", type=float, default=None, help="val/accuracy target (default: baseline's best - tolerance)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.01, help="default target: baseline's best accuracy minus this"
+    )
     genre = parser.add_argument_group("genre (BERT on Brown)")
     genre.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Brown)")
     genre.add_argument("--text-column", default="text")
@@ -68,11 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     genre.add_argument("--max-length", type=int, default=128)
     genre.add_argument("--batch-size", type=int, default=32, help="b of the genre task")
     genre.add_argument("--train-steps", type=int, default=400, help="steps of each run (both tasks)")
-    genre.add_argument("--val-examples", type=int, default=1024, help="a fixed random subset of the genre validation split")
-    genre.add_argument("--val-batches", type=int, default=None, help="limit on validation batches (both tasks; default: all)")
+    genre.add_argument(
+        "--val-examples", type=int, default=1024, help="a fixed random subset of the genre validation split"
+    )
+    genre.add_argument(
+        "--val-batches", type=int, default=None, help="limit on validation batches (both tasks; default: all)"
+    )
     fashion = parser.add_argument_group("fashion (ViT on Fashion-MNIST)")
     fashion.add_argument("--image-batch-size", type=int, default=64, help="b of the fashion task")
-    fashion.add_argument("--image-steps", type=int, default=None, help="steps of each fashion run (default: --train-steps)")
+    fashion.add_argument(
+        "--image-steps", type=int, default=None, help="steps of each fashion run (default: --train-steps)"
+    )
     return parser.parse_args(argv)
 
 
@@ -83,12 +98,16 @@ class TauRecorder(pl.Callback):
         self.technique = technique
         self.pool_taus: list[float] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.technique._sampled_now:
             self.pool_taus.append(self.technique._pool_tau)
 
 
-def task_parts(task: str, args: argparse.Namespace, batch_size: int) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+def task_parts(
+    task: str, args: argparse.Namespace, batch_size: int
+) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """A fresh model and its data, the data's batch size ``batch_size``."""
     if task == "genre":
         data = TextClassificationDataModule(
@@ -125,9 +144,8 @@ def train(task: str, name: str, args: argparse.Namespace, sampled: bool, steps: 
         recorder = TauRecorder(technique)
         callbacks += [technique, recorder]
     limit_val = args.val_batches if args.val_batches is not None else 1.0
-    trainer = pl.Trainer(max_steps=steps, val_check_interval=args.val_every, check_val_every_n_epoch=None,
-                         default_root_dir=root / name, callbacks=callbacks,
-                         **{**TRAINER_DEFAULTS, "limit_val_batches": limit_val})  # fmt: skip
+    trainer = benchmark_trainer(max_steps=steps, val_check_interval=args.val_every, check_val_every_n_epoch=None,
+                                default_root_dir=root / name, callbacks=callbacks, limit_val_batches=limit_val)  # fmt: skip
     trainer.fit(model, data)
     summary = dict(monitor.summary or {})
     summary["run_name"] = name
@@ -152,14 +170,6 @@ def train(task: str, name: str, args: argparse.Namespace, sampled: bool, steps: 
     return summary
 
 
-def reached(summary: dict[str, Any], target: float) -> tuple[int | None, float | None]:
-    """Step and training time of the first validation at or above ``target`` (None, None: never)."""
-    for point in summary["history"]:
-        if point["value"] >= target:
-            return point["step"], point["train_time_s"]
-    return None, None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
@@ -174,13 +184,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{task}: the baseline was never validated; lower --val-every")
         target = args.target if args.target is not None else base["best"] - args.tolerance
         runs = [("importance", args.tau_threshold)] + ([] if args.skip_always else [("always", 0.0)])
-        summaries = [base] + [train(task, f"{task}_{kind}", args, True, steps, target, root, threshold) for kind, threshold in runs]
+        summaries = [base] + [
+            train(task, f"{task}_{kind}", args, True, steps, target, root, threshold) for kind, threshold in runs
+        ]
         print(format_table(summaries))
-        base_step, base_time = reached(base, target)
+        base_step, base_time = reached(base, target, mode="max")
         entry: dict[str, Any] = {"target": target, "uniform_best": base["best"],
                                  "uniform_reached": {"step": base_step, "train_time_s": base_time}}  # fmt: skip
         for (kind, _), sampled in zip(runs, summaries[1:]):
-            step, seconds = reached(sampled, target)
+            step, seconds = reached(sampled, target, mode="max")
             ratio = None if step is None else seconds / base_time
             entry[kind] = {"best": sampled["best"], "reached": {"step": step, "train_time_s": seconds}, "time_ratio": ratio,
                            "step_time_ratio": sampled["step_s"] / base["step_s"], **sampled["importance"]}  # fmt: skip
@@ -198,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{figures['sampled_fraction']:.0%} of steps; step time {entry[kind]['step_time_ratio']:.2f}x uniform's; "
                   f"paper's speed-up estimate on sampled steps: {'n/a' if estimate is None else f'{estimate:.3f}'}")  # fmt: skip
         result["tasks"][task] = entry
-        result["verdicts"][task] = entry["importance"]["time_ratio"] is not None and entry["importance"]["time_ratio"] <= CLAIM
+        result["verdicts"][task] = (
+            entry["importance"]["time_ratio"] is not None and entry["importance"]["time_ratio"] <= CLAIM
+        )
     write_json(args.json, result)
     return result
 

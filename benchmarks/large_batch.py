@@ -40,6 +40,7 @@ from lightning_efficient import BertMLM, EfficiencyMonitor, MLMDataModule
 from lightning_efficient.compare import format_table, plot
 from lightning_efficient.models.base import warmup_schedule
 from lightning_efficient.optim import LAMB, Lion
+from lightning_efficient.testing import quiet_trainer
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "lamb": LAMB, "lion": Lion}
 
@@ -59,10 +60,14 @@ class MLMWith(BertMLM):
             optimizer = torch.optim.AdamW(decay_parameter_groups(self, hp.weight_decay), lr=hp.learning_rate,
                                           betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
         else:  # LAMB and Lion split biases and norm weights out of the decay themselves
-            optimizer = OPTIMIZERS[self.optimizer_name](self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+            optimizer = OPTIMIZERS[self.optimizer_name](
+                self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
+            )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_schedule(step, warmup, total, "linear"))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_schedule(step, warmup, total, "linear")
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -73,16 +78,12 @@ def run(name: str, args: argparse.Namespace, data: MLMDataModule, optimizer: str
     model = MLMWith(optimizer, lr, weight_decay, vocab_size=data.vocab_size, preset=args.preset, max_length=128)
     monitor = EfficiencyMonitor(monitor="val/loss", target=target)
     validations = args.validations
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         accumulate_grad_batches=accumulate,
         val_check_interval=max(1, steps // validations) * accumulate,
         limit_val_batches=args.val_batches,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
         default_root_dir=root / name,
         callbacks=[monitor],
     )
@@ -105,9 +106,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--val-batches", type=int, default=8)
     parser.add_argument("--lamb-base-lr", type=float, default=0.035,
                         help="LAMB's LR at the base batch, scaled by sqrt(--scale) like AdamW's")  # fmt: skip
-    parser.add_argument("--lamb-lr", type=float, default=None, help="LAMB's LR at --scale x (overrides the scaled base LR)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="skip the AdamW base run and use this val/loss as the target (from an earlier run)")
+    parser.add_argument(
+        "--lamb-lr", type=float, default=None, help="LAMB's LR at --scale x (overrides the scaled base LR)"
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="skip the AdamW base run and use this val/loss as the target (from an earlier run)",
+    )
     parser.add_argument("--only-lamb", action="store_true", help="run only LAMB (with --target): an LR sweep point")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
@@ -127,12 +134,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error("--only-lamb needs --target")
         lamb = run(f"lamb_{args.scale}x", args, data, "lamb", lamb_lr, 0.01, args.scale, large_steps, args.target, root)
         step = lamb["target"]["step"] if lamb["target"]["reached"] else None
-        print(f"LAMB lr {lamb_lr:g}: final val/loss {lamb['history'][-1]['value']:.4f}; target {args.target} reached at step {step}")
+        print(
+            f"LAMB lr {lamb_lr:g}: final val/loss {lamb['history'][-1]['value']:.4f}; target {args.target} reached at step {step}"
+        )
         return {"lamb": lamb}
     base = run("adamw_base", args, data, "adamw", args.lr, 0.01, 1, args.base_steps, None, root)
     target = base["history"][-1]["value"]
     lamb = run(f"lamb_{args.scale}x", args, data, "lamb", lamb_lr, 0.01, args.scale, large_steps, target, root)
-    adamw_large = run(f"adamw_{args.scale}x", args, data, "adamw", scaled_lr, 0.01, args.scale, large_steps, target, root)
+    adamw_large = run(
+        f"adamw_{args.scale}x", args, data, "adamw", scaled_lr, 0.01, args.scale, large_steps, target, root
+    )
     lion = run("lion_base", args, data, "lion", args.lr / 3, 0.1, 1, args.base_steps, target, root)
     print(f"LRs: AdamW {args.lr:g} at batch 32, {scaled_lr:g} at {args.scale}x; LAMB {lamb_lr:g}; Lion {args.lr / 3:g}")
 

@@ -32,38 +32,32 @@ Command (defaults: 4 rounds x (3 warmup + 10 timed steps) per side, about 3 minu
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 from transformers import BertForMaskedLM
 
-from lightning_efficient import BertMLM, MLMDataModule
+from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import MAIN_JOB, mlm_arguments, mlm_data, mlm_job_line, mlm_module
+from lightning_efficient import MLMDataModule
 from lightning_efficient.models.base import decay_parameter_groups, warmup_schedule
 from lightning_efficient.models.bert import bert_config, mask_tokens
-from lightning_efficient.models.presets import PRESETS, resolve_size
+from lightning_efficient.models.presets import resolve_size
 
-# Settings of configs/bert/small_mlm.yaml (the main job).
-LEARNING_RATE = 1e-3
-WARMUP_FRACTION = 0.1
-WEIGHT_DECAY = 0.01
-DROPOUT = 0.1
-MLM_PROBABILITY = 0.15
 LIGHTNING, HAND = "Lightning (ours)", "hand loop"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=10, warmup=3)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=4, steps=10, warmup=3))
     parser.add_argument("--target", type=float, default=0.95, help="pass if Lightning tokens/s >= target x hand loop")
     return parser.parse_args(argv)
 
@@ -83,18 +77,7 @@ class FirstBatchProbe(pl.Callback):
 
 def lightning_job(datamodule: MLMDataModule, args: argparse.Namespace, record: list[tuple[float, int]]) -> LightningJob:
     """``BertMLM`` of the main job, trained by ``Trainer.fit`` on CPU (the hand loop's device)."""
-    model = BertMLM(
-        vocab_size=datamodule.vocab_size,
-        preset=args.preset,
-        max_length=args.max_length,
-        mlm_probability=MLM_PROBABILITY,
-        head_on_masked_only=True,
-        dropout=DROPOUT,
-        learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY,
-        warmup_fraction=WARMUP_FRACTION,
-        seed=args.seed,
-    )
+    model = mlm_module(datamodule.vocab_size, args, **MAIN_JOB)
     return LightningJob(model, datamodule, [FirstBatchProbe(record)], {"accelerator": "cpu"})
 
 
@@ -103,13 +86,12 @@ def hand_step(
 ) -> Callable[[], None]:
     """The same training as :func:`lightning_job`, as a plain PyTorch loop body: one call = one step."""
     vocab_size = datamodule.vocab_size
-    model = BertForMaskedLM(bert_config(resolve_size(args.preset), vocab_size, args.max_length, DROPOUT))
+    model = BertForMaskedLM(bert_config(resolve_size(args.preset), vocab_size, args.max_length, MAIN_JOB["dropout"]))
     model.train()
     total = args.warmup + args.steps + 1  # = the Lightning side's max_steps, so the LR schedules match
-    warmup_steps = int(WARMUP_FRACTION * total)
-    optimizer = torch.optim.AdamW(
-        decay_parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-6
-    )
+    warmup_steps = int(MAIN_JOB["warmup_fraction"] * total)
+    groups = decay_parameter_groups(model, MAIN_JOB["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=MAIN_JOB["learning_rate"], betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_schedule(step, warmup_steps, total, "linear")
     )
@@ -121,7 +103,7 @@ def hand_step(
         nonlocal recorded
         batch = next(iterator)
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        masked, labels = mask_tokens(input_ids, attention_mask, generator, vocab_size, MLM_PROBABILITY)
+        masked, labels = mask_tokens(input_ids, attention_mask, generator, vocab_size, MAIN_JOB["mlm_probability"])
         hidden = model.bert(input_ids=masked, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         keep = labels != -100
         logits = model.cls(hidden[keep])  # (M, V): masked positions only
@@ -141,14 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Interleave Lightning and hand-loop runs, then print the table and the verdict; returns the numbers."""
     args = parse_args(argv)
     setup(args)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
+    datamodule = mlm_data(args)
     tokens = args.batch_size * args.max_length
     print(
-        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {datamodule.vocab_size}, "
-        f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} timed steps "
+        f"{mlm_job_line(args, datamodule.vocab_size)}; {args.rounds} rounds x {args.steps} timed steps "
         f"(+{args.warmup} warmup) per side"
     )
     first: dict[str, list[tuple[float, int]]] = {LIGHTNING: [], HAND: []}

@@ -34,34 +34,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from harness import LightningJob, Variant, harness_arguments, interleave, setup, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_efficient import BertMLM, MLMDataModule
-from lightning_efficient.models.presets import PRESETS
+from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, setup, write_json
+from benchmarks.jobs import MAIN_JOB, mlm_arguments, mlm_data, mlm_job_line, mlm_module
+from lightning_efficient import BertMLM
 
-# Settings of configs/bert/small_mlm.yaml (the main job).
-LEARNING_RATE = 1e-3
-WARMUP_FRACTION = 0.1
-MLM_PROBABILITY = 0.15
 ADAMW_FLOPS_PER_PARAMETER = 12  # rough count of the element-wise work of one AdamW update
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=2, steps=8, warmup=3)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=2, steps=8, warmup=3))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square matmul sizes")
     parser.add_argument("--matmul-repeats", type=int, default=5, help="timed matmuls per size and probe")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=0.40, help="pass if MFU >= target")
     return parser.parse_args(argv)
 
@@ -84,16 +79,7 @@ def matmul_peak(sizes: list[int], repeats: int) -> dict[int, float]:
 
 def build_module(vocab_size: int, args: argparse.Namespace, masked_only: bool = True) -> BertMLM:
     """The main job's ``BertMLM`` (head variant selectable, for the reference FLOP count)."""
-    return BertMLM(
-        vocab_size=vocab_size,
-        preset=args.preset,
-        max_length=args.max_length,
-        mlm_probability=MLM_PROBABILITY,
-        head_on_masked_only=masked_only,
-        learning_rate=LEARNING_RATE,
-        warmup_fraction=WARMUP_FRACTION,
-        seed=args.seed,
-    )
+    return mlm_module(vocab_size, args, **{**MAIN_JOB, "head_on_masked_only": masked_only})
 
 
 def count_step_flops(module: BertMLM, batch: dict[str, torch.Tensor], seed: int) -> tuple[int, dict[str, int]]:
@@ -112,16 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
     torch.manual_seed(args.seed)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
+    datamodule = mlm_data(args)
     vocab_size = datamodule.vocab_size
     tokens = args.batch_size * args.max_length
-    print(
-        f"main job: BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    print(f"main job: {mlm_job_line(args, vocab_size)}")
 
     # FLOPs of one step, on one real batch (same masks for both head variants).
     batch = next(iter(datamodule.train_dataloader()))
@@ -131,10 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parameters = sum(p.numel() for p in model.parameters())
     adamw_flops = ADAMW_FLOPS_PER_PARAMETER * parameters
     del model
-    print(f"FLOPs per step (forward + backward, masked-only head): {flops / 1e9:.1f} GFLOP "
-          f"({', '.join(f'{op} {n / 1e9:.1f}' for op, n in per_op.items())})")
-    print(f"  reference, full-sequence head: {full_flops / 1e9:.1f} GFLOP; AdamW step (not counted): "
-          f"~{adamw_flops / 1e9:.2f} GFLOP for {parameters / 1e6:.1f}M parameters ({adamw_flops / flops:.2%})")
+    print(
+        f"FLOPs per step (forward + backward, masked-only head): {flops / 1e9:.1f} GFLOP "
+        f"({', '.join(f'{op} {n / 1e9:.1f}' for op, n in per_op.items())})"
+    )
+    print(
+        f"  reference, full-sequence head: {full_flops / 1e9:.1f} GFLOP; AdamW step (not counted): "
+        f"~{adamw_flops / 1e9:.2f} GFLOP for {parameters / 1e6:.1f}M parameters ({adamw_flops / flops:.2%})"
+    )
 
     # Alternate peak probes and training runs (each run: one harness round of the main job on CPU).
     def job() -> LightningJob:

@@ -29,31 +29,26 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from harness import Variant, harness_arguments, interleave, report, setup, write_json
 
-from lightning_efficient import BertMLM, MLMDataModule
+from benchmarks.harness import Variant, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import MAIN_JOB, mlm_arguments, mlm_data, mlm_job_line, mlm_module
+from lightning_efficient import BertMLM
 from lightning_efficient.models.base import decay_parameter_groups
-from lightning_efficient.models.presets import PRESETS
 
-# Settings of configs/bert/small_mlm.yaml (the main job).
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 0.01
 MASKED, FULL = "masked-only head (ours)", "full-sequence head"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in a few minutes on 2 CPU cores."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=3, warmup=1)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=4, steps=3, warmup=1))
     parser.add_argument("--check-batches", type=int, default=3, help="batches on which the losses are compared")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max allowed |loss difference|")
     parser.add_argument(
         "--min-speedup", type=float, default=1.5, help="pass if full-head step time / masked-head step time >= this"
@@ -63,15 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_module(vocab_size: int, args: argparse.Namespace, masked_only: bool) -> BertMLM:
     """A ``BertMLM`` of the main job's shape with the given head variant."""
-    return BertMLM(
-        vocab_size=vocab_size,
-        preset=args.preset,
-        max_length=args.max_length,
-        head_on_masked_only=masked_only,
-        learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY,
-        seed=args.seed,
-    )
+    return mlm_module(vocab_size, args, **{**MAIN_JOB, "head_on_masked_only": masked_only})
 
 
 def max_loss_difference(
@@ -100,9 +87,8 @@ def max_loss_difference(
 
 def make_optimizer(module: BertMLM) -> torch.optim.Optimizer:
     """AdamW as in ``EfficientModule.configure_optimizers`` (decay groups, betas, eps)."""
-    return torch.optim.AdamW(
-        decay_parameter_groups(module, WEIGHT_DECAY), lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-6
-    )
+    groups = decay_parameter_groups(module, MAIN_JOB["weight_decay"])
+    return torch.optim.AdamW(groups, lr=MAIN_JOB["learning_rate"], betas=(0.9, 0.98), eps=1e-6)
 
 
 def training_step(
@@ -128,17 +114,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
     torch.manual_seed(args.seed)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
+    datamodule = mlm_data(args)
     loader = iter(datamodule.train_dataloader())
     batches = [next(loader) for _ in range(max(args.warmup + args.steps, args.check_batches))]
     vocab_size = datamodule.vocab_size
-    print(
-        f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length} tokens, vocab {vocab_size}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    print(mlm_job_line(args, vocab_size))
 
     # 1. Same loss on the masked positions.
     torch.manual_seed(args.seed)
@@ -150,8 +130,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_diff, _ = max_loss_difference(masked, full, check, args.seed, train_mode=True)
     del masked, full
     print(f"loss equality on {len(check)} batches (losses {', '.join(f'{x:.5f}' for x in eval_losses)}):")
-    print(f"  max |loss difference|: eval mode {eval_diff:.2e}, train mode (same dropout) {train_diff:.2e}"
-          f" (tolerance {args.tolerance:.0e})")
+    print(
+        f"  max |loss difference|: eval mode {eval_diff:.2e}, train mode (same dropout) {train_diff:.2e}"
+        f" (tolerance {args.tolerance:.0e})"
+    )
     if max(eval_diff, train_diff) > args.tolerance:
         sys.exit(f"FAIL: the two heads give different losses ({max(eval_diff, train_diff):.2e} > {args.tolerance:.0e})")
 

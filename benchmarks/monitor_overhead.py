@@ -24,17 +24,22 @@ Command (a few minutes on 2 cores; the machine is noisy: read the whole-step rat
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 from torch.overrides import TorchFunctionMode
 
-from lightning_efficient import BertMLM, MLMDataModule
+from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import mlm_arguments, mlm_data, mlm_module
+from lightning_efficient import BertMLM
 from lightning_efficient.flops import FlopCounter
-from lightning_efficient.models.presets import PRESETS
 from lightning_efficient.monitor import EfficiencyMonitor
 
 
@@ -45,7 +50,7 @@ class CallCounter(TorchFunctionMode):
         super().__init__()
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -112,21 +117,16 @@ def forward_times(model: BertMLM, batch: dict[str, torch.Tensor], reps: int) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure, print the table and the verdict; returns the numbers."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=6, warmup=2)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522)
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=4, steps=6, warmup=2))
     parser.add_argument("--forward-reps", type=int, default=5, help="interleaved forward pairs")
     parser.add_argument("--target", type=float, default=0.01, help="pass if the overhead <= target")
     args = parser.parse_args(argv)
     setup(args)
-    torch.manual_seed(0)
-    datamodule = MLMDataModule(vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size)
-    datamodule.setup("fit")
+    torch.manual_seed(args.seed)
+    datamodule = mlm_data(args)
 
     def module() -> BertMLM:
-        return BertMLM(vocab_size=datamodule.vocab_size, preset=args.preset, max_length=args.max_length)
+        return mlm_module(datamodule.vocab_size, args)
 
     model = module().train()
     batch = next(iter(datamodule.train_dataloader()))

@@ -30,13 +30,18 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
-from harness import harness_arguments, report, setup, write_json
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
+from benchmarks.harness import harness_arguments, report, setup, write_json
 from lightning_efficient import BertMLM
 from lightning_efficient.models.base import decay_parameter_groups
 from lightning_efficient.models.presets import PRESETS
@@ -48,7 +53,7 @@ ADAMW = "AdamW(foreach=True)"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults finish in about a minute on 2 CPU cores."""
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=30, warmup=3)
+    parser = harness_arguments(__doc__, rounds=4, steps=30, warmup=3)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (claim: small)")
     parser.add_argument("--vocab-size", type=int, default=30522, help="vocabulary (claim: 30522, BERT's WordPiece)")
     parser.add_argument("--max-ratio", type=float, default=1.15, help="pass if step time / AdamW's <= this")

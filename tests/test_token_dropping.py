@@ -31,6 +31,7 @@ from lightning_efficient.callbacks.token_dropping import (
 )
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.flops import count_flops, transformer_flops
+from lightning_efficient.testing import quiet_trainer
 
 B, T, VOCAB = 3, 20, 60
 
@@ -69,9 +70,7 @@ def record_block_inputs(model: BertMLM) -> list[tuple[int, int]]:
 
 
 def trainer(callbacks: list[Callback], steps: int, root: Any, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                      callbacks=callbacks, **kwargs)  # fmt: skip
+    return quiet_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=root, callbacks=callbacks, **kwargs)
 
 
 # -- the pure functions ----------------------------------------------------------------------------

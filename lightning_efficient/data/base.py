@@ -15,11 +15,12 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_efficient.data.files import split_indices
 from lightning_efficient.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_efficient.data.tokenizers import cached_tokenizer, check_special_tokens, load_tokenizer
 from lightning_efficient.errors import ConfigurationError
 
-__all__ = ["ListDataset", "EfficientDataModule", "TextDataModule"]
+__all__ = ["EfficientDataModule", "ListDataset", "TextDataModule"]
 
 
 class ListDataset(Dataset):
@@ -86,14 +87,14 @@ class EfficientDataModule(pl.LightningDataModule):
         Otherwise the items come in order (under DDP Lightning shards them, as usual).
         """
         dataset = ListDataset(items)
-        options: dict[str, Any] = dict(
-            batch_size=self.batch_size,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        options: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "drop_last": drop_last,
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "persistent_workers": self.num_workers > 0,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
         if not shuffle:
             return DataLoader(dataset, **options)
         sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, **self._data_parallel_ranks())
@@ -112,20 +113,19 @@ class EfficientDataModule(pl.LightningDataModule):
 
 
 class TextDataModule(EfficientDataModule):
-    """Base of the text DataModules: owns the tokenizer.
+    """Base of the text DataModules: owns the tokenizer and the held-out splits.
 
     The tokenizer comes from ``tokenizer`` (a ``tokenizer.json`` or one of our checkpoints) or is
     trained on the training texts and cached. It is resolved on first use, so that a ``predict``
-    run from a checkpoint never trains one.
+    run from a checkpoint never trains one. Validation data comes from ``val_files`` or is held out
+    of the training rows with the test rows (:meth:`held_out_indices`).
     """
 
     tokenizer_kind: str = "wordpiece"
     special_tokens: Sequence[str] = ()
     model_argument_names = ("vocab_size",)
 
-    def __init__(
-        self, tokenizer: str | None, vocab_size: int, batch_size: int, num_workers: int, seed: int
-    ) -> None:
+    def __init__(self, tokenizer: str | None, vocab_size: int, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if vocab_size <= len(self.special_tokens):
             raise ConfigurationError(
@@ -134,6 +134,44 @@ class TextDataModule(EfficientDataModule):
         self.tokenizer_source = tokenizer
         self.target_vocab_size = vocab_size
         self._tokenizer: Tokenizer | None = None
+
+    def _keep_split_arguments(
+        self,
+        val_files: list[str] | None,
+        val_fraction: float,
+        test_fraction: float,
+        predict_files: list[str] | None,
+        max_length: int,
+        min_length: int,
+    ) -> None:
+        """Check and keep the arguments that every text DataModule takes besides its columns."""
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 0.5:
+                raise ConfigurationError(f"{name}={value} must lie in [0, 0.5)")
+        if max_length < min_length:
+            raise ConfigurationError(f"max_length={max_length} must be at least {min_length}")
+        self.val_files = val_files
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.predict_files = predict_files
+        self.max_length = max_length
+
+    def held_out_indices(self, count: int, groups: Sequence[Any] | None = None) -> dict[str, list[int]]:
+        """Split ``count`` training rows into ``train``, ``test`` and, without ``val_files``, ``val`` (seeded).
+
+        ``val`` and ``test`` hold ``val_fraction`` and ``test_fraction`` of the rows (of whole groups
+        when ``groups`` gives each row's group); with ``val_files`` the validation data is read from
+        those instead, and only ``test`` is held out.
+        """
+        if self.val_files:
+            train, test = split_indices(count, [self.test_fraction], self.seed, groups)
+            return {"train": train, "test": test}
+        train, val, test = split_indices(count, [self.val_fraction, self.test_fraction], self.seed, groups)
+        return {"train": train, "val": val, "test": test}
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, cut to ``max_length`` with its last (end) token kept."""
+        return [e.ids[: self.max_length - 1] + e.ids[-1:] for e in self.tokenizer.encode_batch(list(texts))]
 
     def prepare_data(self) -> None:
         """Train (or load) the tokenizer once per machine; Lightning calls this on local rank 0

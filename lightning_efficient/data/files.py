@@ -18,7 +18,7 @@ from typing import Any
 
 from lightning_efficient.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "embedded_path", "read_records", "read_column", "split_indices"]
+__all__ = ["SUPPORTED_SUFFIXES", "embedded_path", "read_column", "read_records", "read_texts", "split_indices"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 
@@ -29,7 +29,7 @@ def embedded_path(name: str) -> str:
     Args:
         name: File name under ``lightning_efficient/data/embedded`` (e.g. ``"brown.jsonl.gz"``).
 
-    Example:
+    Examples:
         >>> embedded_path("austen.txt.gz").endswith("austen.txt.gz")
         True
     """
@@ -53,7 +53,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     try:
         if path.suffix == ".gz":
             return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")  # noqa: SIM115
+        return open(path, encoding="utf-8")
     except OSError as err:
         raise DataError(f"data file {str(path)!r} cannot be read: {err}") from err
 
@@ -70,7 +70,7 @@ def read_records(path: str | Path, text_column: str = "text") -> list[dict[str, 
     Raises:
         DataError: Missing, unreadable or empty file, unsupported format, or a malformed row.
 
-    Example:
+    Examples:
         >>> rows = read_records(embedded_path("brown.jsonl.gz"))
         >>> sorted(rows[0])
         ['doc', 'genre', 'tags', 'text']
@@ -124,6 +124,27 @@ def read_column(records: Sequence[dict[str, Any]], column: str, source: str) -> 
     return values
 
 
+def read_texts(files: Sequence[str | Path], column: str) -> list[str]:
+    """The ``column`` of every row of ``files``, in order, as strings (a txt file: its non-empty lines).
+
+    Args:
+        files: jsonl / csv / txt files (``.gz`` allowed).
+        column: The column to take; a txt file's lines are stored under it.
+
+    Raises:
+        DataError: As :func:`read_records` and :func:`read_column`.
+
+    Examples:
+        >>> texts = read_texts([embedded_path("brown.jsonl.gz")], "text")
+        >>> len(texts) > 50000, isinstance(texts[0], str)
+        (True, True)
+    """
+    texts: list[str] = []
+    for file in files:
+        texts.extend(str(t) for t in read_column(read_records(file, column), column, str(file)))
+    return texts
+
+
 def split_indices(
     n: int, fractions: Sequence[float], seed: int, groups: Sequence[Any] | None = None
 ) -> list[list[int]]:
@@ -141,7 +162,7 @@ def split_indices(
     Returns:
         ``[rest, part_0, part_1, ...]`` as lists of indices in increasing order.
 
-    Example:
+    Examples:
         >>> rest, val = split_indices(10, [0.2], seed=0)
         >>> len(rest), len(val)
         (8, 2)

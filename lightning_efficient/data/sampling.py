@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_efficient.errors import ConfigurationError
 
-__all__ = ["DataParallelSampler", "ResumableSampler", "ResumableDataLoader"]
+__all__ = ["DataParallelSampler", "ResumableDataLoader", "ResumableSampler"]
 
 
 def _world_and_rank(world_size: int | None, rank: int | None) -> tuple[int, int]:
@@ -54,7 +54,7 @@ class ResumableSampler(DistributedSampler):
         drop_last: Drop the tail that does not divide evenly among the processes, instead of
             padding it with repeated indices.
 
-    Example:
+    Examples:
         >>> sampler = ResumableSampler(range(6), seed=0)
         >>> sampler.set_epoch(1)
         >>> order = list(sampler)
@@ -113,7 +113,7 @@ class DataParallelSampler(ResumableSampler):
         seed: Seed of the permutation (epoch ``e`` uses ``seed + e``).
         drop_last: Drop the tail that does not divide among the data-parallel groups.
 
-    Example:
+    Examples:
         >>> shards = [list(DataParallelSampler(range(8), tensor_parallel_size=2, world_size=4, rank=r)) for r in range(4)]
         >>> shards[0] == shards[1], shards[2] == shards[3], sorted(shards[0] + shards[2])
         (True, True, [0, 1, 2, 3, 4, 5, 6, 7])
@@ -177,7 +177,7 @@ class ResumableDataLoader(DataLoader):
     seeds of an epoch do not depend on how many iterations came before. Random operations inside
     workers are seeded, but do not continue exactly after a resume (workers restart).
 
-    Example:
+    Examples:
         >>> sampler = ResumableSampler(range(10), seed=0)
         >>> loader = ResumableDataLoader(range(10), batch_size=3, sampler=sampler)
         >>> run = iter(loader)

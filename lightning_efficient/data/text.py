@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from lightning_efficient.data.base import TextDataModule
-from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts
 from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS
-from lightning_efficient.errors import ConfigurationError, DataError
+from lightning_efficient.errors import DataError
 
-__all__ = ["MLMDataModule", "TextClassificationDataModule", "BROWN_PROSE", "pad_batch"]
+__all__ = ["BROWN_PROSE", "MLMDataModule", "TextClassificationDataModule", "pad_batch"]
 
 #: Brown's own division of its 15 genres into informative and imaginative prose, a natural
 #: binary task: pass as ``label_map`` to :class:`TextClassificationDataModule`.
@@ -32,7 +32,7 @@ BROWN_PROSE: dict[str, str] = {
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into ``(input_ids, attention_mask)``, both ``(B, T)`` int64.
 
-    Example:
+    Examples:
         >>> ids, mask = pad_batch([[5, 6, 7], [8]])
         >>> ids.tolist(), mask.tolist()
         ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
@@ -44,23 +44,6 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
-
-
-def _read_texts(files: Sequence[str], column: str) -> list[str]:
-    texts: list[str] = []
-    for file in files:
-        texts.extend(str(t) for t in read_column(read_records(file, column), column, file))
-    return texts
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value < 0.5:
-        raise ConfigurationError(f"{name}={value} must lie in [0, 0.5)")
-
-
-def _check_max_length(max_length: int, minimum: int) -> None:
-    if max_length < minimum:
-        raise ConfigurationError(f"max_length={max_length} must be at least {minimum}")
 
 
 class MLMDataModule(TextDataModule):
@@ -88,7 +71,7 @@ class MLMDataModule(TextDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the held-out split.
 
-    Example:
+    Examples:
         >>> dm = MLMDataModule(max_length=64, batch_size=4, vocab_size=2000)
         >>> dm.setup("fit")
         >>> next(iter(dm.train_dataloader()))["input_ids"].shape
@@ -115,22 +98,17 @@ class MLMDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
-        _check_max_length(max_length, 8)
-        self.train_files = list(train_files) if train_files else [embedded_path("austen.txt.gz"), embedded_path("brown.jsonl.gz")]
+        self._keep_split_arguments(val_files, val_fraction, test_fraction, predict_files, max_length, min_length=8)
+        self.train_files = (
+            list(train_files) if train_files else [embedded_path("austen.txt.gz"), embedded_path("brown.jsonl.gz")]
+        )
         self.text_column = text_column
-        self.val_files = val_files
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.predict_files = predict_files
-        self.max_length = max_length
         self._texts: list[str] | None = None
         self.splits: dict[str, list[list[int]]] = {}
 
     def tokenizer_training_texts(self) -> list[str]:
         if self._texts is None:
-            self._texts = _read_texts(self.train_files, self.text_column)
+            self._texts = read_texts(self.train_files, self.text_column)
         return self._texts
 
     def blocks(self, texts: Sequence[str]) -> list[list[int]]:
@@ -147,13 +125,9 @@ class MLMDataModule(TextDataModule):
         if self.splits or (stage == "predict" and self.predict_files):
             return  # predicting from files needs no training data
         blocks = self.blocks(self.tokenizer_training_texts())
+        self.splits = {name: [blocks[i] for i in part] for name, part in self.held_out_indices(len(blocks)).items()}
         if self.val_files:
-            train, test = split_indices(len(blocks), [self.test_fraction], self.seed)
-            val_blocks = self.blocks(_read_texts(self.val_files, self.text_column))
-            self.splits = {"train": [blocks[i] for i in train], "val": val_blocks, "test": [blocks[i] for i in test]}
-        else:
-            train, val, test = split_indices(len(blocks), [self.val_fraction, self.test_fraction], self.seed)
-            self.splits = {name: [blocks[i] for i in part] for name, part in zip(("train", "val", "test"), (train, val, test))}
+            self.splits["val"] = self.blocks(read_texts(self.val_files, self.text_column))
         if not self.splits["train"]:
             raise DataError(f"training files {self.train_files} hold fewer than one block of {self.max_length} tokens")
 
@@ -169,7 +143,7 @@ class MLMDataModule(TextDataModule):
 
     def predict_dataloader(self):
         if self.predict_files:
-            texts = _read_texts(self.predict_files, self.text_column)
+            texts = read_texts(self.predict_files, self.text_column)
         else:
             texts = [self.tokenizer.decode(block) for block in self.splits["val"]]
         return self._loader(texts, self._collate_predict, shuffle=False)
@@ -203,7 +177,7 @@ class TextClassificationDataModule(TextDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the held-out split.
 
-    Example:
+    Examples:
         >>> dm = TextClassificationDataModule(label_map=BROWN_PROSE)
         >>> dm.label_names
         ['imaginative', 'informative']
@@ -231,9 +205,7 @@ class TextClassificationDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
-        _check_max_length(max_length, 3)
+        self._keep_split_arguments(val_files, val_fraction, test_fraction, predict_files, max_length, min_length=3)
         if train_files:
             self.train_files = list(train_files)
         else:
@@ -243,11 +215,6 @@ class TextClassificationDataModule(TextDataModule):
         self.label_column = label_column
         self.label_map = label_map
         self.group_column = group_column
-        self.val_files = val_files
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.predict_files = predict_files
-        self.max_length = max_length
         self._rows: dict[str, tuple[list[str], list[str]]] = {}
         self._label_names: list[str] | None = None
         self.splits: dict[str, list[tuple[list[int], int]]] = {}
@@ -277,10 +244,8 @@ class TextClassificationDataModule(TextDataModule):
         if self._rows:
             return
         texts, labels, groups = self._read_labelled(self.train_files, with_groups=True)
-        fractions = [self.test_fraction] if self.val_files else [self.val_fraction, self.test_fraction]
-        parts = split_indices(len(texts), fractions, self.seed, groups)
-        names = ("train", "test") if self.val_files else ("train", "val", "test")
-        self._rows = {name: ([texts[i] for i in part], [labels[i] for i in part]) for name, part in zip(names, parts)}
+        parts = self.held_out_indices(len(texts), groups)
+        self._rows = {name: ([texts[i] for i in part], [labels[i] for i in part]) for name, part in parts.items()}
         if self.val_files:
             val_texts, val_labels, _ = self._read_labelled(self.val_files, with_groups=False)
             self._rows["val"] = (val_texts, val_labels)
@@ -316,9 +281,6 @@ class TextClassificationDataModule(TextDataModule):
     def model_arguments(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "num_labels": self.num_labels, "label_names": self.label_names}
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids[: self.max_length - 1] + e.ids[-1:] for e in self.tokenizer.encode_batch(list(texts))]
-
     def setup(self, stage: str) -> None:
         if self.splits or (stage == "predict" and self.predict_files):
             return  # predicting from files needs no training data
@@ -337,5 +299,5 @@ class TextClassificationDataModule(TextDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "text": texts}
 
     def predict_dataloader(self):
-        texts = _read_texts(self.predict_files, self.text_column) if self.predict_files else self._rows["val"][0]
+        texts = read_texts(self.predict_files, self.text_column) if self.predict_files else self._rows["val"][0]
         return self._loader(texts, self._collate_predict, shuffle=False)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_efficient.data.base import TextDataModule
-from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts
 from lightning_efficient.data.text import pad_batch
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError, DataError
@@ -44,7 +44,7 @@ class TranslationDataModule(TextDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the held-out split.
 
-    Example:
+    Examples:
         >>> dm = TranslationDataModule(vocab_size=2000, max_length=32, batch_size=4)
         >>> dm.setup("fit")
         >>> sorted(next(iter(dm.train_dataloader())))
@@ -72,22 +72,13 @@ class TranslationDataModule(TextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 0.5:
-                raise ConfigurationError(f"{name}={value} must lie in [0, 0.5)")
-        if max_length < 4:
-            raise ConfigurationError(f"max_length={max_length} must be at least 4")
+        self._keep_split_arguments(val_files, val_fraction, test_fraction, predict_files, max_length, min_length=4)
         if max_val_samples is not None and max_val_samples <= 0:
             raise ConfigurationError(f"max_val_samples={max_val_samples} must be positive or None")
         self.train_files = list(train_files) if train_files else [embedded_path("bible_en_fr.jsonl.gz")]
         self.source_column = source_column
         self.target_column = target_column
-        self.val_files = val_files
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
         self.max_val_samples = max_val_samples
-        self.predict_files = predict_files
-        self.max_length = max_length
         self._pairs: dict[str, list[tuple[str, str]]] = {}
         self.splits: dict[str, list[tuple[list[int], list[int], str, str]]] = {}
 
@@ -104,12 +95,9 @@ class TranslationDataModule(TextDataModule):
         if self._pairs:
             return
         pairs = self._read_pairs(self.train_files)
+        self._pairs = {name: [pairs[i] for i in part] for name, part in self.held_out_indices(len(pairs)).items()}
         if self.val_files:
-            train, test = split_indices(len(pairs), [self.test_fraction], self.seed)
-            self._pairs = {"train": [pairs[i] for i in train], "val": self._read_pairs(self.val_files), "test": [pairs[i] for i in test]}
-        else:
-            parts = split_indices(len(pairs), [self.val_fraction, self.test_fraction], self.seed)
-            self._pairs = {name: [pairs[i] for i in part] for name, part in zip(("train", "val", "test"), parts)}
+            self._pairs["val"] = self._read_pairs(self.val_files)
 
     def tokenizer_training_texts(self) -> list[str]:
         self._load_pairs()
@@ -146,15 +134,12 @@ class TranslationDataModule(TextDataModule):
         }
 
     def _collate_predict(self, texts: list[str]) -> dict[str, Any]:
-        encoded = [e.ids[: self.max_length - 1] + e.ids[-1:] for e in self.tokenizer.encode_batch(texts)]
-        input_ids, attention_mask = pad_batch(encoded)
+        input_ids, attention_mask = pad_batch(self._encode(texts))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "source_text": texts}
 
     def predict_dataloader(self):
         if self.predict_files:
-            texts = []
-            for file in self.predict_files:
-                texts.extend(str(t) for t in read_column(read_records(file, self.source_column), self.source_column, file))
+            texts = read_texts(self.predict_files, self.source_column)
         else:
             texts = [s for _, _, s, _ in self.splits["val"]]
         return self._loader(texts, self._collate_predict, shuffle=False)
