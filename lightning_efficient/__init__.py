@@ -46,7 +46,7 @@ from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.strategies import TensorParallelStrategy
 from lightning_efficient.technique import Technique
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BROWN_PROSE",
