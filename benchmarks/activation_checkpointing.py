@@ -70,6 +70,7 @@ from benchmarks.harness import (
 from benchmarks.jobs import mlm_arguments, mlm_data, mlm_job_line, mlm_module
 from lightning_efficient import EfficiencyMonitor, MLMDataModule
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_efficient.monitor import process_memory
 
 NONE, EVERY, EVERY_2, HF = "none", "ours every block", "ours every 2nd block", "HF checkpointing"
 VARIANTS = (NONE, EVERY, EVERY_2, HF)
@@ -103,14 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- memory ------------------------------------------------------------------------------------
 def resident_bytes() -> int:
     """The process's resident memory now (``VmRSS``; 0 where ``/proc`` is missing)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return process_memory("VmRSS") or 0
 
 
 def release_free_memory() -> None:
@@ -220,8 +214,7 @@ def memory_table(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
 # -- main --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure memory, time the four variants interleaved, print the tables and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     torch.manual_seed(args.seed)
     datamodule = mlm_data(args)
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
@@ -275,8 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'PASS' if passed else 'FAIL'}: activation checkpointing claims on BERT-{args.preset}, "
           f"batch {args.batch_size} x {args.max_length}, memory measured {args.memory}")  # fmt: skip
     result.update(claim="activation checkpointing memory and time vs none and HF", checks=checks, passed=passed)
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

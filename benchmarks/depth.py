@@ -71,8 +71,7 @@ def depth_of(args: argparse.Namespace, data: MLMDataModule) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     data = jobs.mlm_data(args)
     depth = depth_of(args, data)
     shallow = (depth + 1) // 2
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'PASS' if abs(gap) <= 0.02 else 'FAIL'}: stacking's final val/loss {final['progressive_stacking']:.4f} vs "
           f"{final['full_depth']:.4f} ({gap:+.1%}; claim within 2%)")  # fmt: skip
     result.update(verdicts=verdicts, summaries=summaries)
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

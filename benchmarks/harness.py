@@ -9,8 +9,7 @@ share, e.g. the main MLM job, come from :mod:`benchmarks.jobs`)::
     from benchmarks.harness import LightningJob, Variant, harness_arguments, interleave, report, setup, write_json
 
     parser = harness_arguments(__doc__, rounds=4, steps=10, warmup=3)
-    args = parser.parse_args()
-    setup(args)
+    args = setup(parser.parse_args())
     variants = [
         Variant("baseline", lambda: LightningJob(BertMLM(vocab_size=v), datamodule)),
         Variant("layer drop", lambda: LightningJob(BertMLM(vocab_size=v), datamodule, [LayerDrop(0.5)])),
@@ -340,19 +339,28 @@ def harness_arguments(description: str, rounds: int = 4, steps: int = 10, warmup
     return parser
 
 
-def setup(args: argparse.Namespace) -> None:
-    """Apply ``--threads`` and silence Lightning's per-``fit`` banner and hints that are not errors here."""
+def setup(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply ``--threads`` and silence Lightning's per-``fit`` banner and hints that are not errors here.
+
+    Returns:
+        ``args``, so a script starts with ``args = setup(parse_args(argv))``.
+    """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    return args
 
 
-def write_json(path: Path | None, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` (nothing when ``path`` is None)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    print(f"numbers written to {path}")
+def write_json(path: Path | None, data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``data`` as indented JSON to ``path`` (nothing when ``path`` is None).
+
+    Returns:
+        ``data``, so a script's ``main`` ends with ``return write_json(args.json, result)``.
+    """
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"numbers written to {path}")
+    return data

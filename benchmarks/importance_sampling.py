@@ -41,15 +41,10 @@ import torch
 
 from benchmarks.harness import benchmark_trainer, harness_arguments, setup, write_json
 from benchmarks.jobs import reached
-from lightning_efficient import (
-    BertClassifier,
-    EfficiencyMonitor,
-    ImageClassificationDataModule,
-    TextClassificationDataModule,
-    ViTClassifier,
-)
+from lightning_efficient import BertClassifier, EfficiencyMonitor, ViTClassifier
 from lightning_efficient.callbacks import ImportanceSampling
 from lightning_efficient.compare import format_table
+from lightning_efficient.data import ImageClassificationDataModule, TextClassificationDataModule
 
 TASKS = ("genre", "fashion")
 CLAIM = 0.85
@@ -171,8 +166,7 @@ def train(task: str, name: str, args: argparse.Namespace, sampled: bool, steps: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     root = Path(tempfile.mkdtemp(prefix="importance_"))
     result: dict[str, Any] = {"tasks": {}, "verdicts": {}}
     for task in args.tasks:
@@ -213,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["verdicts"][task] = (
             entry["importance"]["time_ratio"] is not None and entry["importance"]["time_ratio"] <= CLAIM
         )
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

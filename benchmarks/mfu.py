@@ -95,8 +95,7 @@ def count_step_flops(module: BertMLM, batch: dict[str, torch.Tensor], seed: int)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Count FLOPs, alternate peak probes and training runs, print the table and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     torch.manual_seed(args.seed)
     datamodule = mlm_data(args)
     vocab_size = datamodule.vocab_size
@@ -168,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target": args.target,
         "passed": passed,
     }
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

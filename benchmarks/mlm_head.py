@@ -111,8 +111,7 @@ def training_step(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Check loss equality, time interleaved training steps, print the table and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     torch.manual_seed(args.seed)
     datamodule = mlm_data(args)
     loader = iter(datamodule.train_dataloader())
@@ -156,8 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         claim="masked-only head speedup over the full-sequence head", target=args.min_speedup, passed=passed,
         max_loss_difference=max(eval_diff, train_diff),
     )  # fmt: skip
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = mlm_arguments(harness_arguments(__doc__, rounds=4, steps=6, warmup=2))
     parser.add_argument("--forward-reps", type=int, default=5, help="interleaved forward pairs")
     parser.add_argument("--target", type=float, default=0.01, help="pass if the overhead <= target")
-    args = parser.parse_args(argv)
-    setup(args)
+    args = setup(parser.parse_args(argv))
     torch.manual_seed(args.seed)
     datamodule = mlm_data(args)
 
@@ -179,8 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "whole_step": result,
         "passed": passed,
     }
-    write_json(args.json, numbers)
-    return numbers
+    return write_json(args.json, numbers)
 
 
 if __name__ == "__main__":

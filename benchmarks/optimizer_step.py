@@ -121,8 +121,7 @@ def interleave_steps(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time the interleaved optimizer steps, print the table and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     torch.manual_seed(args.seed)
     probe = BertMLM(vocab_size=args.vocab_size, preset=args.preset)
     tensors = sum(1 for _ in probe.parameters())
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdict = "PASS" if verdicts[name] else "FAIL"
         print(f"{verdict}: {name} step = {ratio:.3f}x AdamW(foreach=True) (target <= {args.max_ratio:.2f}x)")
     result.update(claim="optimizer step time relative to AdamW(foreach=True)", target=args.max_ratio, passed=verdicts)
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,7 @@ def inference_step(model: BertClassifier, batch: dict[str, torch.Tensor]) -> Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, prune, export, time; print the table and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     pl.seed_everything(args.seed, verbose=False)
     datamodule = prose_data(args, args.batch_size)
     model = prose_classifier(datamodule, args.preset, args.max_length, learning_rate=args.learning_rate)
@@ -159,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accuracy_exported=exported_accuracy, accuracy_drop=longer_accuracy - exported_accuracy,
         max_logit_difference=max_difference, reload_logit_difference=reload_difference,
     )  # fmt: skip
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time the three variants interleaved, print the table and the verdict; returns the numbers."""
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     datamodule = mlm_data(args)
 
     def job(callbacks: list[pl.Callback]) -> LightningJob:
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{'PASS' if passed else 'FAIL'}: masks cost {ours - 1:+.1%} per training step (target <= "
           f"{args.max_overhead - 1:+.0%}); torch's prune hooks {hooks - 1:+.1%}")  # fmt: skip
     result.update(claim="per-step overhead of the pruning masks", target=args.max_overhead, passed=passed)
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

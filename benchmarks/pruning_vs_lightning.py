@@ -176,8 +176,7 @@ def accuracy_part(args: argparse.Namespace, datamodule: MLMDataModule) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     datamodule = mlm_data(args)
     print(mlm_job_line(args, datamodule.vocab_size))
     resume = resume_part(args, datamodule)
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"overhead ours {overhead['variants'][OURS]['ratio'] - 1:+.1%}, ModelPruning "
           f"{overhead['variants'][LIGHTNING]['ratio'] - 1:+.1%}")  # fmt: skip
     result = {"resume": resume, "overhead": overhead, "accuracy": accuracy, "passed": kept, "lightning_loses": lost}
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

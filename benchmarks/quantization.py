@@ -230,13 +230,11 @@ def part2(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     result: dict[str, Any] = {"inference": part1(args)}
     if not args.skip_accuracy:
         result["accuracy"] = part2(args)
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

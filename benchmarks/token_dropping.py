@@ -78,8 +78,7 @@ def dropping(args: argparse.Namespace) -> TokenDropping:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    setup(args)
+    args = setup(parse_args(argv))
     data = jobs.mlm_data(args)
     model, probe = module(args, data), dropping(args)
     probe.attach(model)  # the range it drops (a bad --layers fails here, before any timing)
@@ -139,8 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{seconds:.0f} s training: {ratio:.3f}x the baseline's time (claim <= {TIME_CLAIM}x){estimate}")  # fmt: skip
         result["time_ratio"] = ratio
     result.update(verdicts=verdicts, summaries=[base, drop])
-    write_json(args.json, result)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

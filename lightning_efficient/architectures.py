@@ -40,7 +40,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -400,20 +400,24 @@ def block_view(block: nn.Module) -> BlockView:
 
 
 # -- the built-in entries ----------------------------------------------------------------------
+def _hf_self_attention(path: str) -> AttentionLayout:
+    """The self-attention of HF BERT and transformers-4 ViT blocks (``all_head_size`` follows the heads)."""
+    return AttentionLayout(
+        path,
+        "query",
+        "key",
+        "value",
+        output="attention.output.dense",
+        heads="num_attention_heads",
+        head_size="attention_head_size",
+        width_attribute="all_head_size",
+    )
+
+
+_HF_FFN = FeedForwardLayout("intermediate.dense", "output.dense")
 _BERT = BlockArchitecture(
-    attentions=(
-        AttentionLayout(
-            "attention.self",
-            "query",
-            "key",
-            "value",
-            output="attention.output.dense",
-            heads="num_attention_heads",
-            head_size="attention_head_size",
-            width_attribute="all_head_size",
-        ),
-    ),
-    ffn=FeedForwardLayout("intermediate.dense", "output.dense"),
+    attentions=(_hf_self_attention("attention.self"),),
+    ffn=_HF_FFN,
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
     residual="post",
 )
@@ -436,51 +440,44 @@ _VIT5 = BlockArchitecture(  # transformers 5
     applies=lambda block: hasattr(block, "mlp"),
 )
 _VIT4 = BlockArchitecture(  # transformers 4
-    attentions=(
-        AttentionLayout(
-            "attention.attention",
-            "query",
-            "key",
-            "value",
-            output="attention.output.dense",
-            heads="num_attention_heads",
-            head_size="attention_head_size",
-            width_attribute="all_head_size",
-        ),
-    ),
-    ffn=FeedForwardLayout("intermediate.dense", "output.dense"),
+    attentions=(_hf_self_attention("attention.attention"),),
+    ffn=_HF_FFN,
     norms=("layernorm_before", "layernorm_after"),
     residual="pre",
     applies=lambda block: not hasattr(block, "mlp"),
 )
-_SELF_ATTN = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", output="self_attn.out_proj")
-_CROSS_ATTN = AttentionLayout("encoder_attn", "q_proj", "k_proj", "v_proj", output="encoder_attn.out_proj", cross=True)
-_SEQ2SEQ_ENCODER = BlockArchitecture(
-    attentions=(_SELF_ATTN,),
-    ffn=FeedForwardLayout("fc1", "fc2"),
+
+
+def _encoder_and_decoder(
+    self_attention: AttentionLayout,
+    cross_attention: AttentionLayout,
+    ffn: FeedForwardLayout,
+    norms: tuple[str, ...],
+    decoder_norms: tuple[str, ...],
+    **residual: str,
+) -> tuple[BlockArchitecture, BlockArchitecture]:
+    """The entries of an encoder block and of its decoder block, which adds a cross-attention (and a norm).
+
+    ``residual`` is the ``residual`` or ``residual_attribute`` of both (see :class:`BlockArchitecture`).
+    """
+    encoder = BlockArchitecture((self_attention,), ffn, norms, **residual)
+    return encoder, replace(encoder, attentions=(self_attention, cross_attention), norms=decoder_norms)
+
+
+_SEQ2SEQ_ENCODER, _SEQ2SEQ_DECODER = _encoder_and_decoder(  # Marian, BART
+    AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", output="self_attn.out_proj"),
+    AttentionLayout("encoder_attn", "q_proj", "k_proj", "v_proj", output="encoder_attn.out_proj", cross=True),
+    FeedForwardLayout("fc1", "fc2"),
     norms=("self_attn_layer_norm", "final_layer_norm"),
+    decoder_norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
     residual="post",
 )
-_SEQ2SEQ_DECODER = BlockArchitecture(
-    attentions=(_SELF_ATTN, _CROSS_ATTN),
-    ffn=FeedForwardLayout("fc1", "fc2"),
-    norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
-    residual="post",
-)
-_TORCH_ATTN = AttentionLayout("self_attn", in_proj="in_proj_weight", output="self_attn.out_proj")
-_TORCH_ENCODER = BlockArchitecture(
-    attentions=(_TORCH_ATTN,),
-    ffn=FeedForwardLayout("linear1", "linear2"),
+_TORCH_ENCODER, _TORCH_DECODER = _encoder_and_decoder(  # nn.TransformerEncoderLayer, nn.TransformerDecoderLayer
+    AttentionLayout("self_attn", in_proj="in_proj_weight", output="self_attn.out_proj"),
+    AttentionLayout("multihead_attn", in_proj="in_proj_weight", output="multihead_attn.out_proj", cross=True),
+    FeedForwardLayout("linear1", "linear2"),
     norms=("norm1", "norm2"),
-    residual_attribute="norm_first",
-)
-_TORCH_DECODER = BlockArchitecture(
-    attentions=(
-        _TORCH_ATTN,
-        AttentionLayout("multihead_attn", in_proj="in_proj_weight", output="multihead_attn.out_proj", cross=True),
-    ),
-    ffn=FeedForwardLayout("linear1", "linear2"),
-    norms=("norm1", "norm2", "norm3"),
+    decoder_norms=("norm1", "norm2", "norm3"),
     residual_attribute="norm_first",
 )
 for _name, _entry in (

@@ -106,13 +106,10 @@ def load_summary(path: str | Path) -> RunSummary:
             schema version, or lacks required keys.
 
     Examples:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "efficiency.json"
-        >>> _ = path.write_text('{"version": 2}')
-        >>> load_summary(path)
+        >>> load_summary("no_such_run/efficiency.json")
         Traceback (most recent call last):
         ...
-        lightning_efficient.errors.DataError: ... has schema version 2; ... reads version 1 only ...
+        lightning_efficient.errors.DataError: cannot read efficiency summary 'no_such_run/efficiency.json': ...
     """
     return read_summary(path)
 

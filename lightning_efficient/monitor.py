@@ -31,7 +31,7 @@ from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.flops import FlopCounter, _synchronize, device_name, measure_peak_flops
 from lightning_efficient.summary import SCHEMA_VERSION, SUMMARY_FILE, RunSummary, format_summary, write_summary
 
-__all__ = ["EfficiencyMonitor", "batch_counts", "measure_peak_flops"]
+__all__ = ["EfficiencyMonitor", "batch_counts", "measure_peak_flops", "process_memory"]
 
 MODES = ("min", "max")
 SUMMARY_VERSION = SCHEMA_VERSION  # the name before summary.py held the schema
@@ -113,6 +113,30 @@ class _Stopwatch:
         return self.elapsed + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
 
+def process_memory(field: str = "VmRSS") -> int | None:
+    """A memory figure of this process in bytes, read from ``/proc/self/status``.
+
+    Args:
+        field: The status line's name: ``VmRSS`` (resident now), ``VmHWM`` (peak resident), ...
+
+    Returns:
+        The figure in bytes, or None where ``/proc`` or the field is missing (not Linux).
+
+    Examples:
+        >>> rss = process_memory("VmRSS")
+        >>> rss is None or rss > 0
+        True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class _ProcessMemory:
     """Peak memory of the run: CUDA max allocated, or the process's peak RSS on the CPU."""
 
@@ -137,14 +161,7 @@ class _ProcessMemory:
 
     @staticmethod
     def _vm_hwm() -> int | None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        return process_memory("VmHWM")
 
     def peak_bytes(self) -> int:
         if self.kind == "cuda_max_allocated":

@@ -47,6 +47,8 @@ Examples:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -63,6 +65,7 @@ __all__ = [
     "check_composition",
     "check_plain_state",
     "check_range",
+    "check_schedule_reached",
     "check_unused_parameters_allowed",
 ]
 
@@ -155,6 +158,42 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
                     f"{technique.name} must run before {other.name}: put {type(technique).__name__} before "
                     f"{type(other).__name__} in trainer.callbacks"
                 )
+
+
+def check_schedule_reached(trainer: pl.Trainer, name: str, step: int | None, strict: bool) -> None:
+    """Fail or warn, before training, when the run ends before optimizer step ``step`` of a technique's schedule.
+
+    Args:
+        trainer: The trainer about to fit; ``trainer.estimated_stepping_batches`` is the run's optimizer
+            steps (infinite: the run is unbounded, every step is reached).
+        name: The argument that set ``step`` (``"end_step"``, ``"freeze_step"``, ...), for the message.
+        step: The step the schedule needs; None (not set) and 0 (where every run starts) are always reached.
+        strict: Raise instead of warning (the technique's ``strict_schedule``; a run that stops early on
+            purpose, to continue in a later fit, sets it False).
+
+    Raises:
+        ConfigurationError: ``strict`` and the run has no optimizer step ``step``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(estimated_stepping_batches=4)
+        >>> check_schedule_reached(trainer, "end_step", 3, strict=True)
+        >>> check_schedule_reached(trainer, "end_step", 4, strict=True)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: end_step=4 is never reached: the run has 4 optimizer steps (steps 0-3); lower end_step or raise max_steps (or strict_schedule=False to reach it in a later fit)
+    """
+    total = trainer.estimated_stepping_batches
+    if not step or not math.isfinite(total) or step < total:
+        return
+    total = int(total)
+    message = (
+        f"{name}={step} is never reached: the run has {total} optimizer steps (steps 0-{total - 1}); "
+        f"lower {name} or raise max_steps"
+    )
+    if strict:
+        raise ConfigurationError(message + " (or strict_schedule=False to reach it in a later fit)")
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def check_unused_parameters_allowed(trainer: pl.Trainer, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: small user data files in every supported format."""
+"""Shared fixtures: small user data files in every supported format, and a tiny MLM DataModule over them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_efficient import MLMDataModule
 from lightning_efficient.data.files import embedded_path, read_records
 
 # Shared test helpers (``techniques.py``: the contract suite's table) import as top-level modules.
@@ -56,8 +57,18 @@ def user_files(tmp_path_factory: pytest.TempPathFactory, brown_rows: list[dict])
         writer.writerows(rows)
     paths["txt"].write_text("\n".join(r["sentence"] for r in rows) + "\n", encoding="utf-8")
     bible = read_records(embedded_path("bible_en_fr.jsonl.gz"))[:400]
-    paths["pairs"].write_text("".join(json.dumps({"src": b["en"], "tgt": b["fr"]}) + "\n" for b in bible), encoding="utf-8")
+    paths["pairs"].write_text(
+        "".join(json.dumps({"src": b["en"], "tgt": b["fr"]}) + "\n" for b in bible), encoding="utf-8"
+    )
     return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def mlm_data(user_files: dict[str, str]) -> MLMDataModule:
+    """The user's txt file as MLM data (vocab 300, blocks of 17 tokens, batch 4), set up for ``fit``; one per test module."""
+    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
+    dm.setup("fit")
+    return dm
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from techniques import CASES, TechniqueCase, tiny_family
 
+from lightning_efficient.testing import quiet_trainer
+
 
 class BatchHash(Callback):
     def __init__(self) -> None:
@@ -40,9 +42,8 @@ def run(case: TechniqueCase, files: dict[str, str], out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model, dm = tiny_family("bert", files)
     technique, batches = case.build(), BatchHash()
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=case.extra.get("ddp_strategy", "ddp"), max_steps=3, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = quiet_trainer(
+        accelerator="cpu", devices=2, strategy=case.extra.get("ddp_strategy", "ddp"), max_steps=3, limit_val_batches=0,
         default_root_dir=out, callbacks=[technique, batches],
     )  # fmt: skip
     trainer.fit(model, dm)

@@ -51,17 +51,7 @@ from lightning_efficient import (
     Translation,
     TranslationDataModule,
     ViTClassifier,
-)
-from lightning_efficient.callbacks import (
-    ActivationCheckpointing,
-    ImportanceSampling,
-    LayerDrop,
-    LRScaling,
-    MagnitudePruning,
-    ProgressiveStacking,
-    QuantizationAwareTraining,
-    TokenDropping,
-    TrustRatioMonitor,
+    callbacks,
 )
 from lightning_efficient.testing import BlockOutputNoise
 
@@ -131,68 +121,66 @@ class TechniqueCase:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def noise_yaml(class_path: str, std: float, start_step: int) -> str:
+    """The CLI fragment of a reference-noise row: the technique appended to ``trainer.callbacks``."""
+    return f"""
+trainer:
+  callbacks+:
+    - class_path: {class_path}
+      init_args:
+        std: {std}
+        start_step: {start_step}
+"""
+
+
 CASES: list[TechniqueCase] = [
     TechniqueCase(
         id="block_noise",
         build=lambda: BlockOutputNoise(std=0.05, start_step=3, seed=1),
-        yaml="""
-trainer:
-  callbacks+:
-    - class_path: lightning_efficient.testing.BlockOutputNoise
-      init_args:
-        std: 0.05
-        start_step: 3
-""",
+        yaml=noise_yaml("lightning_efficient.testing.BlockOutputNoise", std=0.05, start_step=3),
     ),
     TechniqueCase(
         id="first_block_noise",
         build=lambda: FirstBlockNoise(std=0.1, start_step=5, seed=2),
-        yaml="""
-trainer:
-  callbacks+:
-    - class_path: techniques.FirstBlockNoise
-      init_args:
-        std: 0.1
-        start_step: 5
-""",
+        yaml=noise_yaml("techniques.FirstBlockNoise", std=0.1, start_step=5),
         families=("bert",),
         interrupt_at=(5,),
     ),
     TechniqueCase(
         id="lr_scaling",  # batch 8 (ViT: 16) vs reference 4, sqrt rule; warmup over steps 0-2
-        build=lambda: LRScaling(reference_batch_size=4, rule="sqrt", warmup_steps=3),
+        build=lambda: callbacks.LRScaling(reference_batch_size=4, rule="sqrt", warmup_steps=3),
         yaml=(TECHNIQUE_CONFIGS / "lr_scaling.yaml").read_text(),
         interrupt_at=(2, 3, 6),  # mid-warmup, at its end, mid-epoch after it
         unsupported=None,
     ),
     TechniqueCase(
         id="trust_ratio",  # reports after optimizer steps 2, 4, 6, 8
-        build=lambda: TrustRatioMonitor(every_n_steps=2, include_1d=True),
+        build=lambda: callbacks.TrustRatioMonitor(every_n_steps=2, include_1d=True),
         yaml=(TECHNIQUE_CONFIGS / "trust_ratio_monitor.yaml").read_text(),
         interrupt_at=(3, 4, 6),  # between reports (mid-epoch), right after one (epoch end)
         unsupported=None,
     ),
     TechniqueCase(
         id="layer_drop",  # PLD: theta falls from 1 towards 0.6 (gamma 0.3), rescaled residuals
-        build=lambda: LayerDrop(drop_rate=0.4, schedule="progressive", gamma=0.3, rescale=True, seed=5),
+        build=lambda: callbacks.LayerDrop(drop_rate=0.4, schedule="progressive", gamma=0.3, rescale=True, seed=5),
         yaml=(TECHNIQUE_CONFIGS / "layer_drop.yaml").read_text(),
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
     TechniqueCase(
         id="progressive_stacking",  # 2 of the tiny models' 3 blocks, the third grown at step 2
-        build=lambda: ProgressiveStacking(stages={0: 2, 2: 3}, rule="interleave"),
+        build=lambda: callbacks.ProgressiveStacking(stages={0: 2, 2: 3}, rule="interleave"),
         yaml=(TECHNIQUE_CONFIGS / "progressive_stacking.yaml").read_text(),
         interrupt_at=(1, 2, 3, 6),  # before the growth, right before it (it runs at step 2's batch), after it
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
     TechniqueCase(
         id="activation_checkpointing",  # blocks 0 and 2 of each stack recomputed, block 1 not
-        build=lambda: ActivationCheckpointing(every=2),
+        build=lambda: callbacks.ActivationCheckpointing(every=2),
         yaml=(TECHNIQUE_CONFIGS / "activation_checkpointing.yaml").read_text(),
     ),
     TechniqueCase(
         id="pruning",  # gradual unstructured, global ranking: events at steps 2, 4, 6 raise the sparsity to 0.2, 0.64, 0.7
-        build=lambda: MagnitudePruning(
+        build=lambda: callbacks.MagnitudePruning(
             final_sparsity=0.7,
             initial_sparsity=0.2,
             start_step=2,
@@ -207,19 +195,19 @@ trainer:
     ),
     TechniqueCase(
         id="qat",  # int8 fake quantization of the blocks' Linears from step 3, weight scales held from step 5
-        build=lambda: QuantizationAwareTraining(start_step=3, freeze_step=5, strict_schedule=False),
+        build=lambda: callbacks.QuantizationAwareTraining(start_step=3, freeze_step=5, strict_schedule=False),
         yaml=(TECHNIQUE_CONFIGS / "qat_int8.yaml").read_text(),
         interrupt_at=(2, 3, 5, 6),  # before the switch, at it, at the freeze (scales from the checkpoint), after
     ),
     TechniqueCase(
         id="importance_sampling",  # 3 of each pool of 8 (ViT: 16), sampled on every step (the tiny models' tau is ~1.00)
-        build=lambda: ImportanceSampling(batch_size=3, tau_threshold=0.5, seed=3),
+        build=lambda: callbacks.ImportanceSampling(batch_size=3, tau_threshold=0.5, seed=3),
         yaml=(TECHNIQUE_CONFIGS / "importance_sampling.yaml").read_text(),
         interrupt_at=(1, 3, 4, 6),
     ),
     TechniqueCase(
         id="token_dropping",  # tiny BERT's block 1 on 40% -> 80% of the 33 tokens (14 -> 27), linearly over steps 0-6
-        build=lambda: TokenDropping(keep_fraction=0.4, final_keep_fraction=0.8, schedule_steps=6, seed=3),
+        build=lambda: callbacks.TokenDropping(keep_fraction=0.4, final_keep_fraction=0.8, schedule_steps=6, seed=3),
         yaml=(TECHNIQUE_CONFIGS / "token_dropping.yaml").read_text(),
         families=("bert",),  # only BertMLM reports its predicted positions
         interrupt_at=(3, 4, 6, 7),  # mid-schedule (mid-epoch, epoch end), at its end, after it
@@ -230,16 +218,25 @@ trainer:
 
 
 # -- tiny models and data of each family ------------------------------------------------------
-def tiny_family(family: str, files: dict[str, str]) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+def tiny_family(
+    family: str,
+    files: dict[str, str],
+    mlm_length: int = 33,
+    translation_data: type[TranslationDataModule] = TranslationDataModule,
+    **shape: Any,
+) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """A tiny model of ``family`` and a DataModule over the test's small user files.
 
-    Epochs are made short by the trainer (``limit_train_batches``), not by the data.
+    Epochs are made short by the trainer (``limit_train_batches``), not by the data. ``mlm_length``:
+    BERT's tokens per block; ``translation_data``: the MT DataModule class; ``shape``: model
+    arguments over the ``tiny`` preset (e.g. ``hidden_size``, ``dropout``).
     """
+    shape = {"preset": "tiny", **shape}
     if family == "bert":
-        dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=33, batch_size=8)
-        return BertMLM(vocab_size=dm.vocab_size, preset="tiny", max_length=33, warmup_fraction=0.25), dm
+        dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=mlm_length, batch_size=8)
+        return BertMLM(vocab_size=dm.vocab_size, max_length=mlm_length, warmup_fraction=0.25, **shape), dm
     if family == "mt":
-        dm = TranslationDataModule(
+        dm = translation_data(
             train_files=[files["pairs"]],
             source_column="src",
             target_column="tgt",
@@ -247,11 +244,8 @@ def tiny_family(family: str, files: dict[str, str]) -> tuple[pl.LightningModule,
             max_length=40,
             batch_size=8,
         )
-        model = Translation(
-            vocab_size=dm.vocab_size, preset="tiny", max_length=40, bleu_batches=0, warmup_fraction=0.25
-        )
+        model = Translation(vocab_size=dm.vocab_size, max_length=40, bleu_batches=0, warmup_fraction=0.25, **shape)
         return model, dm
     if family == "vit":
-        model = ViTClassifier(num_labels=10, preset="tiny", warmup_fraction=0.25)
-        return model, ImageClassificationDataModule(batch_size=16)
+        return ViTClassifier(num_labels=10, warmup_fraction=0.25, **shape), ImageClassificationDataModule(batch_size=16)
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule
+from lightning_efficient import BertMLM, ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the ``benchmarks`` package lives in the repository root, not in the installed package
@@ -41,13 +41,6 @@ def run_script(name: str, argv: list[str]) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
         logging.getLogger("lightning.pytorch").setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def mlm_data(user_files) -> MLMDataModule:
-    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
-    dm.setup("fit")
-    return dm
 
 
 # -- ratio arithmetic on injected times ------------------------------------------------------------

@@ -24,6 +24,7 @@ from techniques import CASES, TechniqueCase, tiny_family
 
 from lightning_efficient import BertMLM, ConfigurationError, Technique
 from lightning_efficient.technique import check_composition, check_plain_state
+from lightning_efficient.testing import quiet_trainer
 
 ROWS = {case.id: case for case in CASES}
 DDP_TIMEOUT_S = 300  # for all DDP rows together (one 2-process run)
@@ -84,14 +85,11 @@ def fit(
     callbacks: list[Callback] = [*techniques, recorder]
     if save_every_step:
         callbacks.append(ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         limit_train_batches=STEPS_PER_EPOCH,
         limit_val_batches=1,
-        logger=False,
         enable_checkpointing=save_every_step,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         callbacks=callbacks,
         **trainer_kwargs,
@@ -236,8 +234,7 @@ def test_declares_its_hooks_and_plain_state(case: TechniqueCase) -> None:
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.unsupported is not None], ids=lambda c: c.id)
 def test_refuses_unsupported_model(case: TechniqueCase, tmp_path: Path) -> None:
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[case.build()])  # fmt: skip
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[case.build()])
     model = case.unsupported()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(case.expected_error) as error:

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_efficient import BertMLM, ConfigurationError, Translation, ViTClassifier
 from lightning_efficient.compare import load_summary
 from lightning_efficient.monitor import EfficiencyMonitor, batch_counts, measure_peak_flops
+from lightning_efficient.testing import quiet_trainer
 
 VOCAB, WIDTH, OUT, SEQ = 23, 12, 7, 9
 SUMMARY_KEYS = {
@@ -98,11 +99,8 @@ def tiny_step_flops(batch_size: int = 2) -> int:
 
 
 def trainer(root: str, callbacks: list[Callback], **kwargs) -> pl.Trainer:
-    defaults = {
-        "default_root_dir": root, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "log_every_n_steps": 1, "limit_val_batches": 1, "accelerator": "cpu",
-    }  # fmt: skip
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+    defaults = {"default_root_dir": root, "log_every_n_steps": 1, "limit_val_batches": 1, "accelerator": "cpu"}
+    return quiet_trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
 # -- arguments -------------------------------------------------------------------------------------

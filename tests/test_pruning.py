@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, ViTClassifier
+from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, ViTClassifier, testing
 from lightning_efficient.callbacks.pruning import (
     MagnitudePruning,
     add_masks,
@@ -30,17 +31,8 @@ from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    defaults = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # fmt: skip
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def mlm_data(user_files: dict[str, str]) -> MLMDataModule:
-    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
-    dm.setup("fit")
-    return dm
+#: The quiet ``Trainer`` of these tests, without validation (a call's arguments win).
+quiet_trainer = partial(testing.quiet_trainer, limit_val_batches=0, num_sanity_val_steps=0)
 
 
 def tiny_mlm(dm: MLMDataModule) -> BertMLM:
@@ -496,11 +488,11 @@ def test_schedule_longer_than_the_run_fails_before_training(mlm_data: MLMDataMod
     model = tiny_mlm(mlm_data)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = quiet_trainer(max_steps=4, callbacks=[MagnitudePruning(start_step=1, end_step=4)])
-    with pytest.raises(ConfigurationError, match=r"end_step=4 is not reached: the run has 4 optimizer steps"):
+    with pytest.raises(ConfigurationError, match=r"end_step=4 is never reached: the run has 4 optimizer steps"):
         trainer.fit(model, mlm_data)
     assert trainer.global_step == 0 and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     pruning = MagnitudePruning(start_step=1, end_step=4, frequency=1, final_sparsity=0.5, strict_schedule=False)
-    with pytest.warns(UserWarning, match=r"end_step=4 is not reached"):
+    with pytest.warns(UserWarning, match=r"end_step=4 is never reached"):
         quiet_trainer(max_steps=4, callbacks=[pruning]).fit(tiny_mlm(mlm_data), mlm_data)
     assert pruning.last_event == 3 and pruning.target_sparsity == pytest.approx(0.5 * (1 - (1 - 2 / 3) ** 3))
 

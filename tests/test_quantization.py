@@ -4,6 +4,7 @@ conversion equal to fake quantization, save/load, composition with pruning, bad 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, Translation
+from lightning_efficient import BertClassifier, BertMLM, MLMDataModule, Translation, testing
 from lightning_efficient.callbacks.pruning import MagnitudePruning
 from lightning_efficient.callbacks.pruning import export_pruned as export_pruning
 from lightning_efficient.callbacks.quantization import (
@@ -27,18 +28,8 @@ from lightning_efficient.callbacks.quantization import (
 )
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def mlm_data(user_files: dict[str, str]) -> MLMDataModule:
-    dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
-    dm.setup("fit")
-    return dm
+#: The quiet ``Trainer`` of these tests, without validation (a call's arguments win).
+quiet_trainer = partial(testing.quiet_trainer, limit_val_batches=0, num_sanity_val_steps=0)
 
 
 def tiny_mlm(dm: MLMDataModule, **kwargs: Any) -> BertMLM:

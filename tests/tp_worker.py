@@ -23,23 +23,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from own_block import OwnBlock, OwnModel, registered_own_block
+from techniques import tiny_family
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_efficient import (
-    LAMB,
-    ActivationCheckpointing,
-    BertMLM,
-    ImageClassificationDataModule,
-    LayerDrop,
-    Lion,
-    MLMDataModule,
-    Translation,
-    TrustRatioMonitor,
-    ViTClassifier,
-)
+from lightning_efficient import LAMB, ActivationCheckpointing, LayerDrop, Lion, TrustRatioMonitor
 from lightning_efficient.data.translation import TranslationDataModule
 from lightning_efficient.strategies import TensorParallelStrategy, clip_grad_norm_
+from lightning_efficient.testing import quiet_trainer
 
 warnings.filterwarnings("ignore")
 #: Odd per-rank sizes at tp=2: 3 heads of width 6, 19 FFN neurons.
@@ -66,23 +57,7 @@ def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.Lightnin
         model = OwnModel(depth=2)
         model.blocks = nn.ModuleList(OwnBlock(ffn=38) for _ in range(2))
         return model, None
-    shape = {**SHAPE, **shape}
-    if family == "bert":
-        dm = MLMDataModule(train_files=[files["txt"]], vocab_size=400, max_length=32, batch_size=8)
-        return BertMLM(vocab_size=dm.vocab_size, max_length=32, warmup_fraction=0.25, **shape), dm
-    if family == "mt":
-        dm = EvenTranslationData(
-            train_files=[files["pairs"]],
-            source_column="src",
-            target_column="tgt",
-            vocab_size=500,
-            max_length=40,
-            batch_size=8,
-        )
-        return Translation(vocab_size=dm.vocab_size, max_length=40, bleu_batches=0, warmup_fraction=0.25, **shape), dm
-    if family == "vit":
-        return ViTClassifier(num_labels=10, warmup_fraction=0.25, **shape), ImageClassificationDataModule(batch_size=16)
-    raise ValueError(family)
+    return tiny_family(family, files, mlm_length=32, translation_data=EvenTranslationData, **{**SHAPE, **shape})
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -144,10 +119,9 @@ def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int)
             )
         )
     strategy: Any = TensorParallelStrategy(**run.get("strategy", {})) if devices > 1 else "auto"
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=run["steps"], limit_val_batches=0,
-        gradient_clip_val=run.get("clip"), use_distributed_sampler=False, logger=False,
-        enable_checkpointing=bool(run.get("save_at")), enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=run.get("clip"), use_distributed_sampler=False, enable_checkpointing=bool(run.get("save_at")),
         default_root_dir=root / run["name"], callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(model, dm, ckpt_path=run.get("resume"))

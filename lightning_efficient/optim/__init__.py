@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from lightning_efficient.optim.lamb import LAMB, trust_ratios
@@ -55,6 +56,28 @@ def _moved_attribute(old_module: str, name: str, new_module: str) -> Any:
     new = f"{callbacks.__name__}.{name}" if name in callbacks.__all__ else f"{new_module}.{name}"
     warnings.warn(f"{old_module}.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
     return getattr(module, name)
+
+
+def _forward_moved_names(old_module: str, new_module: str) -> Callable[[str], Any]:
+    """The module ``__getattr__`` of a deprecated module ``old_module`` whose names all moved to ``new_module``.
+
+    Every name of ``new_module`` stays readable through ``old_module`` with a warning
+    (:func:`_moved_attribute`); ``optim.lr_scaling`` and ``optim.trust_ratio`` are such modules.
+
+    Examples:
+        >>> read = _forward_moved_names("old.place", "lightning_efficient.callbacks.lr_scaling")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     rules = read("SCALING_RULES")
+        >>> rules, str(caught[0].message)
+        (('linear', 'sqrt'), 'old.place.SCALING_RULES is deprecated; use lightning_efficient.callbacks.lr_scaling.SCALING_RULES')
+    """
+
+    def __getattr__(name: str) -> Any:
+        return _moved_attribute(old_module, name, new_module)
+
+    __getattr__.__doc__ = f"Any name of :mod:`{new_module}`, with a ``DeprecationWarning``."
+    return __getattr__
 
 
 def __getattr__(name: str) -> Any:

@@ -9,13 +9,14 @@ back. Lightning's ``bf16-mixed`` / ``16-mixed`` keep fp32 parameters, which need
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.optim.param_groups import split_flat_params
 
 __all__ = ["Bucket", "ForeachOptimizer", "state_dtype", "validate_settings"]
 
@@ -105,6 +106,16 @@ class ForeachOptimizer(torch.optim.Optimizer):
     #: Names of the per-parameter state tensors (zero-initialised, :func:`state_dtype`).
     state_keys: tuple[str, ...] = ()
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], no_decay_1d: bool) -> None:
+        """Check the settings ``defaults``, then split flat ``params`` by the no-decay rule when ``no_decay_1d``.
+
+        A ``betas`` list (as YAML gives it) becomes a tuple; :func:`validate_settings` checks every value.
+        """
+        if isinstance(defaults.get("betas"), list):
+            defaults = {**defaults, "betas": tuple(defaults["betas"])}
+        validate_settings(defaults)
+        super().__init__(split_flat_params(params, defaults["weight_decay"], no_decay_1d), defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         validate_settings({**self.defaults, **param_group})
         super().add_param_group(param_group)
@@ -164,4 +175,3 @@ class ForeachOptimizer(torch.optim.Optimizer):
             for bucket in self.buckets(group):
                 self.update(group, bucket)
         return loss
-

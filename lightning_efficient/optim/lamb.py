@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_efficient.optim.base import Bucket, ForeachOptimizer, validate_settings
-from lightning_efficient.optim.param_groups import split_flat_params
+from lightning_efficient.optim.base import Bucket, ForeachOptimizer
 
 __all__ = ["LAMB", "trust_ratios"]
 
@@ -101,15 +100,14 @@ class LAMB(ForeachOptimizer):
     ) -> None:
         defaults = {
             "lr": lr,
-            "betas": tuple(betas) if isinstance(betas, list) else betas,
+            "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "clamp": clamp,
             "bias_correction": bias_correction,
             "trust_ratio": True,
         }
-        validate_settings(defaults)
-        super().__init__(split_flat_params(params, weight_decay, no_decay_1d), defaults)
+        super().__init__(params, defaults, no_decay_1d)
 
     def update(self, group: dict[str, Any], bucket: Bucket) -> None:
         weights, grads = bucket.working()

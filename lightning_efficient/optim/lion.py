@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_efficient.optim.base import Bucket, ForeachOptimizer, validate_settings
-from lightning_efficient.optim.param_groups import split_flat_params
+from lightning_efficient.optim.base import Bucket, ForeachOptimizer
 
 __all__ = ["Lion"]
 
@@ -61,13 +60,7 @@ class Lion(ForeachOptimizer):
         weight_decay: float = 0.0,
         no_decay_1d: bool = True,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas) if isinstance(betas, list) else betas,
-            "weight_decay": weight_decay,
-        }
-        validate_settings(defaults)
-        super().__init__(split_flat_params(params, weight_decay, no_decay_1d), defaults)
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay}, no_decay_1d)
 
     def update(self, group: dict[str, Any], bucket: Bucket) -> None:
         weights, grads = bucket.working()

@@ -15,13 +15,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
-
-from lightning_efficient.optim import _moved_attribute
+from lightning_efficient.optim import _forward_moved_names
 
 __all__: list[str] = []  # nothing is defined here: the old names are read through __getattr__
 
-
-def __getattr__(name: str) -> Any:
-    """Any name of :mod:`lightning_efficient.callbacks.trust_ratio`, with a ``DeprecationWarning``."""
-    return _moved_attribute(__name__, name, "lightning_efficient.callbacks.trust_ratio")
+__getattr__ = _forward_moved_names(__name__, "lightning_efficient.callbacks.trust_ratio")

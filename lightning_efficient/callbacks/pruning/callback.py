@@ -11,8 +11,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +31,7 @@ from lightning_efficient.callbacks.pruning.structured import (
     structured_masks,
 )
 from lightning_efficient.errors import ConfigurationError, check_int, check_patterns
-from lightning_efficient.technique import Technique, check_choice, check_range
+from lightning_efficient.technique import Technique, check_choice, check_range, check_schedule_reached
 
 __all__ = ["STRUCTURES", "MagnitudePruning"]
 
@@ -264,16 +262,7 @@ class MagnitudePruning(Technique):
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.estimated_stepping_batches  # optimizer steps of the whole run (inf: unbounded)
-        if math.isfinite(total) and self.end_step >= total:
-            total = int(total)
-            message = (
-                f"end_step={self.end_step} is not reached: the run has {total} optimizer steps (steps 0-{total - 1}), "
-                f"so the schedule must end at a step < {total}; lower end_step or raise max_steps"
-            )
-            if self.strict_schedule:
-                raise ConfigurationError(message + " (or strict_schedule=False to continue it in a later fit)")
-            warnings.warn(message, UserWarning, stacklevel=2)
+        check_schedule_reached(trainer, "end_step", self.end_step, self.strict_schedule)
         torch._foreach_mul_([p.data for p in self._params], self._masks)  # exact after a resume, whatever was loaded
         self._masked_at_step = trainer.global_step
         self._update_stats()

@@ -18,8 +18,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +47,7 @@ from lightning_efficient.errors import (
     check_range,
 )
 from lightning_efficient.targets import select_modules
-from lightning_efficient.technique import Technique
+from lightning_efficient.technique import Technique, check_schedule_reached
 
 __all__ = ["QAT_PRIORITY", "QuantizationAwareTraining"]
 
@@ -235,16 +233,8 @@ class QuantizationAwareTraining(Technique):
             self.active = True  # validate / test / predict evaluate the model as it will be quantized
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.estimated_stepping_batches
-        for option, step in (("start_step", self.start_step), ("freeze_step", self.freeze_step)):
-            if step is not None and step > 0 and math.isfinite(total) and step >= total:
-                message = (
-                    f"{option}={step} is never reached: the run has {int(total)} optimizer steps "
-                    f"(0-{int(total) - 1}); lower it or raise max_steps"
-                )
-                if self.strict_schedule:
-                    raise ConfigurationError(message + " (or strict_schedule=False to reach it in a later fit)")
-                warnings.warn(message, UserWarning, stacklevel=2)
+        check_schedule_reached(trainer, "start_step", self.start_step, self.strict_schedule)
+        check_schedule_reached(trainer, "freeze_step", self.freeze_step, self.strict_schedule)
         unknown = sorted(set(self._pending_frozen) - set(self._quantizers))
         if unknown:
             raise ConfigurationError(
