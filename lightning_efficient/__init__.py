@@ -12,6 +12,10 @@ Examples:
     ['val/accuracy', 'val/loss', 'val/perplexity']
 """
 
+from lightning_efficient.import_noise import hide_import_noise
+
+hide_import_noise()  # before transformers imports torchao (see import_noise)
+
 from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.callbacks import (
     ActivationCheckpointing,
@@ -28,6 +32,7 @@ from lightning_efficient.callbacks import (
     load_pruned,
     load_quantized,
 )
+from lightning_efficient.checkpoint import AtomicCheckpointIO
 from lightning_efficient.data import (
     BROWN_PROSE,
     ImageClassificationDataModule,
@@ -37,12 +42,20 @@ from lightning_efficient.data import (
     TextClassificationDataModule,
     TranslationDataModule,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, NoTargetModulesError
+from lightning_efficient.errors import (
+    CheckpointMismatchError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    DataError,
+    NonFiniteLossError,
+    NoTargetModulesError,
+)
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
 from lightning_efficient.monitor import EfficiencyMonitor
 from lightning_efficient.optim import LAMB, Lion
 from lightning_efficient.predictions import JsonlPredictionWriter
+from lightning_efficient.safeguards import LastCheckpoint, NonFiniteLossGuard, RandomStates
 from lightning_efficient.strategies import TensorParallelStrategy
 from lightning_efficient.technique import Technique
 
@@ -53,11 +66,13 @@ __all__ = [
     "LAMB",
     "PRESETS",
     "ActivationCheckpointing",
+    "AtomicCheckpointIO",
     "BertClassifier",
     "BertMLM",
     "BlockStack",
     "CheckpointMismatchError",
     "ConfigurationError",
+    "CorruptCheckpointError",
     "DataError",
     "EfficiencyMonitor",
     "FlopCounter",
@@ -65,13 +80,17 @@ __all__ = [
     "ImportanceSampling",
     "JsonlPredictionWriter",
     "LRScaling",
+    "LastCheckpoint",
     "LayerDrop",
     "Lion",
     "MLMDataModule",
     "MagnitudePruning",
     "NoTargetModulesError",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
     "ProgressiveStacking",
     "QuantizationAwareTraining",
+    "RandomStates",
     "ResumableDataLoader",
     "ResumableSampler",
     "Technique",

@@ -13,35 +13,73 @@ On top of LightningCLI it
   ``image_size``) when the YAML leaves them unset, from ``datamodule.model_arguments()``;
 - with ``--ckpt_path``, takes the tokenizer from the checkpoint (so ``predict`` needs only the
   checkpoint) and fails early when the checkpoint was written by another model type;
-- with ``model.init_args.pretrained_checkpoint`` (pretrain -> fine-tune), takes the tokenizer from
-  that checkpoint;
+- with ``model.init_args.pretrained`` (pretrain -> fine-tune), takes the tokenizer from that
+  checkpoint, or from the ``tokenizer.json`` of that ``save_pretrained`` directory;
 - reads every ``class_path`` of ours in its canonical spelling (:func:`canonical_class_paths`):
   a deprecated one (``lightning_efficient.callbacks.layer_drop.LayerDrop``,
-  ``lightning_efficient.optim.LRScaling``) still loads, with a ``DeprecationWarning`` naming the new path.
+  ``lightning_efficient.optim.LRScaling``) still loads, with a ``DeprecationWarning`` naming the new path;
+- prints a mistake as one ``error:`` line and exits with status 2 (:func:`main`): a misspelled key
+  with the nearest valid one, a value out of range, an unknown class, a ``--ckpt_path`` that is
+  broken, of another model type, or pruned while the run has no pruning (:func:`check_ckpt_path`);
+  ``--traceback`` or ``LIGHTNING_EFFICIENT_TRACEBACK=1`` shows the traceback instead;
+- accepts a tensor-parallel (distributed) checkpoint's folder as ``--ckpt_path``;
+- keeps the first screen quiet: "Epoch 0" rather than "Epoch 0/-2" for a ``max_steps`` run
+  (:class:`StepProgressBar`), no column of zero FLOPs in the model summary
+  (:class:`SummaryWithoutZeroFlops`), and known-harmless warnings hidden (:func:`hide_harmless_noise`).
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
 import importlib
 import inspect
+import os
 import re
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from lightning_efficient import compare
-from lightning_efficient.checkpoint import checkpoint_module_class
-from lightning_efficient.errors import CheckpointMismatchError
+from lightning_efficient.callbacks import MagnitudePruning
+from lightning_efficient.checkpoint import (
+    DISTRIBUTED_METADATA,
+    checkpoint_module_class,
+    is_distributed_checkpoint,
+    load_checkpoint,
+    pruning_hint,
+    trained_with_pruning,
+)
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.models.pretrained import tokenizer_source
 
-__all__ = ["EfficientCLI", "canonical_class_paths", "main"]
+__all__ = [
+    "HARMLESS_WARNINGS",
+    "TRACEBACK_ENV",
+    "EfficientCLI",
+    "StepProgressBar",
+    "SummaryWithoutZeroFlops",
+    "canonical_class_paths",
+    "check_ckpt_path",
+    "hide_harmless_noise",
+    "main",
+    "short_parse_error",
+    "user_error_message",
+]
 
 
 def _import_class(class_path: str) -> type:
@@ -133,6 +171,211 @@ def _load_yaml(text: str) -> Any:
 set_loader(PARSER_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
 
 
+#: Checkpoint names that Lightning resolves itself (``--ckpt_path last``), and so are not checked here.
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
+
+def _configured_classes(callbacks: Any) -> list[type]:
+    """The classes named by the ``class_path`` of parsed (not yet built) callbacks; those that do not import are left out."""
+    items = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+    classes = []
+    for item in items:
+        class_path = item.get("class_path") if isinstance(item, (dict, Namespace)) else None
+        try:
+            classes.append(_import_class(class_path))
+        except (ImportError, AttributeError, ValueError, TypeError):
+            continue  # LightningCLI reports it
+    return classes
+
+
+def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbacks: Any = None) -> None:
+    """Fail before anything is built when ``--ckpt_path`` cannot be loaded by this run.
+
+    Reads the checkpoint's metadata only (memory-mapped; a distributed checkpoint's folder gives its
+    ``meta.pt``). Lightning's own names (``last``, ``best``, ``hpc``, ``registry:...``) and remote paths
+    are left to Lightning.
+
+    Args:
+        ckpt_path: The ``--ckpt_path`` given: a checkpoint file, or a distributed checkpoint's folder.
+        model_class_path: The run's ``model.class_path`` (None: not checked against the checkpoint's).
+        callbacks: The run's parsed ``trainer.callbacks``.
+
+    Raises:
+        CheckpointMismatchError: Nothing is at ``ckpt_path``; another model type wrote it; it was
+            trained with MagnitudePruning and this run has none.
+        CorruptCheckpointError: The file is truncated or not a checkpoint; a folder is not a distributed checkpoint.
+
+    Examples:
+        >>> check_ckpt_path("runs/nowhere.ckpt")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.CheckpointMismatchError: ckpt_path 'runs/nowhere.ckpt' does not exist
+    """
+    if ckpt_path in LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise CheckpointMismatchError(f"ckpt_path {ckpt_path!r} does not exist")
+    checkpoint = load_checkpoint(path, mmap=True)  # no tensor is read
+    written_by = checkpoint_module_class(checkpoint)
+    expected = model_class_path.rpartition(".")[2] if model_class_path else None
+    if written_by is not None and expected is not None and written_by != expected:
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt_path!r} was written by {written_by}, but this run's model is {expected}; "
+            f"use a {written_by} config with it, or a {expected} checkpoint"
+        )
+    pruning = any(issubclass(cls, MagnitudePruning) for cls in _configured_classes(callbacks))
+    if trained_with_pruning(checkpoint) and not pruning:
+        raise CheckpointMismatchError(pruning_hint(ckpt_path))
+
+
+# -- errors a person can read ---------------------------------------------------------------------
+#: Set to 1 to see the full traceback of a configuration error (as ``--traceback`` does).
+TRACEBACK_ENV = "LIGHTNING_EFFICIENT_TRACEBACK"
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the candidate nearest to ``word``, or ``""`` when none is near."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    """The ``__init__`` argument names of the class at ``class_path`` (none when it does not import)."""
+    try:
+        return [name for name in inspect.signature(_import_class(class_path).__init__).parameters if name != "self"]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def _class_paths_near(class_path: str) -> list[str]:
+    """Class paths a misspelled ``class_path`` may have meant: ours, and the classes of its module."""
+    module_name = class_path.rpartition(".")[0]
+    candidates = set(_spellings()[1])
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return sorted(candidates)
+    names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+    return sorted(
+        candidates | {f"{module_name}.{name}" for name in names if inspect.isclass(getattr(module, name, None))}
+    )
+
+
+def short_parse_error(message: str, keys: Iterable[str] = ()) -> str:
+    """One line for a jsonargparse error: the bad key or value, what is allowed, the nearest valid key.
+
+    Args:
+        message: jsonargparse's message (often a dozen lines listing every type it tried).
+        keys: The valid option keys of the parser (``trainer.max_steps``, ...), for suggestions.
+
+    Examples:
+        >>> short_parse_error("unrecognized arguments: --trainer.max_stepz 3", ["trainer.max_steps", "trainer.min_steps"])
+        "unknown option 'trainer.max_stepz'; did you mean 'trainer.max_steps'?"
+        >>> short_parse_error('Parser key "trainer.max_steps":\\n  Expected a <class \\'int\\'>. Got value: abc')
+        "trainer.max_steps='abc' must be an int"
+    """
+    unknown = re.search(r"unrecognized arguments: -*([^\s=]+)", message) or re.search(
+        r"does not accept option '([^']+)'", message
+    )
+    if unknown:
+        key = unknown.group(1)
+        return f"unknown option {key!r}" + _did_you_mean(key, keys)
+    problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", message)
+    if problem:
+        class_path, detail = problem.group(1), problem.group(2).strip()
+        option = re.search(r"Option '(\w+)' is not accepted", detail)
+        if option:
+            name = option.group(1)
+            return f"{class_path} has no argument {name!r}" + _did_you_mean(name, _init_arguments(class_path))
+        return f"class_path {class_path!r} cannot be imported ({detail})" + _did_you_mean(
+            class_path, _class_paths_near(class_path)
+        )
+    expected = re.search(r'Parser key "([\w.]+)":\s*Expected a (.+?)\. Got value: (.+)', message)
+    if expected:
+        key, kind, value = expected.groups()
+        kind = re.sub(r"<class '([\w.]+)'>", r"\1", kind)
+        return f"{key}={value.strip()!r} must be {'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:3])
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message of an error the user fixes in their config or command line; None for any other (a bug).
+
+    Our :class:`~lightning_efficient.errors.ConfigurationError` s (also when jsonargparse wrapped one
+    while building a class), Lightning's ``MisconfigurationException`` and parse errors qualify.
+
+    Examples:
+        >>> user_error_message(ValueError("wrapped")) is None
+        True
+        >>> try:
+        ...     raise ValueError("Does not validate against any of the Union subtypes") from ConfigurationError("rate=2")
+        ... except ValueError as error:
+        ...     user_error_message(error)
+        'rate=2'
+    """
+    while error is not None:
+        if isinstance(error, (ConfigurationError, MisconfigurationException)):
+            return str(error)
+        if isinstance(error, argparse.ArgumentError):
+            return short_parse_error(str(error))
+        error = error.__cause__
+    return None
+
+
+# -- a quieter first screen -----------------------------------------------------------------------
+#: Known-harmless warnings the CLI hides (and nothing else does): (category, message regex, emitting module regex).
+HARMLESS_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+)
+
+def hide_harmless_noise() -> None:
+    """Hide :data:`HARMLESS_WARNINGS` (the CLI calls it; the package's import already hid the log lines of
+    :mod:`lightning_efficient.import_noise`)."""
+    for category, message, module in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading "Epoch 0" instead of "Epoch 0/-2" when only ``max_steps`` bounds training."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            description += f"/{self.trainer.max_epochs - 1}"
+        return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+
+class SummaryWithoutZeroFlops(ModelSummary):
+    """Lightning's model summary, without the FLOPs column and "Total Flops 0" when it counted none.
+
+    Lightning counts FLOPs only for a module with an ``example_input_array``; ours have none (the
+    :class:`~lightning_efficient.EfficiencyMonitor` reports measured FLOPs per step instead).
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        if total_flops:
+            ModelSummary.summarize(
+                summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops
+            )
+            return
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
+        )
+        rank_zero_info("\n" + table.rpartition("\n")[0])  # its last line is the FLOPs total
+
+
 class EfficientCLI(LightningCLI):
     """LightningCLI with data-derived model arguments and checkpoint-aware tokenizers (see module doc)."""
 
@@ -145,8 +388,13 @@ class EfficientCLI(LightningCLI):
         super().__init__(**kwargs)
 
     def init_parser(self, **kwargs: Any) -> Any:
-        """LightningCLI's parser, reading YAML through :func:`canonical_class_paths` (``PARSER_MODE``)."""
+        """LightningCLI's parser, reading YAML through :func:`canonical_class_paths` (``PARSER_MODE``).
+
+        A parse error raises (``exit_on_error=False``) instead of printing the usage and exiting:
+        :meth:`parse_arguments` turns it into a one-line :class:`ConfigurationError`.
+        """
         kwargs.setdefault("parser_mode", PARSER_MODE)
+        kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
     @staticmethod
@@ -167,22 +415,31 @@ class EfficientCLI(LightningCLI):
         return self.config[subcommand] if subcommand else self.config
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        """LightningCLI's parsing; a parse error becomes one line (:func:`short_parse_error`), then ``--ckpt_path`` is checked.
+
+        Raises:
+            ConfigurationError: A parse error: an unknown option (with the nearest valid one), a value of
+                the wrong type, a ``class_path`` that does not import.
+            CheckpointMismatchError: See :func:`check_ckpt_path`.
+        """
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            raise ConfigurationError(short_parse_error(str(error), self._option_keys(args))) from error
         canonical_class_paths(self.config)  # what the YAML loader did not see: dict args, command-line strings
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
-        model = config.get("model")
-        if not ckpt_path or model is None or not getattr(model, "class_path", None):
-            return
-        if not Path(ckpt_path).is_file():
-            raise CheckpointMismatchError(f"ckpt_path {ckpt_path!r} does not exist")
-        written_by = checkpoint_module_class(ckpt_path)  # its metadata only: no tensor is read
-        expected = model.class_path.rpartition(".")[2]
-        if written_by is not None and written_by != expected:
-            raise CheckpointMismatchError(
-                f"checkpoint {ckpt_path!r} was written by {written_by}, but this run's model is {expected}; "
-                f"use a {written_by} config with it, or a {expected} checkpoint"
-            )
+        if ckpt_path:
+            model = config.get("model")
+            trainer = config.get("trainer") or {}
+            check_ckpt_path(str(ckpt_path), getattr(model, "class_path", None), trainer.get("callbacks"))
+
+    def _option_keys(self, args: Any) -> list[str]:
+        """The option keys of the subcommand named in ``args`` (all subcommands' when none is), for suggestions."""
+        parsers = getattr(self, "_subcommand_parsers", {})
+        words = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        chosen = [parsers[word] for word in words if word in parsers][:1] or list(parsers.values()) or [self.parser]
+        return sorted({action.dest for parser in chosen for action in parser._actions if "." in action.dest})
 
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
@@ -192,9 +449,33 @@ class EfficientCLI(LightningCLI):
         data_cls = _import_class(data.class_path)
         if not _accepts(data_cls, "tokenizer") or data.init_args.get("tokenizer"):
             return
-        source = config.get("ckpt_path") or model.init_args.get("pretrained_checkpoint")
+        pretrained = model.init_args.get("pretrained") or model.init_args.get("pretrained_checkpoint")
+        source = config.get("ckpt_path") or tokenizer_source(pretrained)  # a .ckpt, or a directory's tokenizer.json
+        if source and is_distributed_checkpoint(source):
+            source = Path(source) / DISTRIBUTED_METADATA  # a tensor-parallel checkpoint: its metadata file
         if source:
             data.init_args.tokenizer = str(source)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """LightningCLI's Trainer, with :class:`StepProgressBar` and :class:`SummaryWithoutZeroFlops` as defaults.
+
+        Each replaces Lightning's default only where the config names no progress bar (model
+        summary) of its own and does not turn it off.
+        """
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        given = config.get("callbacks")
+        given = [] if given is None else given if isinstance(given, list) else [given]
+        added = []
+        wants_bar = _RICH_AVAILABLE and config.get("enable_progress_bar") is not False
+        if wants_bar and not config.get("barebones") and not any(isinstance(c, ProgressBar) for c in given):
+            added.append(StepProgressBar())
+        wants_summary = config.get("enable_model_summary") is not False
+        if wants_summary and not config.get("barebones") and not any(isinstance(c, ModelSummary) for c in given):
+            added.append(SummaryWithoutZeroFlops())
+            kwargs["enable_model_summary"] = False  # Lightning adds no default beside ours, and says nothing about it
+        if added:
+            kwargs["callbacks"] = [*given, *added]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         config = self._subcommand_config()
@@ -240,12 +521,33 @@ def main(args: list[str] | None = None) -> None:
 
     ``compare`` goes to :func:`lightning_efficient.compare.main` before LightningCLI sees the
     arguments; every other subcommand (``fit``, ``validate``, ``test``, ``predict``) to :class:`EfficientCLI`.
+
+    A mistake in the config or on the command line (:func:`user_error_message`: a misspelled key,
+    a value out of range, an unknown class, a checkpoint that does not fit) prints one short
+    ``error:`` message and exits with status 2; ``--traceback`` (taken out of the arguments here)
+    or ``LIGHTNING_EFFICIENT_TRACEBACK=1`` shows the full traceback instead. Known-harmless
+    warnings are hidden (:func:`hide_harmless_noise`).
+
+    Args:
+        args: The arguments (default: ``sys.argv[1:]``).
     """
     argv = sys.argv[1:] if args is None else list(args)
+    show_traceback = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--traceback"]
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when it is given both)
     if argv[:1] == ["compare"]:
         compare.main(argv[1:])
         return
-    EfficientCLI(args=args, parser_kwargs={"epilog": _COMPARE_EPILOG})
+    hide_harmless_noise()
+    try:
+        EfficientCLI(args=None if args is None else argv, parser_kwargs={"epilog": _COMPARE_EPILOG})
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or show_traceback:
+            raise
+        sys.stderr.write(f"error: {message}\n(run again with --traceback to see where it was raised)\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

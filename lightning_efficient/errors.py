@@ -21,8 +21,10 @@ from typing import Any
 __all__ = [
     "CheckpointMismatchError",
     "ConfigurationError",
+    "CorruptCheckpointError",
     "DataError",
     "NoTargetModulesError",
+    "NonFiniteLossError",
     "check_choice",
     "check_int",
     "check_patterns",
@@ -47,6 +49,17 @@ class DataError(ConfigurationError):
 
 class CheckpointMismatchError(ConfigurationError):
     """A checkpoint was written by a different model type or holds no tokenizer."""
+
+
+class CorruptCheckpointError(CheckpointMismatchError, DataError):
+    """A checkpoint file is truncated (a copy or save cut short) or is not a checkpoint at all.
+
+    Examples:
+        >>> raise CorruptCheckpointError("checkpoint 'a.ckpt' is truncated or not a checkpoint (EOF)")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.CorruptCheckpointError: checkpoint 'a.ckpt' is truncated or not a checkpoint (EOF)
+    """
 
 
 class NoTargetModulesError(ConfigurationError):
@@ -160,3 +173,11 @@ def check_patterns(name: str, value: Any, optional: bool = True) -> list[str] | 
     if not all(isinstance(pattern, str) and pattern for pattern in value):
         raise ConfigurationError(f"{name}={list(value)!r} must hold only non-empty strings (name patterns)")
     return list(value)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss (or the weights about to be saved) became ``nan`` or ``inf``.
+
+    Raised by :class:`~lightning_efficient.safeguards.NonFiniteLossGuard` before the backward pass and
+    before any checkpoint is written, so the last checkpoint on disk still holds finite weights.
+    """

@@ -395,6 +395,11 @@ def _cache_file() -> Path:
     return Path(os.environ.get("LIGHTNING_EFFICIENT_CACHE", default)) / _PEAK_CACHE_FILE
 
 
+def _random_matrix(n: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """An ``(n, n)`` normal matrix drawn on the CPU from ``generator``, then moved: no global RNG is touched."""
+    return torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+
+
 def _time_matmuls(a: torch.Tensor, calls: int) -> float:
     _synchronize(a.device)
     start = time.perf_counter()
@@ -410,6 +415,8 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     The size is 2048 on a CPU (smaller if one product would take over 0.5 s, as with emulated
     half precision), 4096 on an accelerator (10 back-to-back products per timing). The result
     is cached per (device name, threads, dtype) in ``$LIGHTNING_EFFICIENT_CACHE/peak_flops.json``.
+    The matrices come from a private generator: the caller's random streams (torch's global
+    CPU and CUDA generators) are left as they were, so measuring after a resume changes nothing.
 
     Examples:
         >>> measure_peak_flops("cpu") > 1e8  # measured once, then read from the cache
@@ -424,16 +431,17 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
         cached = {}
     if isinstance(cached.get(key), (int, float)):
         return float(cached[key])
+    generator = torch.Generator().manual_seed(0)  # private: measuring never moves a user's random streams
     with torch.no_grad():
         if device.type == "cpu":
-            probe = torch.randn(256, 256, device=device).to(dtype)
+            probe = _random_matrix(256, device, dtype, generator)
             _time_matmuls(probe, 1)
             rate = 2 * 256**3 / max(_time_matmuls(probe, 2), 1e-9)
             n = next((m for m in (2048, 1024, 512) if 2 * m**3 / rate <= 0.5), 256)  # the probe underrates
             calls = 1
         else:
             n, calls = 4096, 10
-        a = torch.randn(n, n, device=device).to(dtype)
+        a = _random_matrix(n, device, dtype, generator)
         best, started = _time_matmuls(a, calls), time.perf_counter()  # the first one warms up
         for _ in range(5):
             best = min(best, _time_matmuls(a, calls))

@@ -58,7 +58,7 @@ def test_unreadable_and_foreign_checkpoints(tmp_path):
     with pytest.raises(DataError, match=r"nothing\.ckpt' does not exist"):
         read_checkpoint_metadata(tmp_path / "nothing.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match=r"junk\.ckpt' cannot be read"):
+    with pytest.raises(DataError, match=r"junk\.ckpt' is truncated or not a checkpoint \(it is not a file written by"):
         read_checkpoint_metadata(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")  # a plain Lightning checkpoint
     assert read_checkpoint_metadata(tmp_path / "plain.ckpt") is None
