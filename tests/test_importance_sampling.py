@@ -1,22 +1,29 @@
 """Importance sampling's pure functions: scores against autograd, unbiasedness by exact enumeration,
-the variance-reduction estimate, bad input."""
+the variance-reduction estimate, bad input; the callback on a batch with Hugging Face token ``labels``
+and on a training step that ignores the weights."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_efficient.callbacks.importance_sampling import (
+    ImportanceSampling,
     cross_entropy_gradient_norms,
     importance_sample,
+    importance_weighted_loss,
     tau_threshold,
     variance_reduction,
 )
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.testing import quiet_trainer
 
 
 def autograd_norms(logits: torch.Tensor, targets: torch.Tensor, token_mean: bool = True) -> torch.Tensor:
@@ -127,3 +134,77 @@ def test_variance_reduction_and_its_threshold() -> None:
 def test_bad_input_names_the_value(call, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         call()
+
+
+# -- the callback on a user's token model ----------------------------------------------------------
+VOCAB, LENGTH = 11, 8
+
+
+class TokenModel(pl.LightningModule):
+    """A per-token classifier over Hugging Face style batches: ``input_ids``, ``attention_mask``, and ``labels``
+    of token ids (-100 where no loss), aligned with the inputs. Records the shapes of the batches it trains on."""
+
+    def __init__(self, use_weights: bool = True) -> None:
+        super().__init__()
+        self.use_weights = use_weights
+        self.embed, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy_gradient_norms(self(batch["input_ids"]), batch["labels"], token_mean=False)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        ids, labels = batch["input_ids"], batch["labels"]
+        self.shapes.append((tuple(ids.shape), tuple(labels.shape), int(batch["attention_mask"].sum(1).max())))
+        logits = self(ids)
+        losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (N, T); 0 where -100
+        if not self.use_weights:
+            return losses.sum() / labels.ne(-100).sum()
+        scores = lambda: cross_entropy_gradient_norms(logits, labels, token_mean=False)
+        return importance_weighted_loss(losses.sum(1), batch, tokens=labels.ne(-100).sum(1), scores=scores)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def token_rows(count: int = 24) -> list[dict[str, torch.Tensor]]:
+    """Rows of 3 to 8 tokens padded to 8; labels on the first 3 tokens only (masked-LM style), -100 elsewhere."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(count):
+        length = 3 + i % 6
+        ids = torch.randint(1, VOCAB, (LENGTH,), generator=generator)
+        ids[length:] = 0
+        labels = torch.full((LENGTH,), -100)
+        labels[:3] = ids[:3]
+        rows.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels})
+    return rows
+
+
+@pytest.mark.parametrize("tau_threshold", [0.0, 1e9], ids=["sampled", "uniform"])
+def test_token_labels_of_the_inputs_are_cut_with_them(tau_threshold: float) -> None:
+    """labels with the inputs' shape stay aligned with them when the batch is cut to its longest row (the
+    translation rule alone cut them after their last labelled column, 3, and the loss failed on the shapes)."""
+    model = TokenModel()
+    technique = ImportanceSampling(batch_size=3, tau_threshold=tau_threshold)
+    loader = torch.utils.data.DataLoader(token_rows(), batch_size=6)
+    quiet_trainer(max_steps=4, callbacks=[technique]).fit(model, loader)
+    assert technique.steps == 4 and technique.sampled_steps == (4 if tau_threshold == 0 else 0)
+    for ids, labels, longest in model.shapes:
+        assert labels == ids and ids[1] == longest, "cut to the longest kept row, labels alike"
+    assert any(ids[1] < LENGTH for ids, _, _ in model.shapes), "no batch was cut: the test proves nothing"
+
+
+def test_a_training_step_that_ignores_the_weights_fails_before_its_backward() -> None:
+    """The first weighted step stops before its backward: no parameter takes a biased step."""
+    model = TokenModel(use_weights=False)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(token_rows(), batch_size=6)
+    trainer = quiet_trainer(max_steps=3, callbacks=[ImportanceSampling(batch_size=3, tau_threshold=0.0)])
+    with pytest.raises(ConfigurationError, match="TokenModel.training_step did not use the importance weights"):
+        trainer.fit(model, loader)
+    assert trainer.global_step == 0
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())

@@ -4,8 +4,10 @@ conversion equal to fake quantization, save/load, composition with pruning, bad 
 from __future__ import annotations
 
 import copy
+import re
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -244,6 +246,31 @@ def test_converted_model_equals_fake_quant_and_loads_back(kwargs: dict[str, Any]
     assert float_bytes / size > (1.5 if qat.embeddings else 1.05)
 
 
+def test_readme_lines_train_export_load_and_predict(
+    mlm_data: MLMDataModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's QAT lines as written (a shorter schedule), then its ``module.model = model; trainer.predict``:
+    the compiled int8 model is moved where it is by each ``predict`` (it used to fail: "Couldn't swap"), and the
+    QAT callback still in the trainer leaves the int8 layers alone (it used to fake-quantize them again)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "load_quantized(" in b)
+    assert "(module.model = model; trainer.predict(...))" in block
+    code = block.replace("start_step=700", "start_step=1").replace("max_steps=1000", "max_steps=2")
+    assert code.count("=1,") + code.count("=2,") == 2, "the README's schedule changed: update this test"
+    monkeypatch.chdir(tmp_path)
+    module = tiny_mlm(mlm_data)
+    trainer_class = partial(quiet_trainer, limit_predict_batches=1)  # one batch: one compilation
+    namespace = {"pl": SimpleNamespace(Trainer=trainer_class), "module": module, "datamodule": mlm_data}
+    exec(code, namespace)  # noqa: S102 - the package's own README
+    model, trainer = namespace["model"], namespace["trainer"]
+    module.model = model
+    first = trainer.predict(module, mlm_data)
+    again = trainer.predict(module, mlm_data)  # its setup moves the model again, after compiled calls
+    assert first == again and first[0][0]["prediction"]
+    assert type(module.model.bert.encoder.layer[0].output.dense.weight.data).__name__ == "Int8Tensor"
+    assert model.to("cpu") is model and module.cpu() is module
+
+
 def test_compiled_int8_model_equals_the_eager_one_at_every_shape(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=100, num_labels=3, preset="tiny", ffn_size=48).eval()
@@ -347,6 +374,129 @@ def test_a_registered_own_block_is_fake_quantized_and_converted() -> None:
         torch.testing.assert_close(model.get_submodule(name).weight.dequantize(), weight, rtol=0, atol=0)
     assert type(model.head.weight.data) is torch.Tensor and type(model.embed.weight.data) is torch.Tensor
     torch.testing.assert_close(converted, fake, rtol=0, atol=1e-5)
+
+
+# -- nn.MultiheadAttention: a fused in-projection and an out_proj it never calls ----------------
+class TorchTransformer(pl.LightningModule):
+    """A user's own model on torch's ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (nested tensors on)."""
+
+    def __init__(self, width: int = 16, vocab: int = 23) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = partial(nn.TransformerEncoderLayer, width, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer(), num_layers=2)
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(width, 2, dim_feedforward=32, dropout=0.0, batch_first=True), num_layers=1
+        )
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        memory = self.encoder(self.embed(ids), src_key_padding_mask=padding)
+        return self.head(self.decoder(self.embed(ids), memory, memory_key_padding_mask=padding))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch).flatten(0, 1), batch.flatten())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        ids = torch.randint(0, 23, (16, 7), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(ids, batch_size=4)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_of_the_converted_module_is_torchs(batch_first: bool) -> None:
+    """QuantizedMultiheadAttention (float, before torchao converts it) computes nn.MultiheadAttention:
+    self- and cross-attention, boolean and float masks, padding, causal, weights, one unbatched sequence."""
+    from lightning_efficient.callbacks.quantization.attention import QuantizedMultiheadAttention
+
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, num_heads=2, batch_first=batch_first).eval()
+    ours = QuantizedMultiheadAttention(attention)
+    x, memory = torch.randn(3, 5, 8), torch.randn(3, 6, 8)
+    if not batch_first:
+        x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    calls = [
+        ((x, x, x), {}),
+        ((x, memory, memory), {"key_padding_mask": padding, "average_attn_weights": False}),
+        ((x, x, x), {"attn_mask": causal, "need_weights": False, "is_causal": True}),
+        ((x, x, x), {"attn_mask": causal.isinf()}),  # boolean: True is not attended
+        ((x, memory, memory), {"attn_mask": torch.randn(6, 5, 6)}),  # per batch and head
+        ((x[0] if batch_first else x[:, 0],) * 3, {}),  # unbatched
+    ]
+    with torch.no_grad():
+        for args, kwargs in calls:
+            (expected, expected_weights), (got, got_weights) = attention(*args, **kwargs), ours(*args, **kwargs)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            assert (got_weights is None) == (expected_weights is None)
+            if expected_weights is not None:
+                torch.testing.assert_close(got_weights, expected_weights, rtol=0, atol=1e-6)
+
+
+def test_torch_transformer_attentions_are_quantized_and_converted() -> None:
+    """nn.MultiheadAttention's fused in-projection and out_proj are fake-quantized (also in no_grad eval, where
+    torch's fast path and nested tensors would bypass them), held scales included, and convert to int8 layers
+    whose model runs and matches the fake-quantized one."""
+    from lightning_efficient.callbacks.quantization.attention import QuantizedMultiheadAttention
+
+    torch.manual_seed(1)  # a draw far from rounding ties (see the own-block test)
+    model = TorchTransformer()
+    qat = QuantizationAwareTraining(start_step=1, freeze_step=2)
+    quiet_trainer(max_steps=3, callbacks=[qat]).fit(model)
+    attentions = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn", "decoder.layers.0.self_attn",
+                  "decoder.layers.0.multihead_attn"]  # fmt: skip
+    assert {f"{a}.{p}" for a in attentions for p in ("in_proj", "out_proj")} <= set(qat.targets)
+    assert len(qat.targets) == 2 * 4 + 6 and qat.frozen
+    model.eval()
+    ids = torch.randint(0, 23, (3, 7))
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 5:] = True  # left-aligned padding: nn.TransformerEncoder's nested-tensor path in eval
+    with torch.no_grad():
+        fake = model(ids, padding)
+        qat.active = False
+        plain = model(ids, padding)
+        qat.active = True
+        fake_weights = {n: qat._quantizers[n].weight(m.weight) for n, m in qat.targets.items()}
+        assert (fake - plain).abs().max() > 1e-3  # quantized, not torch's fast path on float weights
+        report = export_quantized(model, qat)
+        converted = model(ids, padding)
+    for attention in attentions:
+        module = model.get_submodule(attention)
+        assert isinstance(module, QuantizedMultiheadAttention)
+        codes = torch.cat([getattr(module, f"{p}_proj").weight.dequantize() for p in "qkv"])
+        torch.testing.assert_close(codes, fake_weights[f"{attention}.in_proj"], rtol=0, atol=0)  # the held scales
+        assert f"{attention}.q_proj" in report["modules"] and f"{attention}.in_proj" not in report["modules"]
+    for name, weight in fake_weights.items():
+        if not name.endswith(".in_proj"):
+            assert type(model.get_submodule(name).weight.data).__name__ == "Int8Tensor"
+            torch.testing.assert_close(model.get_submodule(name).weight.dequantize(), weight, rtol=0, atol=0)
+    assert report["converted"] == len(report["modules"]) == 2 * 6 + 10
+    torch.testing.assert_close(converted, fake, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(ids, torch.zeros_like(padding)), rtol=0, atol=1e-6)
+
+
+def test_multihead_attention_that_cannot_be_quantized_is_refused_at_setup() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    layer.self_attn = nn.MultiheadAttention(16, 2, batch_first=True, add_zero_attn=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^layers\.0\.self_attn \(MultiheadAttention\) has add_zero_attn=True, which QuantizationAwareTraining "
+        r"cannot quantize; exclude 'layers\.0\.self_attn\.out_proj'",
+    ):
+        QuantizationAwareTraining().attach(encoder)
+    bare = nn.ModuleDict({"attention": nn.MultiheadAttention(16, 2)})  # no block entry describes it
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^attention\.out_proj is the output projection of attention \(nn\.MultiheadAttention\), whose fused "
+        r"in-projection \(in_proj_weight\) no architecture entry describes",
+    ):
+        QuantizationAwareTraining(include=["*.out_proj"]).attach(bare)
 
 
 # -- composition with pruning ---------------------------------------------------------------

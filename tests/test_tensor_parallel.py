@@ -2,7 +2,8 @@
 
 The parity runs (BERT, ViT, MT; with and without gradient clipping; resumed from a distributed
 checkpoint; vocabulary- and sequence-parallel with activation checkpointing; LAMB; a user's own
-block described with ``register_architecture``) share one
+block described with ``register_architecture``; Lion and LAMB built before fit as from YAML, saved and
+resumed) share one
 2-process launch of ``tp_worker.py`` under a hard timeout, so a hang fails instead of blocking.
 The single-process reference runs the same function in this process.
 """
@@ -78,6 +79,12 @@ def _runs(out: Path) -> list[dict[str, Any]]:
         {"name": "layer_drop", "family": "bert", "steps": 1, "techniques": ["layer_drop"], "expect_error": True},
         {"name": "own_clip", "family": "own", "steps": 8, "clip": CLIP},
     ]  # fmt: skip
+    for optimizer in ("lion", "lamb"):  # an `optimizer:` block in YAML: LightningCLI builds it before fit
+        yaml = {"family": "own", "steps": 8, "clip": CLIP, "optimizer": optimizer, "optimizer_from_yaml": True}
+        runs += [
+            {"name": f"own_{optimizer}_yaml", **yaml, "save_at": 4},  # 4 batches an epoch: saved at an epoch's end
+            {"name": f"own_{optimizer}_yaml_resumed", **yaml, "resume": str(out / f"own_{optimizer}_yaml" / "step=4.ckpt")},
+        ]  # fmt: skip
     return runs
 
 
@@ -170,6 +177,23 @@ def test_registered_own_block_trains_in_parallel(parallel: tuple[dict, dict, dic
     assert _max_diff(*kept) < TOL
     assert _max_diff(rank1["own_clip"]["params"], run["params"]) < 1e-6
     assert min(ref["grad_norms"].values()) > CLIP, "clipping was not active on every step"
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "lamb"])
+def test_optimizer_from_yaml_saves_and_resumes(parallel: tuple[dict, dict, dict], optimizer: str) -> None:
+    """An optimizer built before fit (LightningCLI's ``optimizer:`` block; here Lion and LAMB) holds the
+    parameters that the plan replaces: it used to fail at the first distributed checkpoint (a KeyError)."""
+    rank0, rank1, refs = parallel
+    ref = refs[f"own_{optimizer}_yaml"]
+    # OwnBlock's key bias gets only rounding noise as gradient, which Lion's sign() turns into steps of lr
+    noise = {name for name in ref["params"] if name.endswith(".wk.bias")}
+    for name, first in ((f"own_{optimizer}_yaml", 1), (f"own_{optimizer}_yaml_resumed", 5)):
+        run = rank0[name]
+        assert sorted(run["losses"]) == list(range(first, 9)), name
+        assert max(abs(run["losses"][s] - ref["losses"][s]) for s in run["losses"]) < TOL, name
+        kept = [{n: p for n, p in params.items() if n not in noise} for params in (run["params"], ref["params"])]
+        assert _max_diff(*kept) < TOL, f"{name}: parameters differ from one process"
+        assert _max_diff(rank1[name]["params"], run["params"]) < 1e-6
 
 
 def test_unsupported_technique_fails_on_both_ranks(parallel: tuple[dict, dict, dict]) -> None:
@@ -417,3 +441,12 @@ def test_fragment_loads_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
     assert strategy._tensor_parallel_size == 2 and strategy.plan is None
     assert not strategy.vocab_parallel and not strategy.sequence_parallel
     assert len(cli.trainer.callbacks) > 2, "the fragment must keep the config's callbacks"
+
+
+def test_optimizer_of_foreign_tensors_is_refused() -> None:
+    from lightning_efficient.strategies.tensor_parallel import repoint_optimizers
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ConfigurationError, match=r"SGD param_groups\[0\] holds a tensor of shape \(3,\) that is not"):
+        repoint_optimizers([optimizer], model, {})

@@ -109,9 +109,13 @@ def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int)
         callbacks.insert(0, {"activation_checkpointing": lambda: ActivationCheckpointing(every=2),
                              "trust_ratio": lambda: TrustRatioMonitor(every_n_steps=2, include_1d=True),
                              "layer_drop": lambda: LayerDrop(drop_rate=0.2)}[name]())  # fmt: skip
-    if run.get("optimizer"):  # one of our optimizers instead of the module's AdamW (constant LR)
-        optimizer_class = {"lamb": LAMB, "lion": Lion}[run["optimizer"]]
-        model.configure_optimizers = lambda: optimizer_class(model.parameters(), lr=1e-3)
+    if run.get("optimizer"):  # another optimizer instead of the module's own (constant LR)
+        optimizer_class = {"lamb": LAMB, "lion": Lion, "adamw": torch.optim.AdamW}[run["optimizer"]]
+        if run.get("optimizer_from_yaml"):  # as LightningCLI does for an `optimizer:` block: built before fit
+            optimizer = optimizer_class(model.parameters(), lr=1e-3)
+            model.configure_optimizers = lambda: optimizer
+        else:
+            model.configure_optimizers = lambda: optimizer_class(model.parameters(), lr=1e-3)
     if run.get("save_at"):
         callbacks.append(
             ModelCheckpoint(

@@ -160,13 +160,26 @@ def _rows(batch: MutableMapping[str, Any]) -> int:
     raise ConfigurationError("importance sampling needs a dict batch holding tensors with one row per example")
 
 
+def _token_matrix(value: Any) -> bool:
+    """Whether ``value`` is an ``(N, T)`` tensor with at least one column."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] > 0
+
+
+def _used_length(used: torch.Tensor) -> int:
+    """One past the last column of ``(N, T)`` bools that is True in some row (all ``T`` when none is)."""
+    columns = used.any(dim=0).nonzero()
+    return int(columns.max()) + 1 if columns.numel() else used.shape[1]
+
+
 def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: int) -> None:
     """Keep the rows ``indices`` of every tensor (and list) of the batch that has ``pool`` rows, in place.
 
     The pool was padded to its longest sequence: the tensors of :data:`PADDED_KEYS` then lose the
-    trailing columns that are padding in every kept row (``attention_mask`` 0), and ``(N, T)``
-    integer ``labels`` those that are -100 in every kept row (translation targets), so the trained
-    batch costs what a batch of its own would.
+    trailing columns that are padding in every kept row (``attention_mask`` 0), so the trained batch
+    costs what a batch of its own would. Integer ``(N, T)`` ``labels``: token labels of the inputs
+    (Hugging Face style, the shape of ``attention_mask`` or ``input_ids``; -100 where no loss) are cut
+    with the inputs, keeping every column that is attended or labelled; targets of their own length
+    (translation) lose the columns that are -100 in every kept row.
     """
     positions = indices.tolist()
     for key, value in list(batch.items()):
@@ -174,25 +187,21 @@ def _select_rows(batch: MutableMapping[str, Any], indices: torch.Tensor, pool: i
             batch[key] = value[indices.to(value.device)]
         elif isinstance(value, (list, tuple)) and len(value) == pool:
             batch[key] = type(value)(value[i] for i in positions)
-    labels = batch.get("labels")
-    if (
-        isinstance(labels, torch.Tensor)
-        and labels.dim() == 2
-        and labels.shape[1] > 0
-        and not labels.is_floating_point()
-    ):
-        used = labels.ne(-100).any(dim=0).nonzero()  # sequence targets (translation): -100 is padding
-        batch["labels"] = labels[:, : int(used.max()) + 1 if used.numel() else labels.shape[1]].contiguous()
-    mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+    mask, inputs, labels = batch.get("attention_mask"), batch.get("input_ids"), batch.get("labels")
+    shape = mask.shape if _token_matrix(mask) else inputs.shape if _token_matrix(inputs) else None
+    length = _used_length(mask.ne(0)) if _token_matrix(mask) else shape[1] if shape else 0
+    keys: tuple[str, ...] = PADDED_KEYS
+    if _token_matrix(labels) and not labels.is_floating_point():
+        label_length = _used_length(labels.ne(-100))
+        if labels.shape == shape:  # token labels of the inputs: cut with them
+            length, keys = max(length, label_length), (*PADDED_KEYS, "labels")
+        else:  # targets of their own length (translation)
+            batch["labels"] = labels[:, :label_length].contiguous()
+    if shape is None or length == shape[1]:
         return
-    used = mask.ne(0).any(dim=0).nonzero()
-    length = int(used.max()) + 1 if used.numel() else mask.shape[1]
-    if length == mask.shape[1]:
-        return
-    for key in PADDED_KEYS:
+    for key in keys:
         value = batch.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == mask.shape:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == shape:
             batch[key] = value[:, :length].contiguous()
 
 
@@ -238,7 +247,7 @@ class ImportanceSampling(Technique):
     """
 
     name = "importance_sampling"
-    hooks = ("setup", "on_train_start", "on_train_batch_start", "on_train_batch_end")
+    hooks = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_train_batch_end")
     distributed_safe = True
 
     def __init__(
@@ -269,6 +278,7 @@ class ImportanceSampling(Technique):
         self._pool_tau = 1.0
         self._pool_size = 0
         self._warned_fallback = False
+        self._batch: MutableMapping[str, Any] | None = None
 
     def threshold(self, pool_size: int) -> float:
         """The ``tau`` above which a pool of ``pool_size`` is sampled."""
@@ -323,6 +333,7 @@ class ImportanceSampling(Technique):
             raise ConfigurationError(
                 f"importance sampling needs dict batches (it selects rows and adds the loss weights); got a {type(batch).__name__}"
             )
+        self._batch = batch
         pool = _rows(batch)
         generator = self._generator(trainer.global_rank)
         self.batches += 1
@@ -360,15 +371,24 @@ class ImportanceSampling(Technique):
             if callable(add_histogram) and trainer.is_global_zero:
                 add_histogram(f"{self.name}/scores", scores.cpu(), trainer.global_step)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if WEIGHTS_KEY in batch:
+    @staticmethod
+    def _check_weights_used(pl_module: pl.LightningModule, batch: Any) -> None:
+        if isinstance(batch, MutableMapping) and WEIGHTS_KEY in batch:
             raise ConfigurationError(
                 f"{type(pl_module).__name__}.training_step did not use the importance weights: compute its loss with "
                 "importance_weighted_loss(per_example_losses, batch) (lightning_efficient.callbacks.importance_sampling), "
                 "else the sampled batches train a biased objective"
             )
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """Fail on the first weighted batch whose loss ignored the weights, before its backward: no biased update."""
+        self._check_weights_used(pl_module, self._batch)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = None
+        self._check_weights_used(pl_module, batch)
         if self._sampled_now:
             estimate = self._pool_tau
         else:

@@ -29,6 +29,16 @@ Models: the callback needs the module to say which positions are predicted: an a
 ``masked_logits``; the protocol is stated in :mod:`lightning_efficient.losses`). A model without it
 (translation, image classification) is refused at setup.
 
+Your own module takes part in two steps (the last example below): set
+``self.predicted_positions = None`` in ``__init__`` (the attribute is what the callback checks for
+at setup), and run the encoder inside ``with predicting(self, labels != -100):``
+(:func:`lightning_efficient.losses.predicting` sets the mask and clears it afterwards, also on
+error). The blocks must be in a stack the block locator finds (HF encoders,
+``nn.TransformerEncoder``, a registered block class; else pass ``block_paths``); a padding mask
+reaches them as ``attention_mask`` (HF) or ``src_key_padding_mask`` (torch), and the callback
+restricts it to the kept tokens. A run that forgets ``predicting`` trains on the full sequence,
+with a warning.
+
 Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertMLM, MLMDataModule
@@ -43,6 +53,37 @@ Examples:
     Traceback (most recent call last):
     ...
     lightning_efficient.errors.ConfigurationError: keep_fraction=0.0 must lie in (0.0, 1.0]
+
+    Your own masked-LM module, with the hook:
+
+    >>> import torch.nn.functional as F
+    >>> from lightning_efficient.losses import predicting
+    >>> from lightning_efficient.testing import quiet_trainer
+    >>> class MyMaskedLM(pl.LightningModule):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.predicted_positions = None  # the hook: TokenDropping reads it while the encoder runs
+    ...         self.embed, self.head = nn.Embedding(50, 16), nn.Linear(16, 50)
+    ...         layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    ...         self.encoder = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+    ...
+    ...     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    ...         ids, labels = batch  # labels: -100 where nothing is predicted
+    ...         with predicting(self, labels != -100):  # these positions are never dropped
+    ...             hidden = self.encoder(self.embed(ids))
+    ...         return F.cross_entropy(self.head(hidden).flatten(0, 1), labels.flatten())
+    ...
+    ...     def configure_optimizers(self) -> torch.optim.Optimizer:
+    ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> ids = torch.randint(1, 50, (16, 12), generator=generator)
+    >>> labels = torch.where(torch.rand(16, 12, generator=generator) < 0.15, ids, -100)
+    >>> loader = torch.utils.data.DataLoader(list(zip(ids, labels)), batch_size=4)
+    >>> dropping = TokenDropping(keep_fraction=0.5)  # blocks 1 and 2 of the 4 on 6 of the 12 tokens
+    >>> trainer = quiet_trainer(max_steps=2, callbacks=[dropping])
+    >>> trainer.fit(MyMaskedLM(), loader)
+    >>> dropping.ranges, round(float(trainer.callback_metrics["token_dropping/kept_tokens"]), 2)
+    ([(1, 2)], 0.5)
 """
 
 from __future__ import annotations

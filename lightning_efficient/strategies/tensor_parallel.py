@@ -62,6 +62,7 @@ __all__ = [
     "clip_grad_norm_",
     "megatron_plan",
     "parallel_sizes",
+    "repoint_optimizers",
     "resolve_plan",
 ]
 
@@ -324,6 +325,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         self.sequence_parallel = sequence_parallel
         self._handles: list[Any] = []
         self._original_clip: Any = None
+        self._names_before: dict[int, tuple[str, nn.Parameter]] = {}
 
     # -- checks before any collective ---------------------------------------------------------
     def _sizes(self) -> tuple[int, int]:
@@ -366,6 +368,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
         """Check sizes, techniques and plan on every rank, then start the process group and mesh."""
         dp, tp = self._check()
         self._data_parallel_size, self._tensor_parallel_size = dp, tp
+        if self.lightning_module is not None:  # before configure_model may replace parameters
+            self._names_before = _parameter_names(self.lightning_module)
         super().setup_environment()
 
     # -- setup ----------------------------------------------------------------------------------
@@ -381,6 +385,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
 
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
+        self._names_before.update(_parameter_names(self.model))
         if not _has_dtensor(self.model):
             self.parallelize(self.model)
         _materialize_distributed_module(self.model, self.root_device)
@@ -389,6 +394,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            repoint_optimizers(self.optimizers, self.model, self._names_before)
+        self._names_before = {}
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -433,3 +440,58 @@ class TensorParallelStrategy(ModelParallelStrategy):
 
 def _has_dtensor(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _parameter_names(module: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    """``{id(parameter): (name, parameter)}``; holding the parameter keeps its id from being reused."""
+    return {id(param): (name, param) for name, param in module.named_parameters(remove_duplicate=False)}
+
+
+def repoint_optimizers(
+    optimizers: Iterable[torch.optim.Optimizer], model: nn.Module, before: Mapping[int, tuple[str, nn.Parameter]]
+) -> None:
+    """Point optimizers built before the plan was applied at the parallelized parameters, by name.
+
+    ``parallelize_module`` replaces each sharded parameter by a new DTensor parameter. An optimizer
+    built earlier (LightningCLI builds an ``optimizer:`` from YAML from ``model.parameters()`` at
+    startup) would step the replaced tensors and leave the model untrained, and the distributed
+    checkpoint, which names optimizer state by the model's parameters, fails on them (a KeyError).
+
+    Args:
+        optimizers: The trainer's optimizers.
+        model: The parallelized LightningModule.
+        before: :func:`_parameter_names` of ``model`` taken before it was parallelized.
+
+    Raises:
+        ConfigurationError: An optimizer holds a tensor that is not (and was not) a parameter of
+            ``model``, or already has state for a replaced parameter.
+
+    Examples:
+        >>> model = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> before = _parameter_names(model)
+        >>> model.weight = nn.Parameter(model.weight.detach().clone())  # what parallelize_module does
+        >>> repoint_optimizers([optimizer], model, before)
+        >>> optimizer.param_groups[0]["params"][0] is model.weight
+        True
+    """
+    current = dict(model.named_parameters(remove_duplicate=False))
+    live = {id(param) for param in current.values()}
+    for optimizer in optimizers:
+        for index, group in enumerate(optimizer.param_groups):
+            for position, param in enumerate(group["params"]):
+                if id(param) in live:
+                    continue
+                name, _ = before.get(id(param), (None, None))
+                if name is None or name not in current:
+                    raise ConfigurationError(
+                        f"{type(optimizer).__name__} param_groups[{index}] holds a tensor of shape {tuple(param.shape)} "
+                        f"that is not a parameter of {type(model).__name__}; under tensor parallelism the optimizer "
+                        "must step the model's own parameters (build it from self.parameters() in configure_optimizers)"
+                    )
+                if optimizer.state.get(param):
+                    raise ConfigurationError(
+                        f"{type(optimizer).__name__} already has state for {name}, which tensor parallelism "
+                        "sharded; build the optimizer in configure_optimizers, not before fit"
+                    )
+                group["params"][position] = current[name]

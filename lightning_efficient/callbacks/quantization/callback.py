@@ -7,6 +7,12 @@ the matmul), so parameters and checkpoint keys never change. The layers are chos
 selector (:func:`~lightning_efficient.targets.select_modules`), so a block described with
 :func:`~lightning_efficient.architectures.register_architecture` is quantized like a built-in one.
 
+An attention whose Q, K and V are one fused parameter (the architecture table's ``in_proj``:
+``nn.MultiheadAttention`` in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``) is
+quantized whole when its output projection is chosen: the fused in-projection is a target of its
+own (``<attention>.in_proj``) and the attention's forward runs with both projections
+fake-quantized (see :mod:`~lightning_efficient.callbacks.quantization.attention`).
+
 Examples:
     >>> from lightning_efficient import BertClassifier
     >>> qat = QuantizationAwareTraining(exclude=["*.attention.*"])
@@ -26,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_efficient.blocks import Priority, wrap_forward
+from lightning_efficient.architectures import architecture_of, block_view
+from lightning_efficient.blocks import Priority, find_block_stacks, wrap_forward
+from lightning_efficient.callbacks.quantization.attention import (
+    FusedInProjection,
+    check_supported_attention,
+    fake_quantized_projections,
+    multihead_attention,
+    no_fast_path,
+)
 from lightning_efficient.callbacks.quantization.fake_quant import (
     ACTIVATIONS,
     GRANULARITIES,
@@ -34,6 +48,7 @@ from lightning_efficient.callbacks.quantization.fake_quant import (
     _activation_quantizer,
     _embedding_weight_config,
     _FakeQuantizers,
+    _holds_converted_layers,
     _int8_scheme,
     _torchao,
     fake_quantize_configs,
@@ -54,6 +69,75 @@ __all__ = ["QAT_PRIORITY", "QuantizationAwareTraining"]
 #: Priority of the fake-quantization wrapper on a Linear's forward (an alias of ``Priority.QUANTIZE``):
 #: innermost, it replaces the matmul.
 QAT_PRIORITY = Priority.QUANTIZE
+
+
+def _fused_attentions(
+    model: nn.Module, chosen: dict[str, nn.Module], block_paths: list[str] | None
+) -> dict[str, nn.MultiheadAttention]:
+    """The attentions with a fused in-projection (architecture table) whose output projection is chosen, by path.
+
+    Raises:
+        ConfigurationError: A chosen Linear is the ``out_proj`` of an ``nn.MultiheadAttention`` that no
+            architecture entry describes, or of one that cannot be quantized (see
+            :func:`~lightning_efficient.callbacks.quantization.attention.check_supported_attention`).
+    """
+    fused: dict[str, nn.MultiheadAttention] = {}
+    try:
+        stacks = find_block_stacks(model, block_paths)
+    except NoTargetModulesError:  # include= patterns on a model without a block stack
+        stacks = []
+    for stack in stacks:
+        for index, block in enumerate(stack.blocks):
+            if architecture_of(block) is None:
+                continue
+            for attention in block_view(block).attentions:
+                path = ".".join(part for part in (stack.path, str(index), attention.path) if part)
+                output = ".".join(part for part in (stack.path, str(index), attention.layout.output) if part)
+                if attention.fused and output == f"{path}.out_proj" and output in chosen:
+                    check_supported_attention(attention.module, path)
+                    fused[path] = attention.module
+    for name in chosen:
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "out_proj" and owner not in fused and isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+            raise ConfigurationError(
+                f"{name} is the output projection of {owner} (nn.MultiheadAttention), whose fused in-projection "
+                "(in_proj_weight) no architecture entry describes, so it would stay in float; describe its block "
+                "with register_architecture(..., attentions=[AttentionLayout(<path>, in_proj='in_proj_weight', "
+                f"output='<path>.out_proj')]), or exclude '{name}'"
+            )
+    return fused
+
+
+class _RestoreAttribute:
+    """A handle whose ``remove()`` puts an attribute back."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name, self.value = owner, name, getattr(owner, name)
+
+    def remove(self) -> None:
+        setattr(self.owner, self.name, self.value)
+
+
+def _disable_torch_fast_paths(model: nn.Module, names: list[str]) -> list[Any]:
+    """Keep ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` around the targets off their fused
+    inference paths, which read the weights directly (and would run unquantized): a no-op forward pre-hook
+    on the layer, ``use_nested_tensor=False`` on the stack. Returns the handles that undo it."""
+    handles: list[Any] = []
+    seen: set[int] = set()
+    for name in names:
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            module = model.get_submodule(".".join(parts[:depth]))
+            if id(module) in seen:
+                continue
+            if isinstance(module, nn.TransformerEncoderLayer):
+                seen.add(id(module))
+                handles.append(module.register_forward_pre_hook(no_fast_path))
+            elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+                seen.add(id(module))
+                handles.append(_RestoreAttribute(module, "use_nested_tensor"))
+                module.use_nested_tensor = False
+    return handles
 
 
 class QuantizationAwareTraining(Technique):
@@ -87,7 +171,9 @@ class QuantizationAwareTraining(Technique):
             a larger ``max_steps``: it warns).
 
     Validation and prediction in a ``fit`` see the model as it trains (fake-quantized once
-    ``start_step`` is reached); ``validate``, ``test`` and ``predict`` runs evaluate it fake-quantized.
+    ``start_step`` is reached); ``validate``, ``test`` and ``predict`` runs evaluate it fake-quantized,
+    or, once it holds int8 layers (``export_quantized``, or ``module.model = load_quantized(...)``),
+    as it is.
     Logged every step: ``qat/active`` (1 once fake quantization is on) and ``qat/frozen``.
     """
 
@@ -174,12 +260,23 @@ class QuantizationAwareTraining(Technique):
                     "granularity='per_channel', or exclude those layers"
                 )
         weight = fake_quantize_configs(self.weight_dtype, self.granularity, self.group_size)[1]
-        self.targets = {n: candidates[n] for n in names}
-        self._quantizers = {n: _FakeQuantizers(_activation_quantizer(self.activations), weight) for n in names}
-        handles = [
+        fused = _fused_attentions(pl_module, candidates, self.block_paths)
+        self.targets = {}
+        for name in names:
+            owner = name.rpartition(".")[0]
+            if owner in fused and name == f"{owner}.out_proj":
+                self.targets[f"{owner}.in_proj"] = FusedInProjection(fused[owner])
+            self.targets[name] = candidates[name]
+        self._quantizers = {n: _FakeQuantizers(_activation_quantizer(self.activations), weight) for n in self.targets}
+        handles: list[Any] = [
             wrap_forward(module, functools.partial(self._forward, self._quantizers[n], module), Priority.QUANTIZE)
             for n, module in self.targets.items()
+            if n in candidates
         ]
+        for path, attention in fused.items():
+            forward = functools.partial(self._attention_forward, path, attention)
+            handles.append(wrap_forward(attention, forward, Priority.QUANTIZE))
+        handles += _disable_torch_fast_paths(pl_module, list(self.targets))
         if self.embeddings:
             tables = {n: m for n, m in pl_module.named_modules() if isinstance(m, nn.Embedding)}
             if not tables:
@@ -201,6 +298,36 @@ class QuantizationAwareTraining(Technique):
         output = F.linear(quantizers.activation(x), quantizers.weight(module.weight), module.bias)
         quantizers.release()
         return output
+
+    def _attention_forward(
+        self,
+        path: str,
+        attention: nn.MultiheadAttention,
+        forward: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.active:
+            return forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        inner, outer = self._quantizers[f"{path}.in_proj"], self._quantizers[f"{path}.out_proj"]
+        project_in, project_out = fake_quantized_projections(
+            attention, inner.activation, inner.weight, outer.activation, outer.weight
+        )
+        result = multihead_attention(
+            attention, project_in, project_out, query, key, value, key_padding_mask, need_weights, attn_mask,
+            average_attn_weights, is_causal,
+        )  # fmt: skip
+        inner.release()
+        outer.release()
+        return result
 
     def _embedding_forward(
         self, quantizers: _FakeQuantizers, table: nn.Embedding, forward: Any, ids: torch.Tensor
@@ -228,6 +355,15 @@ class QuantizationAwareTraining(Technique):
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.is_applied and _holds_converted_layers(pl_module):  # export_quantized / load_quantized ran
+            if stage == "fit":
+                raise ConfigurationError(
+                    f"{type(pl_module).__name__} already holds torchao int8 layers (export_quantized or "
+                    "load_quantized made it), which cannot train; fit the float model, or remove "
+                    "QuantizationAwareTraining from the callbacks"
+                )
+            self.active = False  # validate / test / predict run the int8 model as it is
+            return
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             self.active = True  # validate / test / predict evaluate the model as it will be quantized

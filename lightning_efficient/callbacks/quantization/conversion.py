@@ -26,13 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_efficient.callbacks.quantization.attention import FusedInProjection, QuantizedMultiheadAttention
 from lightning_efficient.callbacks.quantization.callback import QuantizationAwareTraining
 from lightning_efficient.callbacks.quantization.fake_quant import (
     _activation_granularity,
+    _converted_types,
     _dtype,
     _int8_scheme,
     _torchao,
 )
+from lightning_efficient.checkpoint import load_checkpoint
 from lightning_efficient.errors import ConfigurationError
 
 __all__ = [
@@ -106,7 +109,10 @@ def export_quantized(model: nn.Module, qat: QuantizationAwareTraining) -> dict[s
         )
     frozen = qat.frozen_scales()
     names = list(qat.targets)
+    fused = [name.rpartition(".")[0] for name, module in qat.targets.items() if isinstance(module, FusedInProjection)]
     qat.detach(model)
+    for path in fused:
+        names, frozen = _split_fused_attention(model, path, names, frozen)
     config = _base_config(qat.weight_dtype, qat.granularity, qat.group_size, qat.activations)
     dynamic = set(names) - set(frozen)
     quantize_(model, config, filter_fn=lambda module, name: name in dynamic and isinstance(module, nn.Linear))
@@ -140,7 +146,7 @@ def export_quantized(model: nn.Module, qat: QuantizationAwareTraining) -> dict[s
             )
         layer.weight = nn.Parameter(weight, requires_grad=False)
     return {
-        "converted": len(names),
+        "converted": len(names),  # a fused in-projection counts as its three converted projections
         "weight_dtype": qat.weight_dtype,
         "granularity": qat.granularity,
         "group_size": qat.group_size,
@@ -148,6 +154,35 @@ def export_quantized(model: nn.Module, qat: QuantizationAwareTraining) -> dict[s
         "embeddings": qat.embeddings,
         "modules": names,
     }
+
+
+def _split_fused_attention(
+    model: nn.Module, path: str, names: list[str], frozen: dict[str, dict[str, torch.Tensor]]
+) -> tuple[list[str], dict[str, dict[str, torch.Tensor]]]:
+    """Put a :class:`QuantizedMultiheadAttention` in place of the ``nn.MultiheadAttention`` at ``path``.
+
+    Its fused in-projection target (``<path>.in_proj``) becomes the three Linears ``q_proj``, ``k_proj``,
+    ``v_proj`` in ``names``; held scales (one per row of the fused weight) are split alike. The
+    enclosing ``nn.TransformerEncoder`` no longer converts padded batches to nested tensors (a path
+    that bypasses the attention's forward).
+    """
+    owner, _, attribute = path.rpartition(".")
+    parent = model.get_submodule(owner)
+    setattr(parent, attribute, QuantizedMultiheadAttention(getattr(parent, attribute)))
+    split = [f"{path}.{letter}_proj" for letter in "qkv"]
+    index = names.index(f"{path}.in_proj")
+    names = names[:index] + split + names[index + 1 :]
+    frozen = dict(frozen)
+    saved = frozen.pop(f"{path}.in_proj", None)
+    if saved is not None:
+        for name, scale, zero_point in zip(split, saved["scale"].chunk(3), saved["zero_point"].chunk(3)):
+            frozen[name] = {"scale": scale, "zero_point": zero_point}
+    parts = path.split(".")
+    for depth in range(len(parts)):
+        stack = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(stack, nn.TransformerEncoder):
+            stack.use_nested_tensor = False
+    return names, frozen
 
 
 def export(model: nn.Module, qat: QuantizationAwareTraining) -> dict[str, Any]:
@@ -185,6 +220,10 @@ def compile_quantized(model: nn.Module) -> nn.Module:
     module keeps its type and attributes (``config``, ``generate``); needs a C++ compiler, as any
     ``torch.compile`` on CPU.
 
+    ``model.to(...)`` / ``.cpu()`` where the weights already are (what ``Trainer.predict`` does on a
+    CPU) leave it as it is; moving it elsewhere works until its first call (torch's compiled code
+    then holds the weights): load it with ``compile=False``, move it, then compile it.
+
     Returns:
         ``model`` itself.
     """
@@ -198,7 +237,29 @@ def compile_quantized(model: nn.Module) -> nn.Module:
             return compiled(*args, **kwargs)
 
     model.forward = forward
+    model._apply = functools.partial(_apply_compiled, model)  # type: ignore[method-assign]
     return model
+
+
+def _apply_compiled(model: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply`` of a compiled model: nothing to do when no tensor would change device or dtype.
+
+    torchao's int8 tensors are replaced (swapped) by every ``.to(...)``, even one to where they are, and
+    after the first compiled call torch's guards hold weak references to them, which a swap refuses.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    moved = [fn(tensor) for tensor in tensors]
+    if all(new.device == old.device and new.dtype == old.dtype for new, old in zip(moved, tensors)):
+        return model
+    try:
+        return nn.Module._apply(model, fn, recurse)
+    except RuntimeError as error:
+        if "swap" not in str(error):
+            raise
+        raise ConfigurationError(
+            f"{type(model).__name__} was compiled by compile_quantized and has run, so its weights cannot move "
+            "any more; load it with load_quantized(path, compile=False), move it, then compile_quantized(model)"
+        ) from error
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -209,13 +270,6 @@ def _hf_model(model: nn.Module) -> nn.Module:
         if isinstance(module, PreTrainedModel):
             return module
     raise ConfigurationError(f"{type(model).__name__} holds no transformers model to save; save its state_dict instead")
-
-
-def _converted_types() -> tuple[type, ...]:
-    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
-
-    return Int8Tensor, IntxUnpackedToInt8Tensor
 
 
 def save_quantized(model: nn.Module, path: str | Path, report: dict[str, Any]) -> Path:
@@ -269,7 +323,7 @@ def load_quantized(path: str | Path, compile: bool = True) -> nn.Module:
         _embedding_base_config(),
         filter_fn=lambda module, name: name in chosen and isinstance(module, nn.Embedding),
     )
-    state = torch.load(path / WEIGHTS_FILE, weights_only=True)  # torchao registers its tensors as safe
+    state = load_checkpoint(path / WEIGHTS_FILE, map_location=None)  # weights_only: torchao's tensors are safe
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tensors = model.state_dict()
     loaded = {tensor.data_ptr() for key, tensor in tensors.items() if key in state}

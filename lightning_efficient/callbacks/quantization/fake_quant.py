@@ -43,6 +43,20 @@ def _torchao() -> Any:
     return torchao
 
 
+def _converted_types() -> tuple[type, ...]:
+    """torchao's int8 weight tensors that :func:`export_quantized` (and :func:`load_quantized`) put in place."""
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    return Int8Tensor, IntxUnpackedToInt8Tensor
+
+
+def _holds_converted_layers(model: nn.Module) -> bool:
+    """Whether some module of ``model`` already has a torchao int8 weight (the model was converted)."""
+    converted = _converted_types()
+    return any(isinstance(getattr(module, "weight", None), converted) for module in model.modules())
+
+
 def _dtype(weight_dtype: str) -> torch.dtype:
     return {"int8": torch.int8, "int4": torch.int4}[weight_dtype]
 
