@@ -3,7 +3,14 @@ import gzip
 import pytest
 
 from lightning_efficient import DataError
-from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts, split_indices
+from lightning_efficient.data.files import (
+    embedded_path,
+    read_column,
+    read_numbered_records,
+    read_records,
+    read_texts,
+    split_indices,
+)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl_gz", "csv"])
@@ -81,3 +88,32 @@ def test_split_keeps_groups_together():
 def test_split_rejects_bad_fractions():
     with pytest.raises(DataError, match=r"must each lie in \[0, 1\) and sum to less than 1"):
         split_indices(10, [0.6, 0.5], seed=0)
+
+
+def test_numbered_records_carry_their_line_numbers(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two"}\n\n\n{"label": 1}\n')
+    assert [line for line, _ in read_numbered_records(jsonl)] == [1, 3, 6]
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text('text,label\none,1\n"two\nlines",0\nthree,1\n')
+    assert [(line, row["text"]) for line, row in read_numbered_records(csv_file)] == [
+        (2, "one"),
+        (4, "two\nlines"),
+        (5, "three"),
+    ]
+    txt = tmp_path / "a.txt"
+    txt.write_text("\nfirst\n\nsecond\n")
+    assert read_numbered_records(txt, "body") == [(2, {"body": "first"}), (4, {"body": "second"})]
+
+
+def test_missing_column_names_the_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n\n\n{"label": 1}\n')
+    numbered = read_numbered_records(path)
+    records, lines = [r for _, r in numbered], [n for n, _ in numbered]
+    with pytest.raises(
+        DataError, match=r"column 'text' is not in data file .*a\.jsonl' \(line 6\); available columns: label"
+    ):
+        read_column(records, "text", str(path), lines)
+    with pytest.raises(DataError, match=r"\(row 3\)"):  # without line numbers: the row's position
+        read_column(records, "text", str(path))

@@ -7,6 +7,7 @@ arguments so a YAML file never repeats them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_efficient.data.files import split_indices
 from lightning_efficient.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_efficient.data.tokenizers import cached_tokenizer, check_special_tokens, load_tokenizer
-from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.errors import ConfigurationError, DataError
 
 __all__ = ["EfficientDataModule", "ListDataset", "TextDataModule"]
 
@@ -99,6 +100,29 @@ class EfficientDataModule(pl.LightningDataModule):
             return DataLoader(dataset, **options)
         sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, **self._data_parallel_ranks())
         return ResumableDataLoader(dataset, sampler=sampler, **options)
+
+    def check_train_batches(self, count: int, what: str) -> None:
+        """Fail unless ``count`` training examples give every data-parallel process a batch.
+
+        With :attr:`drop_last_train` a process whose share is smaller than ``batch_size`` gets an
+        empty loader, and Lightning would skip training without an error.
+
+        Args:
+            count: Examples in the training split.
+            what: What they are and where they come from, e.g. ``"blocks of 128 tokens from ['a.txt']"``.
+
+        Raises:
+            DataError: Too few examples for one batch.
+        """
+        replicas = self._data_parallel_ranks().get("num_replicas", 1)
+        per_process = math.ceil(count / replicas)
+        needed = self.batch_size if self.drop_last_train else 1
+        if per_process < needed:
+            processes = f" for each of {replicas} processes" if replicas > 1 else ""
+            raise DataError(
+                f"the training split holds {count} {what}, fewer than one batch of batch_size={self.batch_size}"
+                f"{processes}; lower batch_size or give more data"
+            )
 
     def _data_parallel_ranks(self) -> dict[str, int]:
         """``num_replicas`` and ``rank`` of the data-parallel group, from the Trainer's strategy.
@@ -182,13 +206,21 @@ class TextDataModule(EfficientDataModule):
         """The texts a new tokenizer is trained on (subclasses read their training files)."""
         raise NotImplementedError
 
+    def check_tokenizer(self, tokenizer: Tokenizer, source: str) -> None:
+        """Fail unless a given ``tokenizer`` suits this DataModule: here, :attr:`special_tokens` at ids ``0..n-1``.
+
+        Raises:
+            ConfigurationError: It does not (the message names ``source``).
+        """
+        check_special_tokens(tokenizer, self.special_tokens, source)
+
     @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, loaded or trained (and cached) on first access."""
         if self._tokenizer is None:
             if self.tokenizer_source is not None:
                 tokenizer = load_tokenizer(self.tokenizer_source)
-                check_special_tokens(tokenizer, self.special_tokens, self.tokenizer_source)
+                self.check_tokenizer(tokenizer, self.tokenizer_source)
             else:
                 texts = self.tokenizer_training_texts()
                 tokenizer = cached_tokenizer(self.tokenizer_kind, texts, self.target_vocab_size)

@@ -18,7 +18,15 @@ from typing import Any
 
 from lightning_efficient.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "embedded_path", "read_column", "read_records", "read_texts", "split_indices"]
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "embedded_path",
+    "read_column",
+    "read_numbered_records",
+    "read_records",
+    "read_texts",
+    "split_indices",
+]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 
@@ -75,15 +83,29 @@ def read_records(path: str | Path, text_column: str = "text") -> list[dict[str, 
         >>> sorted(rows[0])
         ['doc', 'genre', 'tags', 'text']
     """
+    return [record for _, record in read_numbered_records(path, text_column)]
+
+
+def read_numbered_records(path: str | Path, text_column: str = "text") -> list[tuple[int, dict[str, Any]]]:
+    """As :func:`read_records`, each row with its 1-based line number in the file (for error messages).
+
+    Blank lines of jsonl and txt files are skipped but counted; a csv row's number is that of its
+    last line (the header is line 1).
+
+    Examples:
+        >>> [line for line, _ in read_numbered_records(embedded_path("brown.jsonl.gz"))[:3]]
+        [1, 2, 3]
+    """
     path = Path(path)
     fmt = _format_of(path)
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, dict[str, Any]]] = []
     try:
         with _open_text(path) as handle:
             if fmt == ".txt":
-                records = [{text_column: line.strip()} for line in handle if line.strip()]
+                records = [(n, {text_column: line.strip()}) for n, line in enumerate(handle, start=1) if line.strip()]
             elif fmt == ".csv":
-                records = list(csv.DictReader(handle))
+                reader = csv.DictReader(handle)
+                records = [(reader.line_num, row) for row in reader]
             else:
                 for number, line in enumerate(handle, start=1):
                     if not line.strip():
@@ -94,30 +116,35 @@ def read_records(path: str | Path, text_column: str = "text") -> list[dict[str, 
                         raise DataError(f"data file {str(path)!r}, line {number}: not valid JSON ({err})") from err
                     if not isinstance(row, dict):
                         raise DataError(f"data file {str(path)!r}, line {number}: expected a JSON object per line")
-                    records.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+                    records.append((number, row))
+    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as err:
         raise DataError(f"data file {str(path)!r} cannot be read: {err}") from err
     if not records:
         raise DataError(f"data file {str(path)!r} holds no rows")
     return records
 
 
-def read_column(records: Sequence[dict[str, Any]], column: str, source: str) -> list[Any]:
+def read_column(
+    records: Sequence[dict[str, Any]], column: str, source: str, lines: Sequence[int] | None = None
+) -> list[Any]:
     """Return one column of ``records``, failing with the available columns if it is absent.
 
     Args:
         records: Rows from :func:`read_records`.
         column: The column to take.
         source: The file name, quoted in the error message.
+        lines: Line number of each row (from :func:`read_numbered_records`), for the message;
+            default: the row's position.
 
     Raises:
         DataError: ``column`` is missing from a row.
     """
     values = []
-    for number, row in enumerate(records, start=1):
+    for index, row in enumerate(records):
         if column not in row:
+            where = f"line {lines[index]}" if lines is not None else f"row {index + 1}"
             raise DataError(
-                f"column {column!r} is not in data file {source!r} (row {number}); "
+                f"column {column!r} is not in data file {source!r} ({where}); "
                 f"available columns: {', '.join(sorted(row))}"
             )
         values.append(row[column])

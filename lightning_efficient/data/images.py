@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from lightning_efficient.data.base import EfficientDataModule
-from lightning_efficient.data.files import embedded_path, read_column, read_records, split_indices
+from lightning_efficient.data.files import embedded_path, read_column, read_numbered_records, split_indices
 from lightning_efficient.errors import ConfigurationError, DataError
 
-__all__ = ["ImageClassificationDataModule", "FASHION_MNIST_LABELS"]
+__all__ = ["FASHION_MNIST_LABELS", "ImageClassificationDataModule"]
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -32,15 +32,22 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as archive:
             missing = [k for k in _NPZ_KEYS[:2] if k not in archive.files]
             if missing:
-                raise DataError(f"npz file {path!r} lacks arrays {missing}; it has {archive.files}, needs {list(_NPZ_KEYS)}")
+                raise DataError(
+                    f"npz file {path!r} lacks arrays {missing}; it has {archive.files}, needs {list(_NPZ_KEYS)}"
+                )
             return {k: archive[k] for k in _NPZ_KEYS if k in archive.files}
     except (OSError, ValueError) as err:
         raise DataError(f"data file {path!r} cannot be read as .npz: {err}") from err
 
 
 def _load_table(path: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    records = read_records(path)
-    labels = read_column(records, label_column, path)
+    numbered = read_numbered_records(path)
+    lines = [line for line, _ in numbered]
+    records = [record for _, record in numbered]
+    labels = read_column(records, label_column, path, lines)
+    for label, line in zip(labels, lines):
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"data file {path!r}, line {line}: label {label!r} in column {label_column!r} is empty")
     pixel_columns = [c for c in records[0] if c != label_column]
     side = math.isqrt(len(pixel_columns))
     if side * side != len(pixel_columns) or side == 0:
@@ -48,8 +55,31 @@ def _load_table(path: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             f"data file {path!r} has {len(pixel_columns)} pixel columns besides {label_column!r}; "
             "expected a square image (e.g. 784 = 28x28)"
         )
-    images = np.asarray([[float(r[c]) for c in pixel_columns] for r in records], dtype=np.float32)
+    images = np.empty((len(records), len(pixel_columns)), dtype=np.float32)
+    for row, (record, line) in enumerate(zip(records, lines)):
+        for col, column in enumerate(pixel_columns):
+            try:
+                images[row, col] = float(record.get(column))
+            except (TypeError, ValueError) as err:
+                raise DataError(
+                    f"data file {path!r}, line {line}: pixel column {column!r} holds {record.get(column)!r}, "
+                    "not a number"
+                ) from err
     return images.reshape(-1, side, side), np.asarray(labels)
+
+
+def _check_images(images: np.ndarray, labels: np.ndarray, source: str, split: str) -> None:
+    """Fail unless ``images`` are ``(N, H, H)`` finite numbers with one label each."""
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise DataError(f"{split} images of {source!r} have shape {images.shape}; expected (N, H, H)")
+    if len(labels) != len(images):
+        raise DataError(f"{source!r} holds {len(images)} {split} images but {len(labels)} {split} labels")
+    if images.dtype.kind == "f":
+        finite = torch.isfinite(torch.as_tensor(images))
+        if not bool(finite.all()):
+            index = int((~finite).flatten(1).any(1).nonzero()[0])
+            bad = images[index][~finite[index].numpy()][0]
+            raise DataError(f"{split} image {index} of {source!r} holds a non-finite pixel ({bad}); fix or drop it")
 
 
 class ImageClassificationDataModule(EfficientDataModule):
@@ -99,6 +129,10 @@ class ImageClassificationDataModule(EfficientDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._raw: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
+    def _source(self, split: str) -> str:
+        """The file that holds ``split``'s images (``test``: ``test_file`` when given)."""
+        return self.test_file if split == "test" and self.test_file else self.train_file
+
     def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self._raw is None:
             if self.train_file.endswith(".npz"):
@@ -110,6 +144,13 @@ class ImageClassificationDataModule(EfficientDataModule):
                 raw = {"train": _load_table(self.train_file, self.label_column)}
             if self.test_file:
                 raw["test"] = _load_table(self.test_file, self.label_column)
+            for split, (images, labels) in raw.items():
+                _check_images(images, labels, self._source(split), split)
+            if "test" in raw and raw["test"][0].shape[1:] != raw["train"][0].shape[1:]:
+                raise DataError(
+                    f"test images of {self._source('test')!r} are {raw['test'][0].shape[1:]} pixels, "
+                    f"training images of {self.train_file!r} are {raw['train'][0].shape[1:]}; they must match"
+                )
             self._raw = raw
         return self._raw
 
@@ -132,12 +173,21 @@ class ImageClassificationDataModule(EfficientDataModule):
 
     def _label_ids(self, labels: np.ndarray, split: str) -> torch.Tensor:
         names = self.label_names
-        if labels.dtype.kind in "iu" and self._label_names is not None and len(names) > int(labels.max()):
+        if labels.dtype.kind in "iu" and self._label_names is not None:
+            outside = np.flatnonzero((labels < 0) | (labels >= len(names)))
+            if len(outside):
+                index = int(outside[0])
+                raise DataError(
+                    f"{split} label {labels[index]} (image {index}) of {self._source(split)!r} lies outside "
+                    f"[0, {len(names)}): there are {len(names)} label names {names}"
+                )
             return torch.as_tensor(labels, dtype=torch.long)
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted({str(v) for v in labels.tolist()} - set(index))
         if unknown:
-            raise DataError(f"{split} labels {unknown[:10]} are not among the label names {names}")
+            raise DataError(
+                f"{split} labels {unknown[:10]} of {self._source(split)!r} are not among the label names {names}"
+            )
         return torch.tensor([index[str(v)] for v in labels.tolist()], dtype=torch.long)
 
     def setup(self, stage: str) -> None:
@@ -145,8 +195,6 @@ class ImageClassificationDataModule(EfficientDataModule):
             return
         raw = self._load()
         images, labels = raw["train"]
-        if images.ndim != 3 or images.shape[1] != images.shape[2]:
-            raise DataError(f"training images of {self.train_file!r} have shape {images.shape}; expected (N, H, H)")
         scale = 255.0 if images.dtype == np.uint8 or images.max() > 1.0 else 1.0
         pixels = torch.as_tensor(images, dtype=torch.float32) / scale
         mean, std = pixels.mean(), pixels.std().clamp_min(1e-6)

@@ -36,7 +36,8 @@ class TranslationDataModule(TextDataModule):
         max_val_samples: Cap on validation / test pairs (BLEU needs generation, which is slow).
         predict_files: Source sentences to translate (txt, jsonl or csv, ``source_column``);
             default: the validation sources.
-        tokenizer: A ``tokenizer.json`` or a checkpoint of ours; default: train a shared BPE
+        tokenizer: A ``tokenizer.json`` with ``<pad> </s> <unk>`` at ids 0..2 (a public BART's or
+            Marian's is refused for now) or a checkpoint of ours; default: train a shared BPE
             vocabulary on both sides of the training pairs (cached).
         vocab_size: Target size of a newly trained vocabulary.
         max_length: Longest source or target in tokens, ``</s>`` included.
