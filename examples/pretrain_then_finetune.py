@@ -32,22 +32,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Stage 1: masked-LM pretraining on Austen + Brown.
     mlm_data = MLMDataModule(vocab_size=args.vocab_size, max_length=128, batch_size=32)
     mlm = BertMLM(vocab_size=mlm_data.vocab_size, preset=args.preset, max_length=128)
-    pretrain = pl.Trainer(max_steps=args.steps, limit_val_batches=5, val_check_interval=args.steps, default_root_dir=root / "mlm")
+    pretrain = pl.Trainer(
+        max_steps=args.steps, limit_val_batches=5, val_check_interval=args.steps, default_root_dir=root / "mlm"
+    )
     pretrain.fit(mlm, mlm_data)
     checkpoint = root / "mlm.ckpt"
     pretrain.save_checkpoint(checkpoint)
 
     # Stage 2: informative vs imaginative prose, encoder and tokenizer from the checkpoint.
-    cls_data = TextClassificationDataModule(label_map=BROWN_PROSE, tokenizer=str(checkpoint), max_length=128, batch_size=32)
+    cls_data = TextClassificationDataModule(
+        label_map=BROWN_PROSE, tokenizer=str(checkpoint), max_length=128, batch_size=32
+    )
     classifier = BertClassifier(
         vocab_size=cls_data.vocab_size,
         num_labels=cls_data.num_labels,
         label_names=cls_data.label_names,
         preset=args.preset,
         max_length=128,
-        pretrained_checkpoint=str(checkpoint),
+        pretrained=str(checkpoint),
     )
-    finetune = pl.Trainer(max_steps=args.steps, limit_val_batches=20, val_check_interval=args.steps, default_root_dir=root / "classifier")
+    finetune = pl.Trainer(
+        max_steps=args.steps, limit_val_batches=20, val_check_interval=args.steps, default_root_dir=root / "classifier"
+    )
     finetune.fit(classifier, cls_data)
     metrics = {k: float(v) for k, v in finetune.callback_metrics.items() if k.startswith("val/")}
     print({k: round(v, 4) for k, v in metrics.items()})

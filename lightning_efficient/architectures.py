@@ -12,9 +12,10 @@ their own once, with :func:`register_architecture`, and every technique works on
 block class is also found by :func:`~lightning_efficient.blocks.find_block_stacks` wherever a
 ``nn.ModuleList`` holds it.
 
-Known today: HF BERT/RoBERTa (``BertLayer``, ``RobertaLayer``), ViT (``ViTLayer``, transformers 4 and
-5), Marian and BART (encoder and decoder layers), ``nn.TransformerEncoderLayer`` and
-``nn.TransformerDecoderLayer``.
+Known today: HF BERT and the encoders that share its block layout (``BertLayer``, ``RobertaLayer``,
+``XLMRobertaLayer``, ``CamembertLayer``, ``ElectraLayer``), DistilBERT (``TransformerBlock``), ViT
+(``ViTLayer``, transformers 4 and 5), Marian and BART (encoder and decoder layers),
+``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``.
 
 Examples:
     >>> from torch import nn
@@ -57,6 +58,7 @@ __all__ = [
     "FeedForwardView",
     "ModelArchitecture",
     "architecture_of",
+    "attention_views",
     "block_view",
     "known_block_classes",
     "model_architecture_of",
@@ -400,6 +402,24 @@ def block_view(block: nn.Module) -> BlockView:
 
 
 # -- the built-in entries ----------------------------------------------------------------------
+def attention_views(model: nn.Module) -> dict[str, AttentionView]:
+    """Every attention with separate Q, K, V projections in the known blocks of ``model``, by module path.
+
+    Examples:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+        >>> list(attention_views(model))
+        ['encoder.layer.0.attention.self']
+    """
+    found = {}
+    for block_name, block in model.named_modules():
+        if architecture_of(block) is not None:
+            for attention in block_view(block).attentions:
+                if not attention.fused:
+                    found[_join(block_name, attention.path)] = attention
+    return found
+
+
 def _hf_self_attention(path: str) -> AttentionLayout:
     """The self-attention of HF BERT and transformers-4 ViT blocks (``all_head_size`` follows the heads)."""
     return AttentionLayout(
@@ -420,6 +440,23 @@ _BERT = BlockArchitecture(
     ffn=_HF_FFN,
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
     residual="post",
+)
+_DISTILBERT = BlockArchitecture(  # DistilBERT's TransformerBlock: post-LN like BERT, its own names
+    attentions=(
+        AttentionLayout(
+            "attention",
+            "q_lin",
+            "k_lin",
+            "v_lin",
+            output="attention.out_lin",
+            heads="n_heads",
+            head_size="attention_head_size",
+        ),
+    ),
+    ffn=FeedForwardLayout("ffn.lin1", "ffn.lin2"),
+    norms=("sa_layer_norm", "output_layer_norm"),
+    residual="post",
+    applies=lambda block: hasattr(block, "sa_layer_norm"),  # the class name is generic: check the layout
 )
 _VIT5 = BlockArchitecture(  # transformers 5
     attentions=(
@@ -483,6 +520,10 @@ _TORCH_ENCODER, _TORCH_DECODER = _encoder_and_decoder(  # nn.TransformerEncoderL
 for _name, _entry in (
     ("BertLayer", _BERT),
     ("RobertaLayer", _BERT),
+    ("XLMRobertaLayer", _BERT),
+    ("CamembertLayer", _BERT),
+    ("ElectraLayer", _BERT),
+    ("TransformerBlock", _DISTILBERT),
     ("ViTLayer", _VIT5),
     ("ViTLayer", _VIT4),
     ("MarianEncoderLayer", _SEQ2SEQ_ENCODER),
@@ -506,6 +547,14 @@ _MODELS.update(
             ("bert.embeddings.word_embeddings",), ("cls.predictions.decoder",), tied=True
         ),
         "BertForSequenceClassification": ModelArchitecture(("bert.embeddings.word_embeddings",)),
+        "RobertaForMaskedLM": ModelArchitecture(
+            ("roberta.embeddings.word_embeddings",), ("lm_head.decoder",), tied=True
+        ),
+        "RobertaForSequenceClassification": ModelArchitecture(("roberta.embeddings.word_embeddings",)),
+        "DistilBertForMaskedLM": ModelArchitecture(
+            ("distilbert.embeddings.word_embeddings",), ("vocab_projector",), tied=True
+        ),
+        "DistilBertForSequenceClassification": ModelArchitecture(("distilbert.embeddings.word_embeddings",)),
         "MarianMTModel": _SHARED_VOCAB,
         "BartForConditionalGeneration": _SHARED_VOCAB,
     }

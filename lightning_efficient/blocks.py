@@ -1,10 +1,11 @@
 """Find the stacks of Transformer blocks in any model.
 
 This is the one place that every depth, memory and parallel technique asks "where are the
-blocks?". It knows the block containers of HF BERT, RoBERTa, ViT, Marian, BART and T5 (encoder and
-decoder stacks separately) and of ``torch.nn.TransformerEncoder`` / ``TransformerDecoder``, and
-takes a user-given attribute path (``"model.encoder.layers"``) for anything else. Finding nothing
-is an error that names what was searched, never a silent no-op.
+blocks?". It knows the block containers of HF BERT, RoBERTa (and XLM-RoBERTa, CamemBERT, ELECTRA),
+DistilBERT, ViT, Marian, BART and T5 (encoder and decoder stacks separately) and of
+``torch.nn.TransformerEncoder`` / ``TransformerDecoder``, and takes a user-given attribute path
+(``"model.encoder.layers"``) for anything else. Finding nothing is an error that names what was
+searched, never a silent no-op.
 
 Examples:
     >>> from lightning_efficient import BertMLM
@@ -43,6 +44,10 @@ __all__ = [
 KNOWN_STACKS: dict[str, tuple[str, str | None]] = {
     "BertEncoder": ("layer", "encoder"),
     "RobertaEncoder": ("layer", "encoder"),
+    "XLMRobertaEncoder": ("layer", "encoder"),
+    "CamembertEncoder": ("layer", "encoder"),
+    "ElectraEncoder": ("layer", "encoder"),
+    "Transformer": ("layer", "encoder"),  # DistilBERT's container (a generic name: taken only with a list at .layer)
     "ViTEncoder": ("layer", "encoder"),
     "ViTModel": ("layers", "encoder"),
     "MarianEncoder": ("layers", "encoder"),

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_efficient import MLMDataModule
+from lightning_efficient import BertMLM, MLMDataModule
 from lightning_efficient.data.files import embedded_path, read_records
+from lightning_efficient.testing import quiet_trainer
 
 # Shared test helpers (``techniques.py``: the contract suite's table) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,6 +70,17 @@ def mlm_data(user_files: dict[str, str]) -> MLMDataModule:
     dm = MLMDataModule(train_files=[user_files["txt"]], vocab_size=300, max_length=17, batch_size=4)
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(scope="module")
+def mlm_checkpoint(mlm_data: MLMDataModule, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, BertMLM]:
+    """A tiny ``BertMLM`` (max_length 64) trained 2 steps on ``mlm_data`` (the module's own, where it has one), and its checkpoint path."""
+    model = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=64)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(model, mlm_data)
+    path = tmp_path_factory.mktemp("ckpt") / "mlm.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path), model
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_config_parses_and_instantiates(name, small_mlm_checkpoint, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     args = ["-c", str(CONFIGS / name)]
     if "finetune" in name:
-        args += ["--model.init_args.pretrained_checkpoint", small_mlm_checkpoint]
+        args += ["--model.init_args.pretrained", small_mlm_checkpoint]
     if not name.startswith("vit/") and "finetune" not in name:
         args += ["--data.init_args.vocab_size", "1000"]  # quick tokenizer training; shapes still come from the config
     cli = EfficientCLI(args=args, run=False)
@@ -95,11 +95,16 @@ def test_predict_tokenizer_comes_from_the_checkpoint(tmp_path, monkeypatch):
     assert rows and saved
 
 
-def test_predict_with_another_model_types_checkpoint_says_so(tmp_path, monkeypatch):
+def test_predict_with_another_model_types_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["fit", "-c", str(CONFIGS / "bert/tiny_mlm.yaml"), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    args = ["predict", "-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--ckpt_path", "runs/bert_tiny_mlm/checkpoints/last.ckpt"]
+    with pytest.raises(SystemExit) as exit_info:  # the console script: one line, status 2
+        main(args)
+    assert exit_info.value.code == 2
+    assert "was written by BertMLM, but this run's model is ViTClassifier" in capsys.readouterr().err
     with pytest.raises(CheckpointMismatchError, match=r"was written by BertMLM, but this run's model is ViTClassifier"):
-        main(["predict", "-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--ckpt_path", "runs/bert_tiny_mlm/checkpoints/last.ckpt"])
+        main([*args, "--traceback"])
 
 
 def test_console_script_runs_fit(tmp_path):
@@ -114,17 +119,19 @@ def test_console_script_runs_fit(tmp_path):
     assert (tmp_path / "runs/vit_tiny_fashion/checkpoints/last.ckpt").is_file()
 
 
-def test_cli_bad_preset_fails_before_training(tmp_path, monkeypatch):
+def test_cli_bad_preset_fails_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception, match=r"preset='medium' is unknown; choose one of: tiny, small, base"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(CONFIGS / "vit/tiny_fashion.yaml"), "--model.init_args.preset", "medium"])
+    assert exit_info.value.code == 2
+    assert "error: preset='medium' is unknown; choose one of: tiny, small, base" in capsys.readouterr().err
     assert not (tmp_path / "runs/vit_tiny_fashion/checkpoints").exists()
 
 
 def test_finetune_config_takes_tokenizer_from_pretrained_checkpoint(small_mlm_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = EfficientCLI(
-        args=["-c", str(CONFIGS / "bert/small_finetune_prose.yaml"), "--model.init_args.pretrained_checkpoint", small_mlm_checkpoint],
+        args=["-c", str(CONFIGS / "bert/small_finetune_prose.yaml"), "--model.init_args.pretrained", small_mlm_checkpoint],
         run=False,
     )
     assert cli.datamodule.tokenizer_source == small_mlm_checkpoint

@@ -189,19 +189,9 @@ def test_mlm_predict_fills_given_masks(user_files, mlm_data, tmp_path):
 
 
 # -- pretrain -> fine-tune -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mlm_checkpoint(mlm_data, tmp_path_factory):
-    model = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=64)
-    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
-    trainer.fit(model, mlm_data)
-    path = tmp_path_factory.mktemp("ckpt") / "mlm.ckpt"
-    trainer.save_checkpoint(path)
-    return str(path), model
-
-
 def test_finetune_loads_encoder_weights(mlm_checkpoint):
     path, mlm = mlm_checkpoint
-    classifier = BertClassifier(vocab_size=mlm.hparams.vocab_size, num_labels=3, preset="tiny", max_length=64, pretrained_checkpoint=path)
+    classifier = BertClassifier(vocab_size=mlm.hparams.vocab_size, num_labels=3, preset="tiny", max_length=64, pretrained=path)
     ours, theirs = classifier.model.bert.state_dict(), mlm.model.bert.state_dict()
     assert set(theirs) <= set(ours)
     for name, tensor in theirs.items():
@@ -214,12 +204,12 @@ def test_finetune_checkpoint_reloads_without_the_pretrained_file(mlm_checkpoint,
     dm = TextClassificationDataModule(
         train_files=cls_data.train_files, text_column="sentence", label_column="category", tokenizer=path, max_length=33
     )
-    classifier = BertClassifier(vocab_size=dm.vocab_size, num_labels=dm.num_labels, preset="tiny", max_length=64, pretrained_checkpoint=path)
+    classifier = BertClassifier(vocab_size=dm.vocab_size, num_labels=dm.num_labels, preset="tiny", max_length=64, pretrained=path)
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(classifier, dm)
     trainer.save_checkpoint(tmp_path / "cls.ckpt")
     reloaded = BertClassifier.load_from_checkpoint(tmp_path / "cls.ckpt")
-    assert reloaded.hparams.pretrained_checkpoint is None
+    assert reloaded.hparams.pretrained is None
     assert reloaded.tokenizer.get_vocab() == mlm.tokenizer.get_vocab()
     assert torch.equal(reloaded.model.classifier.weight, classifier.model.classifier.weight)
 
@@ -227,7 +217,7 @@ def test_finetune_checkpoint_reloads_without_the_pretrained_file(mlm_checkpoint,
 def test_finetune_shape_mismatch_names_fields(mlm_checkpoint):
     path, mlm = mlm_checkpoint
     with pytest.raises(CheckpointMismatchError, match=r"another shape \(num_layers: ours 2 vs checkpoint 3\)"):
-        BertClassifier(vocab_size=mlm.hparams.vocab_size, num_labels=2, preset="tiny", num_layers=2, max_length=64, pretrained_checkpoint=path)
+        BertClassifier(vocab_size=mlm.hparams.vocab_size, num_labels=2, preset="tiny", num_layers=2, max_length=64, pretrained=path)
 
 
 def test_finetune_from_non_mlm_checkpoint(tmp_path):
@@ -236,7 +226,7 @@ def test_finetune_from_non_mlm_checkpoint(tmp_path):
     trainer.fit(vit, ImageClassificationDataModule(batch_size=4))
     trainer.save_checkpoint(tmp_path / "vit.ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"was written by ViTClassifier; it must be a BertMLM checkpoint"):
-        BertClassifier(vocab_size=400, num_labels=2, preset="tiny", pretrained_checkpoint=str(tmp_path / "vit.ckpt"))
+        BertClassifier(vocab_size=400, num_labels=2, preset="tiny", pretrained=str(tmp_path / "vit.ckpt"))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

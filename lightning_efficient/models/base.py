@@ -9,27 +9,40 @@ checkpoint, and loading a checkpoint into the wrong model type fails with a mess
 from __future__ import annotations
 
 import math
-import random
 import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 
-from lightning_efficient.checkpoint import check_module, read_metadata, read_tokenizer, write_metadata, write_tokenizer
-from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.checkpoint import (
+    check_module,
+    check_pruning_masks,
+    read_metadata,
+    read_tokenizer,
+    write_metadata,
+    write_tokenizer,
+)
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.losses import classification_loss
+from lightning_efficient.models.pretrained import (
+    PretrainedSource,
+    model_from_config,
+    model_from_directory,
+    resolve_pretrained,
+)
 from lightning_efficient.monitor import batch_counts
 from lightning_efficient.optim.param_groups import no_decay_groups
+from lightning_efficient.safeguards import capture_random_states, restore_random_states
 
 __all__ = [
     "EfficientModule",
-    "capture_rng_state",
     "class_names",
     "decay_parameter_groups",
     "require_argument",
-    "restore_rng_state",
     "warmup_schedule",
     "warn_if_epoch_was_cut_short",
 ]
@@ -65,35 +78,6 @@ def warmup_schedule(step: int, warmup_steps: int, total_steps: int, shape: str) 
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The global random states a training step draws from (torch CPU and CUDA, Python ``random``).
-
-    Dropout draws from torch's global generator, so an exact resume needs it back. Only tensors
-    and plain values, so a checkpoint holding it loads with ``torch.load(weights_only=True)``.
-
-    Examples:
-        >>> state = capture_rng_state()
-        >>> a = torch.rand(2)
-        >>> restore_rng_state(state)
-        >>> torch.equal(a, torch.rand(2))
-        True
-    """
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def warn_if_epoch_was_cut_short(checkpoint: dict[str, Any]) -> bool:
@@ -189,6 +173,10 @@ class EfficientModule(pl.LightningModule):
                 f"lr_schedule={lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}"
             )
         self.tokenizer: Tokenizer | None = None
+        #: Where the starting weights came from (the ``pretrained`` argument), recorded in checkpoints.
+        self.initialised_from: str | None = None
+        #: Whether the model was built from a transformers config (a directory's, or ``model_config``).
+        self.built_from_config = False
 
     # -- data / model consistency ---------------------------------------------------------------
     def data_requirements(self) -> dict[str, Any]:
@@ -256,23 +244,35 @@ class EfficientModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_metadata(checkpoint, module=type(self).__name__, rng=capture_rng_state())
+        write_metadata(checkpoint, module=type(self).__name__, rng=capture_random_states())
+        write_metadata(checkpoint, initialised_from=self.initialised_from)
         if self.tokenizer is not None:
             write_tokenizer(checkpoint, self.tokenizer)
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if hyper_parameters is not None:
+            # The starting weights are part of this checkpoint now: reloading it must not need their source.
+            for name in ("pretrained", "pretrained_checkpoint"):
+                if name in hyper_parameters:
+                    hyper_parameters[name] = None
+            if self.built_from_config:  # rebuilds the same architecture (and pruned shapes) without the source
+                hyper_parameters["model_config"] = self.model.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = read_metadata(checkpoint)
         if meta is None:
             return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
         check_module(checkpoint, type(self).__name__)
+        if self._trainer is not None and self.strict_loading:  # masks without MagnitudePruning: say what to add
+            check_pruning_masks(checkpoint, self.state_dict(), str(self.trainer.ckpt_path))
         tokenizer = read_tokenizer(checkpoint)
         if tokenizer is not None:
             self.tokenizer = tokenizer
+        self.initialised_from = self.initialised_from or meta.get("initialised_from")  # kept across reloads
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Resuming training: continue the global random streams (dropout) where they were.
             # Loading weights for inference or fine-tuning leaves the caller's RNG alone.
             if "rng" in meta:
-                restore_rng_state(meta["rng"])
+                restore_random_states(meta["rng"])
             warn_if_epoch_was_cut_short(checkpoint)
 
     def require_tokenizer(self) -> Tokenizer:
@@ -283,3 +283,135 @@ class EfficientModule(pl.LightningModule):
                 "or load it from one of our checkpoints"
             )
         return self.tokenizer
+
+    # -- starting weights -----------------------------------------------------------------------
+    def build_model(
+        self,
+        task: str,
+        build: Callable[[dict[str, Any]], nn.Module],
+        pretrained: str | None,
+        model_config: Mapping[str, Any] | None,
+        accepts: tuple[str, ...],
+        shape: dict[str, Any],
+        sizes: dict[str, Any],
+        overrides: dict[str, Any] | None = None,
+    ) -> nn.Module:
+        """The transformers model of this module: built by ``build``, or started from ``pretrained`` weights.
+
+        - ``pretrained`` a directory (or hub id): the class comes from its config through ``Auto*``
+          (:func:`~lightning_efficient.models.pretrained.model_from_directory`), weights and all.
+        - ``model_config`` (a checkpoint of a model that started from a directory), or a ``pretrained``
+          checkpoint that carries one: the class comes from that config.
+        - otherwise ``build()``; a ``pretrained`` checkpoint must then have the same ``shape``.
+
+        Weights of a ``pretrained`` checkpoint of ours are copied in: all of them for a masked LM or
+        a translation model, the encoder only (a fresh head) for a classifier. The tokenizer that
+        comes with the weights becomes this module's tokenizer, and ``initialised_from`` names the source.
+
+        Args:
+            task: A key of :data:`~lightning_efficient.models.pretrained.AUTO_CLASSES`.
+            build: Builds the model from ``shape`` (this module's own arguments; a field left None, such as
+                ``vocab_size``, taken from a ``pretrained`` checkpoint).
+            pretrained: A checkpoint of ours, a ``save_pretrained`` directory or a hub id, or None.
+            model_config: A transformers config dict to build from (written into our checkpoints), or None.
+            accepts: The module classes of ours whose checkpoints can start this module.
+            shape: This module's shape fields (compared with a checkpoint's hyperparameters).
+            sizes: The size arguments given explicitly (None when unset); refused with a config-defined model.
+            overrides: Config fields this module decides (``num_labels``, ``id2label``).
+
+        Raises:
+            CheckpointMismatchError: A checkpoint of another module, or of another shape (naming the fields).
+            ConfigurationError: Size arguments given together with a config-defined model.
+        """
+        overrides = overrides or {}
+        source = resolve_pretrained(pretrained) if pretrained else None
+        if source is not None and source.kind == "checkpoint" and source.module not in accepts:
+            raise CheckpointMismatchError(
+                f"pretrained {source.name!r} was written by {source.module or 'something else than this package'}; "
+                f"it must be a {' or '.join(accepts)} checkpoint"
+            )
+        config = model_config or (source.model_config if source is not None else None)
+        if source is not None and source.kind == "directory":
+            self._refuse_sizes(sizes, source.name)
+            model = model_from_directory(source, task, **overrides)
+        elif config is not None:
+            self._refuse_sizes(sizes, source.name if source is not None else "model_config")
+            model = model_from_config({**config, **overrides}, task)
+        else:
+            if source is not None:
+                theirs = source.hyper_parameters
+                shape = {k: theirs.get(k) if v is None else v for k, v in shape.items()}
+            model = build(shape)
+            if source is not None:
+                _check_shape(source, shape)
+        if source is not None and source.kind == "checkpoint":
+            _copy_checkpoint_weights(model, source, whole=task in ("masked_lm", "seq2seq"))
+        self.built_from_config = config is not None or (source is not None and source.kind == "directory")
+        if source is not None:
+            self.initialised_from = source.name
+            tokenizer = source.tokenizer()
+            if tokenizer is not None:
+                self.tokenizer = tokenizer
+        return model
+
+    @staticmethod
+    def _refuse_sizes(sizes: dict[str, Any], name: str) -> None:
+        given = {k: v for k, v in sizes.items() if v is not None}
+        if given:
+            listed = ", ".join(f"{k}={v}" for k, v in given.items())
+            raise ConfigurationError(
+                f"{listed} cannot be combined with pretrained={name!r}: the architecture comes from its config; "
+                "leave the size arguments unset"
+            )
+
+    def settle_vocab_size(self, vocab_size: int | None) -> int:
+        """The vocabulary size of the built model, checked against ``vocab_size`` (the data's), and kept in hparams.
+
+        Raises:
+            ConfigurationError: ``vocab_size`` was given and differs from the model's (names both sizes).
+        """
+        actual = int(self.model.config.vocab_size)
+        if vocab_size is not None and vocab_size != actual:
+            raise ConfigurationError(
+                f"vocab_size={vocab_size} (the data's tokenizer) does not match the model from "
+                f"{self.initialised_from or 'model_config'!r}, whose vocabulary has {actual} tokens; "
+                "give the data module the tokenizer that came with the model (its tokenizer.json)"
+            )
+        self.hparams["vocab_size"] = actual
+        return actual
+
+
+def _check_shape(source: PretrainedSource, ours: dict[str, Any]) -> None:
+    """Fail unless a checkpoint's hyperparameters give the same shape fields as ``ours`` (naming those that differ)."""
+    from lightning_efficient.models.presets import resolve_size
+
+    theirs = source.hyper_parameters
+    size = resolve_size(
+        theirs.get("preset", "small"), theirs.get("hidden_size"), theirs.get("num_layers"),
+        theirs.get("num_heads"), theirs.get("ffn_size"),
+    )  # fmt: skip
+    pretrained = {**vars(size), **{k: theirs[k] for k in ours if k in theirs and k not in vars(size)}}
+    differing = {k: (v, pretrained[k]) for k, v in ours.items() if k in pretrained and pretrained[k] != v}
+    if differing:
+        detail = ", ".join(f"{k}: ours {a} vs checkpoint {b}" for k, (a, b) in differing.items())
+        raise CheckpointMismatchError(f"pretrained {source.name!r} has another shape ({detail})")
+
+
+def _copy_checkpoint_weights(model: nn.Module, source: PretrainedSource, whole: bool) -> None:
+    """Copy a checkpoint's ``model.`` weights into ``model``: all of them, or (``whole=False``) its base model's.
+
+    Raises:
+        CheckpointMismatchError: Keys are missing (besides a pooler) or unexpected.
+    """
+    base = getattr(model, "base_model_prefix", "")
+    prefix = "model." if whole or not base else f"model.{base}."
+    target = model if whole or not base else model.base_model
+    state = {k[len(prefix) :]: v for k, v in source.checkpoint["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tensors = target.state_dict()
+    loaded = {tensors[k].data_ptr() for k in state if k in tensors}
+    missing = [k for k in missing if not k.startswith("pooler.") and tensors[k].data_ptr() not in loaded]  # tied
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"pretrained {source.name!r}: weights missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -1,23 +1,34 @@
 """BERT LightningModules: masked-LM pretraining and sequence classification.
 
 Both wrap transformers' BERT classes built from a config (random init, nothing downloaded), so
-their weights load with ``from_pretrained`` after ``module.model.save_pretrained(dir)``.
+their weights load with ``from_pretrained`` after ``module.model.save_pretrained(dir)``. With
+``pretrained`` they start from other weights instead: one of our checkpoints, or any BERT-like
+encoder saved with ``save_pretrained`` (BERT, RoBERTa, DistilBERT, ...; the class comes from its
+config through ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification``).
+
+The special-token ids (mask, padding, the tokens never masked) come from the model's tokenizer
+(:func:`~lightning_efficient.data.tokenizers.find_special_ids`), so a public BERT's or RoBERTa's
+``tokenizer.json`` works as well as ours (``[PAD] [UNK] [CLS] [SEP] [MASK]`` at ids 0..4, also the
+layout assumed while the model has no tokenizer yet).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-from lightning_efficient.checkpoint import checkpoint_module_class, read_metadata, write_metadata
-from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
+from lightning_efficient.checkpoint import read_metadata, write_metadata
+from lightning_efficient.data.tokenizers import BERT_SPECIAL_IDS, BERT_SPECIAL_TOKENS, SpecialIds, find_special_ids
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.losses import (
     cross_entropy_gradient_norms,
     importance_weighted_loss,
@@ -25,10 +36,25 @@ from lightning_efficient.losses import (
     predicting,
     row_gradient_norms,
 )
-from lightning_efficient.models.base import EfficientModule, class_names, require_argument
+from lightning_efficient.models.base import (
+    EfficientModule,
+    _check_shape,
+    _copy_checkpoint_weights,
+    class_names,
+    require_argument,
+)
 from lightning_efficient.models.presets import ModelSize, resolve_size
+from lightning_efficient.models.pretrained import resolve_pretrained
 
-__all__ = ["BertClassifier", "BertMLM", "bert_config", "mask_tokens"]
+__all__ = [
+    "BertClassifier",
+    "BertMLM",
+    "bert_config",
+    "check_pad_token",
+    "mask_tokens",
+    "masked_lm_head",
+    "special_ids_of",
+]
 
 MASK_TOKEN_ID = BERT_SPECIAL_TOKENS.index("[MASK]")
 NUM_SPECIAL = len(BERT_SPECIAL_TOKENS)
@@ -42,21 +68,25 @@ def mask_tokens(
     probability: float = 0.15,
     mask_token_id: int = MASK_TOKEN_ID,
     num_special: int = NUM_SPECIAL,
+    special_ids: Collection[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: pick ``probability`` of the real tokens; 80% -> [MASK], 10% random, 10% kept.
 
-    Special tokens (ids below ``num_special``) and padding are never picked; at least one token
-    per batch is. Random draws come from ``generator`` (on the CPU), so a run that checkpoints
-    the generator's state resumes with the same masks.
+    Special tokens (``special_ids``, by default the ids below ``num_special``) and padding are
+    never picked, and random replacements are never special; at least one token per batch is
+    picked. Random draws come from ``generator`` (on the CPU), so a run that checkpoints the
+    generator's state resumes with the same masks. With ``special_ids`` ``0..num_special-1`` the
+    masks are those of ``num_special`` for the same generator state.
 
     Args:
         input_ids: ``(B, T)`` token ids.
         attention_mask: ``(B, T)``, 1 for real tokens.
         generator: CPU generator owning the masking randomness.
-        vocab_size: Random replacements are drawn from ``[num_special, vocab_size)``.
+        vocab_size: Random replacements are drawn from the ids of ``[0, vocab_size)`` that are not special.
         probability: Share of tokens to predict.
-        mask_token_id: Id of ``[MASK]``.
-        num_special: Ids below this are special tokens.
+        mask_token_id: Id of the mask token (``[MASK]``, ``<mask>``).
+        num_special: Ids below this are special tokens (when ``special_ids`` is not given).
+        special_ids: The special token ids, at any positions (e.g. a public BERT's 0 and 100..103).
 
     Returns:
         ``(masked_input_ids, labels)``; ``labels`` is -100 wherever no prediction is asked.
@@ -68,12 +98,16 @@ def mask_tokens(
         (True, True)
     """
     shape = input_ids.shape
-    candidates = (attention_mask.cpu() == 1) & (input_ids.cpu() >= num_special)
+    specials = torch.tensor(sorted(special_ids if special_ids is not None else range(num_special)), dtype=torch.long)
+    candidates = (attention_mask.cpu() == 1) & ~torch.isin(input_ids.cpu(), specials)
     chosen = (torch.rand(shape, generator=generator) < probability) & candidates
     if not chosen.any() and candidates.any():
         chosen.view(-1)[candidates.view(-1).nonzero()[0]] = True
     action = torch.rand(shape, generator=generator)
-    random_tokens = torch.randint(num_special, vocab_size, shape, generator=generator)
+    ordinary = torch.arange(vocab_size)
+    ordinary = ordinary[~torch.isin(ordinary, specials)]
+    # Indexing the ordinary ids with randint(len) draws the same numbers as randint(num_special, vocab_size).
+    random_tokens = ordinary[torch.randint(len(ordinary), shape, generator=generator)]
     device = input_ids.device
     chosen = chosen.to(device)
     labels = input_ids.masked_fill(~chosen, -100)
@@ -100,6 +134,63 @@ def bert_config(size: ModelSize, vocab_size: int, max_length: int, dropout: floa
     )
 
 
+def special_ids_of(tokenizer: Tokenizer | None, need_mask: bool) -> SpecialIds:
+    """The special ids of a BERT model's ``tokenizer``; our layout (ids 0..4) while it has none.
+
+    Raises:
+        ConfigurationError: The tokenizer lacks a padding, start or end token (or a needed mask token).
+    """
+    if tokenizer is None:
+        return BERT_SPECIAL_IDS
+    return find_special_ids(tokenizer, "the model's tokenizer", need_mask=need_mask)
+
+
+def check_pad_token(model: nn.Module, ids: SpecialIds) -> None:
+    """Fail when the tokenizer pads with another id than the model's ``config.pad_token_id``.
+
+    RoBERTa-like models compute position ids from ``input_ids != pad_token_id``: a batch padded
+    with another id gives its padding positions real position ids, and a real token whose id is
+    the model's ``pad_token_id`` (e.g. RoBERTa's ``<s>`` 0 against a config saying 0) shifts the
+    position ids of every token after it.
+
+    Raises:
+        ConfigurationError: The two ids differ.
+    """
+    configured = getattr(model.config, "pad_token_id", None)
+    if configured is not None and configured != ids.pad_id:
+        raise ConfigurationError(
+            f"the tokenizer pads with id {ids.pad_id} but the model's config has pad_token_id={configured}; "
+            "give the data module the tokenizer that came with the model (its tokenizer.json)"
+        )
+
+
+def masked_lm_head(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """``(encoder, head)`` of a transformers masked LM, to run the head on chosen positions only; None if unknown.
+
+    ``encoder(input_ids=..., attention_mask=...).last_hidden_state`` is ``(B, T, H)``; ``head`` maps
+    ``(M, H)`` hidden states to ``(M, V)`` logits. Known: BERT (``cls``), RoBERTa-style (``lm_head``)
+    and DistilBERT (``vocab_transform`` ... ``vocab_projector``).
+
+    Examples:
+        >>> encoder, head = masked_lm_head(BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=12)))
+        >>> head(torch.zeros(3, 8)).shape
+        torch.Size([3, 30])
+    """
+    if isinstance(getattr(model, "cls", None), nn.Module):
+        return model.base_model, model.cls
+    if isinstance(getattr(model, "lm_head", None), nn.Module):
+        return model.base_model, model.lm_head
+    if isinstance(getattr(model, "vocab_projector", None), nn.Module):  # DistilBERT
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+            return model.vocab_projector(hidden)
+
+        return model.base_model, head
+    return None
+
+
 class BertMLM(EfficientModule):
     """Masked-LM pretraining of a BERT encoder, predicting only at the masked positions.
 
@@ -110,7 +201,13 @@ class BertMLM(EfficientModule):
     ``val/accuracy`` and ``val/perplexity``.
 
     Args:
-        vocab_size: Vocabulary size; must equal the tokenizer's (``datamodule.vocab_size``).
+        vocab_size: Vocabulary size; must equal the tokenizer's (``datamodule.vocab_size``). With
+            ``pretrained`` it comes from the weights (and, when given, must equal theirs).
+        pretrained: Starting weights: a ``BertMLM`` ``.ckpt``, a directory written by ``save_pretrained``
+            (any masked LM ``AutoModelForMaskedLM`` knows: BERT, RoBERTa, DistilBERT, ...; its
+            ``tokenizer.json`` becomes the model's tokenizer), or a Hugging Face hub id. A directory
+            decides the architecture: leave the size arguments unset (``preset``, ``max_length`` and
+            ``dropout`` are then ignored).
         preset: Named size (``tiny``, ``small``, ``base``); fields below override it.
         hidden_size: Width of the encoder.
         num_layers: Number of Transformer blocks.
@@ -125,6 +222,11 @@ class BertMLM(EfficientModule):
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
         seed: Seed of the masking generator (its state is checkpointed).
+        model_config: Written by the module into its checkpoints when it started from a directory (the
+            transformers config that rebuilds the same architecture without it); leave unset.
+
+    The mask token, and the special tokens that are never masked nor drawn as random replacements,
+    come from the model's tokenizer (any BERT- or RoBERTa-style one, see :attr:`special_ids`).
 
     Examples:
         >>> model = BertMLM(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
@@ -146,6 +248,7 @@ class BertMLM(EfficientModule):
     def __init__(
         self,
         vocab_size: int | None = None,
+        pretrained: str | None = None,
         preset: str = "small",
         hidden_size: int | None = None,
         num_layers: int | None = None,
@@ -160,20 +263,54 @@ class BertMLM(EfficientModule):
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
         seed: int = 0,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
-        vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
+        if pretrained is None and model_config is None:
+            vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigurationError(f"mlm_probability={mlm_probability} must lie in (0, 1)")
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
-        self.model = BertForMaskedLM(bert_config(self.size, vocab_size, max_length, dropout))
+        self.model = self.build_model(
+            "masked_lm",
+            lambda shape: BertForMaskedLM(bert_config(self.size, shape["vocab_size"], max_length, dropout)),
+            pretrained,
+            model_config,
+            accepts=("BertMLM",),
+            shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length},
+            sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
+        )
+        self.settle_vocab_size(vocab_size)
         self.mask_generator = torch.Generator().manual_seed(seed)
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
+        self._special_ids: tuple[Tokenizer | None, SpecialIds] | None = None
 
     def data_requirements(self) -> dict[str, Any]:
         return {"vocab_size": self.hparams.vocab_size}
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        """The mask id and the special ids, from the model's tokenizer (ids 0..4, ours, while it has none)."""
+        if self._special_ids is None or self._special_ids[0] is not self.tokenizer:
+            self._special_ids = (self.tokenizer, special_ids_of(self.tokenizer, need_mask=True))
+        return self._special_ids[1]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.tokenizer is not None:
+            check_pad_token(self.model, self.special_ids)
+
+    def mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`mask_tokens` with this model's vocabulary, probability, mask id and special ids."""
+        ids = self.special_ids
+        return mask_tokens(
+            input_ids, attention_mask, generator, self.hparams.vocab_size, self.hparams.mlm_probability,
+            mask_token_id=ids.mask_id, special_ids=ids.ids,
+        )  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits at every position, ``(B, T, V)``."""
@@ -184,24 +321,20 @@ class BertMLM(EfficientModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, V)`` and targets ``(M,)`` at the ``M`` positions where ``labels != -100``."""
         keep = labels != -100
+        parts = masked_lm_head(self.model)
         with predicting(self, keep):  # (B, T): what a token-dropping technique must keep
-            if not self.hparams.head_on_masked_only:
+            if not self.hparams.head_on_masked_only or parts is None:
                 logits = self(input_ids, attention_mask)  # (B, T, V)
                 return logits[keep], labels[keep]
-            hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        return self.model.cls(hidden[keep]), labels[keep]  # (M, V): the head sees masked positions only
+            encoder, head = parts
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return head(hidden[keep]), labels[keep]  # (M, V): the head sees masked positions only
 
     def _step(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, predict and score a batch: ``(loss, logits (M, V), targets (M,))``."""
-        masked, labels = mask_tokens(
-            batch["input_ids"],
-            batch["attention_mask"],
-            generator,
-            self.hparams.vocab_size,
-            self.hparams.mlm_probability,
-        )
+        masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], generator)
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         return F.cross_entropy(logits.float(), targets), logits, targets
 
@@ -210,10 +343,7 @@ class BertMLM(EfficientModule):
         if "mlm_labels" in batch:  # the masks the examples were scored with
             masked, labels = batch["mlm_input_ids"], batch["mlm_labels"]
         else:
-            masked, labels = mask_tokens(
-                batch["input_ids"], batch["attention_mask"], self.mask_generator, self.hparams.vocab_size,
-                self.hparams.mlm_probability,
-            )  # fmt: skip
+            masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], self.mask_generator)
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         rows, examples = (labels != -100).nonzero()[:, 0], labels.shape[0]
         token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
@@ -231,10 +361,7 @@ class BertMLM(EfficientModule):
         Draws the examples' masks (stored in the batch as ``mlm_input_ids`` / ``mlm_labels``, so the
         training step trains the drawn examples with the masks they were scored with).
         """
-        masked, labels = mask_tokens(
-            batch["input_ids"], batch["attention_mask"], self.mask_generator, self.hparams.vocab_size,
-            self.hparams.mlm_probability,
-        )  # fmt: skip
+        masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], self.mask_generator)
         batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         return row_gradient_norms(logits, targets, (labels != -100).nonzero()[:, 0], labels.shape[0])
@@ -273,20 +400,18 @@ class BertMLM(EfficientModule):
         self.log("test/accuracy", correct.mean(), batch_size=correct.numel())
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Fill ``[MASK]`` tokens of each text; texts without one get 15% masked at random (seeded)."""
+        """Fill the mask tokens (``[MASK]``, ``<mask>``) of each text; texts without one get 15% masked at random (seeded)."""
         tokenizer = self.require_tokenizer()
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        given = input_ids == MASK_TOKEN_ID
-        masked, labels = mask_tokens(
-            input_ids, attention_mask, torch.Generator().manual_seed(self.hparams.seed + batch_idx),
-            self.hparams.vocab_size, self.hparams.mlm_probability,
-        )  # fmt: skip
+        given = input_ids == self.special_ids.mask_id
+        masked, labels = self.mask(
+            input_ids, attention_mask, torch.Generator().manual_seed(self.hparams.seed + batch_idx)
+        )
         rows_with_mask = given.any(dim=1, keepdim=True)
         masked = torch.where(rows_with_mask, input_ids, masked)
         positions = torch.where(rows_with_mask, given, labels != -100)
-        hidden = self.model.bert(input_ids=masked, attention_mask=attention_mask).last_hidden_state
         predicted = masked.clone()
-        predicted[positions] = self.model.cls(hidden[positions]).argmax(-1)
+        predicted[positions] = self(masked, attention_mask)[positions].argmax(-1)
         results = []
         for row in range(input_ids.shape[0]):
             length = int(attention_mask[row].sum())
@@ -313,17 +438,24 @@ class BertMLM(EfficientModule):
 
 
 class BertClassifier(EfficientModule):
-    """Sequence classification with a BERT encoder, optionally initialised from a ``BertMLM`` checkpoint.
+    """Sequence classification with a BERT encoder, optionally started from pretrained weights.
 
-    With ``pretrained_checkpoint`` the encoder weights (embeddings and blocks) come from a masked-LM
-    pretraining run; the pooler and the classifier start fresh. The shapes must match the
-    checkpoint's; a mismatch names the differing fields. Logs loss, accuracy and macro F1.
+    With ``pretrained`` a ``BertMLM`` checkpoint gives the encoder weights (embeddings and blocks)
+    of a masked-LM pretraining run; the pooler and the classifier start fresh. Its shapes must
+    match this model's; a mismatch names the differing fields. A ``save_pretrained`` directory (or
+    hub id) of any encoder that ``AutoModelForSequenceClassification`` knows gives the architecture
+    and the weights; a classifier head it lacks, or one with another label count, starts fresh.
+    Logs loss, accuracy and macro F1.
 
     Args:
-        vocab_size: Vocabulary size; must equal the tokenizer's.
+        vocab_size: Vocabulary size; must equal the tokenizer's. With ``pretrained`` it comes from
+            the weights (and, when given, must equal theirs).
         num_labels: Number of classes; must equal the data's.
         label_names: Class names (for ``predict`` output); default ``["0", "1", ...]``.
-        pretrained_checkpoint: A ``BertMLM`` ``.ckpt`` whose encoder initialises this model.
+        pretrained: Starting weights: a ``BertMLM`` ``.ckpt``, a ``save_pretrained`` directory (its
+            ``tokenizer.json`` becomes the model's tokenizer) or a Hugging Face hub id. A directory
+            decides the architecture: leave the size arguments unset.
+        pretrained_checkpoint: Deprecated alias of ``pretrained`` (warns).
         preset: Named size; fields below override it.
         hidden_size: Width of the encoder.
         num_layers: Number of Transformer blocks.
@@ -335,6 +467,8 @@ class BertClassifier(EfficientModule):
         weight_decay: Weight decay of the default AdamW.
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        model_config: Written by the module into its checkpoints when it started from a directory;
+            leave unset.
 
     Examples:
         >>> model = BertClassifier(vocab_size=100, num_labels=2, label_names=["imaginative", "informative"], preset="tiny")
@@ -349,6 +483,7 @@ class BertClassifier(EfficientModule):
         vocab_size: int | None = None,
         num_labels: int | None = None,
         label_names: list[str] | None = None,
+        pretrained: str | None = None,
         pretrained_checkpoint: str | None = None,
         preset: str = "small",
         hidden_size: int | None = None,
@@ -361,18 +496,45 @@ class BertClassifier(EfficientModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
-        vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
+        if pretrained_checkpoint is not None:
+            warnings.warn(
+                "BertClassifier(pretrained_checkpoint=...) is deprecated; use pretrained=... (it also takes "
+                "save_pretrained directories and hub ids)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if pretrained is not None and pretrained != pretrained_checkpoint:
+                raise ConfigurationError(
+                    f"pretrained={pretrained!r} and its deprecated alias pretrained_checkpoint={pretrained_checkpoint!r} "
+                    "differ; give pretrained only"
+                )
+            pretrained = pretrained_checkpoint
+        if pretrained is None and model_config is None:
+            vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
         self.label_names = class_names(num_labels, label_names, "pass datamodule.num_labels")
         num_labels = len(self.label_names)
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
-        config = bert_config(self.size, vocab_size, max_length, dropout, num_labels=num_labels)
-        self.model = BertForSequenceClassification(config)
-        self.initialised_from: str | None = None
-        if pretrained_checkpoint is not None:
-            self.load_encoder(pretrained_checkpoint)
+        self.model = self.build_model(
+            "sequence_classification",
+            lambda shape: BertForSequenceClassification(
+                bert_config(self.size, shape["vocab_size"], max_length, dropout, num_labels=num_labels)
+            ),
+            pretrained,
+            model_config,
+            accepts=("BertMLM",),
+            shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length},
+            sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
+            overrides={
+                "num_labels": num_labels,
+                "id2label": dict(enumerate(self.label_names)),
+                "label2id": {name: i for i, name in enumerate(self.label_names)},
+            },
+        )
+        self.settle_vocab_size(vocab_size)
         metrics = {"num_classes": num_labels}
         self.val_accuracy = MulticlassAccuracy(**metrics, average="micro")
         self.val_f1 = MulticlassF1Score(**metrics, average="macro")
@@ -386,42 +548,23 @@ class BertClassifier(EfficientModule):
             DataError: The file is missing or unreadable.
             CheckpointMismatchError: It is not a ``BertMLM`` checkpoint, or its shapes differ.
         """
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise DataError(f"pretrained_checkpoint {checkpoint_path!r} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        written_by = checkpoint_module_class(checkpoint)
-        if written_by != "BertMLM":
+        source = resolve_pretrained(checkpoint_path)
+        if source.module != "BertMLM":
             raise CheckpointMismatchError(
-                f"pretrained_checkpoint {checkpoint_path!r} was written by {written_by}; it must be a BertMLM checkpoint"
+                f"pretrained {checkpoint_path!r} was written by {source.module}; it must be a BertMLM checkpoint"
             )
-        theirs = checkpoint.get("hyper_parameters", {})
-        source = resolve_size(
-            theirs.get("preset", "small"), theirs.get("hidden_size"), theirs.get("num_layers"),
-            theirs.get("num_heads"), theirs.get("ffn_size"),
-        )  # fmt: skip
         ours = {**vars(self.size), "vocab_size": self.hparams.vocab_size, "max_length": self.hparams.max_length}
-        pretrained = {
-            **vars(source),
-            "vocab_size": theirs.get("vocab_size"),
-            "max_length": theirs.get("max_length", 512),
-        }
-        differing = {k: (ours[k], pretrained[k]) for k in ours if ours[k] != pretrained[k]}
-        if differing:
-            detail = ", ".join(f"{k}: ours {a} vs checkpoint {b}" for k, (a, b) in differing.items())
-            raise CheckpointMismatchError(f"pretrained_checkpoint {checkpoint_path!r} has another shape ({detail})")
-        prefix = "model.bert."
-        encoder = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        missing, unexpected = self.model.bert.load_state_dict(encoder, strict=False)
-        missing = [k for k in missing if not k.startswith("pooler.")]
-        if missing or unexpected:
-            raise CheckpointMismatchError(
-                f"pretrained_checkpoint {checkpoint_path!r}: encoder keys missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        self.initialised_from = str(path)
+        _check_shape(source, ours)
+        _copy_checkpoint_weights(self.model, source, whole=False)
+        self.initialised_from = source.name
 
     def data_requirements(self) -> dict[str, Any]:
         return {"vocab_size": self.hparams.vocab_size, "num_labels": self.hparams.num_labels}
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.tokenizer is not None:
+            check_pad_token(self.model, special_ids_of(self.tokenizer, need_mask=False))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits, ``(B, num_labels)``."""
@@ -460,9 +603,3 @@ class BertClassifier(EfficientModule):
             }
             for text, p in zip(batch["text"], probabilities)
         ]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # The pretrained weights are part of this checkpoint now: reloading it must not need that file.
-        checkpoint["hyper_parameters"]["pretrained_checkpoint"] = None
-        write_metadata(checkpoint, initialised_from=self.initialised_from)

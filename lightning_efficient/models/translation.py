@@ -1,4 +1,8 @@
-"""Encoder-decoder translation: a Marian or BART model trained with teacher forcing, BLEU on validation."""
+"""Encoder-decoder translation: a Marian or BART model trained with teacher forcing, BLEU on validation.
+
+With ``pretrained`` the model starts from one of our ``Translation`` checkpoints or from a
+``save_pretrained`` directory of any model ``AutoModelForSeq2SeqLM`` knows (BART, Marian, ...).
+"""
 
 from __future__ import annotations
 
@@ -66,7 +70,13 @@ class Translation(EfficientModule):
     ``test`` and ``predict`` use ``num_beams``.
 
     Args:
-        vocab_size: Shared source/target vocabulary size; must equal the tokenizer's.
+        vocab_size: Shared source/target vocabulary size; must equal the tokenizer's. With
+            ``pretrained`` it comes from the weights (and, when given, must equal theirs).
+        pretrained: Starting weights: a ``Translation`` ``.ckpt``, a ``save_pretrained`` directory of
+            a sequence-to-sequence model (its ``tokenizer.json`` becomes the model's tokenizer; a
+            Marian sentencepiece tokenizer needs the ``sentencepiece`` extra) or a Hugging Face hub
+            id. A directory decides the architecture: leave the size arguments unset
+            (``architecture``, ``preset`` and ``dropout`` are then ignored).
         architecture: ``marian`` or ``bart``.
         preset: Named size; fields below override it (per stack).
         hidden_size: Model width.
@@ -83,6 +93,8 @@ class Translation(EfficientModule):
         weight_decay: Weight decay of the default AdamW.
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        model_config: Written by the module into its checkpoints when it started from a directory;
+            leave unset.
 
     Examples:
         >>> model = Translation(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
@@ -96,6 +108,7 @@ class Translation(EfficientModule):
     def __init__(
         self,
         vocab_size: int | None = None,
+        pretrained: str | None = None,
         architecture: str = "marian",
         preset: str = "small",
         hidden_size: int | None = None,
@@ -112,10 +125,12 @@ class Translation(EfficientModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
-        vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
+        if pretrained is None and model_config is None:
+            vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigurationError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
         for name, beams in (("num_beams", num_beams), ("val_num_beams", val_num_beams)):
@@ -124,7 +139,16 @@ class Translation(EfficientModule):
         if bleu_batches is not None and bleu_batches < 0:
             raise ConfigurationError(f"bleu_batches={bleu_batches} must be >= 0 or None")
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
-        self.model = seq2seq_model(architecture, self.size, vocab_size, max_length, dropout)
+        self.model = self.build_model(
+            "seq2seq",
+            lambda shape: seq2seq_model(architecture, self.size, shape["vocab_size"], max_length, dropout),
+            pretrained,
+            model_config,
+            accepts=("Translation",),
+            shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length, "architecture": architecture},
+            sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
+        )
+        self.settle_vocab_size(vocab_size)
         self.val_bleu = SacreBLEUScore(tokenize="13a")
         self.test_bleu = SacreBLEUScore(tokenize="13a")
 

@@ -1,4 +1,14 @@
-"""Vision Transformer classification on small grayscale images (Fashion-MNIST 28x28 by default)."""
+"""Vision Transformer classification on small grayscale images (Fashion-MNIST 28x28 by default).
+
+With ``pretrained`` the model starts from one of our ``ViTClassifier`` checkpoints or from a
+``save_pretrained`` directory of any model ``AutoModelForImageClassification`` knows. A model
+pretrained on larger colour images (ViT-Base: 224x224 RGB, patches of 16) gets the data's images
+resized to its input size (bilinear, as its image processor) and their one channel repeated into
+three, inside :meth:`ViTClassifier.forward`: the data module stays as it is. That costs compute: at
+224x224 with patches of 16 every image is 197 tokens instead of the 50 of a 28x28 image with
+patches of 4, about 4x the FLOPs per block (and 16x in the attention scores), besides the larger
+model itself.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +33,12 @@ class ViTClassifier(EfficientModule):
     Args:
         num_labels: Number of classes; must equal the data's.
         label_names: Class names for ``predict`` output.
-        image_size: Side of the square input images; must equal the data's.
-        num_channels: Image channels (1 for grayscale).
+        pretrained: Starting weights: a ``ViTClassifier`` ``.ckpt`` (its encoder; the classifier starts
+            fresh), a ``save_pretrained`` directory or a Hugging Face hub id (a classifier head with
+            another label count starts fresh). A directory decides the architecture: leave the size
+            arguments unset; images of another size or channel count are adapted in ``forward``.
+        image_size: Side of the square images the data gives; must equal the data's.
+        num_channels: Channels of the images the data gives (1 for grayscale).
         patch_size: Side of the square patches; must divide ``image_size``.
         preset: Named size; fields below override it.
         hidden_size: Model width.
@@ -36,6 +50,8 @@ class ViTClassifier(EfficientModule):
         weight_decay: Weight decay of the default AdamW.
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        model_config: Written by the module into its checkpoints when it started from a directory;
+            leave unset.
 
     Examples:
         >>> model = ViTClassifier(num_labels=10, preset="tiny")
@@ -47,6 +63,7 @@ class ViTClassifier(EfficientModule):
         self,
         num_labels: int | None = None,
         label_names: list[str] | None = None,
+        pretrained: str | None = None,
         image_size: int = 28,
         num_channels: int = 1,
         patch_size: int = 4,
@@ -60,6 +77,7 @@ class ViTClassifier(EfficientModule):
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.1,
         lr_schedule: str = "cosine",
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
         self.save_hyperparameters()
@@ -80,7 +98,23 @@ class ViTClassifier(EfficientModule):
             attention_probs_dropout_prob=dropout,
             num_labels=num_labels,
         )
-        self.model = ViTForImageClassification(config)
+        self.model = self.build_model(
+            "image_classification",
+            lambda shape: ViTForImageClassification(config),
+            pretrained,
+            model_config,
+            accepts=("ViTClassifier",),
+            shape={**vars(self.size), "image_size": image_size, "patch_size": patch_size, "num_channels": num_channels},
+            sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
+            overrides={
+                "num_labels": num_labels,
+                "id2label": dict(enumerate(self.label_names)),
+                "label2id": {name: i for i, name in enumerate(self.label_names)},
+            },
+        )
+        side = self.model.config.image_size  # ViT's image processor resizes to the same size
+        #: ``(height, width)`` of the images the model takes (``forward`` resizes the data's to it).
+        self.model_image_size: tuple[int, int] = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
@@ -90,11 +124,26 @@ class ViTClassifier(EfficientModule):
     def count_batch(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """``(images, images x (patches + 1))``: the tokens the encoder processes, [CLS] included."""
         images = batch["pixel_values"].shape[0]
-        return images, images * ((self.hparams.image_size // self.hparams.patch_size) ** 2 + 1)
+        height, width = self.model_image_size
+        patch = self.model.config.patch_size
+        return images, images * ((height // patch) * (width // patch) + 1)
+
+    def model_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The data's images ``(B, C, H, W)`` as the model takes them: resized (bilinear) and grey repeated to RGB.
+
+        Unchanged when they already fit (our own models). The data module's standardisation stands in
+        for the image processor's normalisation (both give inputs of mean ~0 and spread ~1).
+        """
+        channels = self.model.config.num_channels
+        if pixel_values.shape[1] == 1 and channels > 1:
+            pixel_values = pixel_values.expand(-1, channels, -1, -1)  # (B, 3, H, W), no copy
+        if tuple(pixel_values.shape[-2:]) != self.model_image_size:
+            pixel_values = F.interpolate(pixel_values, size=self.model_image_size, mode="bilinear", align_corners=False)
+        return pixel_values
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, num_labels)`` of images ``(B, C, H, W)``."""
-        return self.model(pixel_values=pixel_values).logits
+        """Class logits ``(B, num_labels)`` of images ``(B, C, H, W)`` (adapted by :meth:`model_inputs`)."""
+        return self.model(pixel_values=self.model_inputs(pixel_values)).logits
 
     def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image, the gradient-norm bound of its loss (for importance sampling)."""

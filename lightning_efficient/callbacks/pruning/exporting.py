@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_efficient.architectures import AttentionView, architecture_of, block_view
+from lightning_efficient.architectures import architecture_of, attention_views, block_view
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.callbacks.pruning.masks import remove_masks
 from lightning_efficient.callbacks.pruning.structured import BlockUnits, _alive_heads, _alive_neurons, block_units
-from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.exported import load_pruned
 
 __all__ = ["export", "export_pruned", "load_pruned"]
 
@@ -93,17 +92,6 @@ def _hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _attentions(model: nn.Module) -> dict[str, AttentionView]:
-    """Every attention with separate Q, K, V projections in the known blocks of ``model``, by module path."""
-    found = {}
-    for block_name, block in model.named_modules():
-        if architecture_of(block) is not None:
-            for attention in block_view(block).attentions:
-                if not attention.fused:
-                    found[".".join(part for part in (block_name, attention.path) if part)] = attention
-    return found
-
-
 def _ffn_inputs(model: nn.Module) -> list[nn.Linear]:
     """The first FFN layer of every known block of ``model``."""
     views = [block_view(block) for _, block in model.named_modules() if architecture_of(block) is not None]
@@ -128,7 +116,7 @@ def _record_structure(hf_model: nn.Module, original: dict[str, tuple[int, int]])
         return True
     heads = {
         path: [attention.layout.heads, attention.heads]
-        for path, attention in _attentions(hf_model).items()
+        for path, attention in attention_views(hf_model).items()
         if any(names[id(linear)] in linears for linear in attention.projections)
     }
     # Try the uniform form the config can express; keep it if it rebuilds exactly these shapes.
@@ -240,56 +228,3 @@ def export(model: nn.Module, shrink: bool = True, block_paths: Sequence[str] | N
         stacklevel=2,
     )
     return export_pruned(model, shrink=shrink, block_paths=block_paths)
-
-
-def load_pruned(path: str | Path, model_class: type | None = None) -> nn.Module:
-    """Load an HF model that was :func:`export_pruned` ed and saved with ``save_pretrained``, whatever its shapes.
-
-    Builds the model from its config, resizes the Linear layers and head counts the config
-    records (``pruned_linears``, ``pruned_heads_count``; the width attribute beside a head count,
-    like BERT's ``all_head_size``, follows from the block's architecture entry), then loads the
-    saved weights. A model without such records loads with plain ``from_pretrained``.
-
-    Args:
-        path: The directory ``save_pretrained`` wrote.
-        model_class: The transformers class (default: the config's ``architectures[0]``).
-
-    Raises:
-        ConfigurationError: The saved weights do not fit the recorded shapes.
-    """
-    import transformers
-    from safetensors.torch import load_file
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = model_class or getattr(transformers, config.architectures[0])
-    linears = getattr(config, "pruned_linears", None)
-    if not linears:
-        return cls.from_pretrained(path)
-    model = cls(config)
-    attentions = _attentions(model)
-    for name, (out_features, in_features) in linears.items():
-        linear = model.get_submodule(name)
-        linear.weight = nn.Parameter(linear.weight.new_empty(out_features, in_features))
-        linear.out_features, linear.in_features = out_features, in_features
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.new_empty(out_features))
-    for name, (attribute, count) in getattr(config, "pruned_heads_count", {}).items():
-        module = model.get_submodule(name)
-        setattr(module, attribute, count)
-        attention = attentions.get(name)
-        if attention is not None and attention.layout.width_attribute is not None:
-            setattr(module, attention.layout.width_attribute, count * attention.head_size)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    tensors = model.state_dict()
-    loaded = {tensor.data_ptr() for key, tensor in tensors.items() if key in state}
-    untied = [key for key in missing if tensors[key].data_ptr() not in loaded]  # tied weights are not saved
-    if untied or unexpected:
-        raise ConfigurationError(
-            f"{path}: the saved weights do not fit the recorded shapes: missing {untied[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    return model.eval()

@@ -222,21 +222,14 @@ class QuantizedMultiheadAttention(nn.Module):
         return self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
     def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As ``nn.MultiheadAttention.forward``: ``(output, attention weights or None)``."""
-        return multihead_attention(
-            self, self._project, self.out_proj, query, key, value, key_padding_mask, need_weights, attn_mask,
-            average_attn_weights, is_causal,
-        )  # fmt: skip
+        """As ``nn.MultiheadAttention.forward``: ``(output, attention weights or None)``.
+
+        The arguments after ``value`` (``key_padding_mask``, ``need_weights``, ``attn_mask``, ...) are
+        those of ``nn.MultiheadAttention.forward``, passed to :func:`multihead_attention`.
+        """
+        return multihead_attention(self, self._project, self.out_proj, query, key, value, *args, **kwargs)
 
 
 def fake_quantized_projections(

@@ -300,31 +300,16 @@ class QuantizationAwareTraining(Technique):
         return output
 
     def _attention_forward(
-        self,
-        path: str,
-        attention: nn.MultiheadAttention,
-        forward: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
+        self, path: str, attention: nn.MultiheadAttention, forward: Any, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attention``'s forward (the arguments of ``nn.MultiheadAttention.forward``), fake-quantized while active."""
         if not self.active:
-            return forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
+            return forward(*args, **kwargs)
         inner, outer = self._quantizers[f"{path}.in_proj"], self._quantizers[f"{path}.out_proj"]
         project_in, project_out = fake_quantized_projections(
             attention, inner.activation, inner.weight, outer.activation, outer.weight
         )
-        result = multihead_attention(
-            attention, project_in, project_out, query, key, value, key_padding_mask, need_weights, attn_mask,
-            average_attn_weights, is_causal,
-        )  # fmt: skip
+        result = multihead_attention(attention, project_in, project_out, *args, **kwargs)
         inner.release()
         outer.release()
         return result

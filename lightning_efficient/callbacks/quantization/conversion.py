@@ -37,6 +37,7 @@ from lightning_efficient.callbacks.quantization.fake_quant import (
 )
 from lightning_efficient.checkpoint import load_checkpoint
 from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.exported import QUANTIZATION_FILE
 
 __all__ = [
     "QUANTIZATION_FILE",
@@ -48,7 +49,6 @@ __all__ = [
     "save_quantized",
 ]
 
-QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "quantized_model.pt"
 
 
