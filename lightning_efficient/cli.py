@@ -64,7 +64,7 @@ from lightning_efficient.checkpoint import (
     pruning_hint,
     trained_with_pruning,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError
 from lightning_efficient.models.pretrained import tokenizer_source
 
 __all__ = [
@@ -330,6 +330,7 @@ HARMLESS_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
 )
 
+
 def hide_harmless_noise() -> None:
     """Hide :data:`HARMLESS_WARNINGS` (the CLI calls it; the package's import already hid the log lines of
     :mod:`lightning_efficient.import_noise`)."""
@@ -542,6 +543,11 @@ def main(args: list[str] | None = None) -> None:
     hide_harmless_noise()
     try:
         EfficientCLI(args=None if args is None else argv, parser_kwargs={"epilog": _COMPARE_EPILOG})
+    except NonFiniteLossError as error:  # the run failed (not the command): its message says why and what to do
+        if show_traceback:
+            raise
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(1) from None
     except Exception as error:
         message = user_error_message(error)
         if message is None or show_traceback:

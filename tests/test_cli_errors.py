@@ -91,6 +91,18 @@ def test_an_error_in_a_technique_setup_is_one_message(tmp_path, monkeypatch, cap
     assert block[0].startswith("error: end_step=150 is never reached") and len(block) < 6
 
 
+def test_a_non_finite_loss_ends_the_run_with_one_message_and_status_1(tmp_path, monkeypatch, capsys):
+    """The config's NonFiniteLossGuard stops the run; the CLI says why in one message (the run failed: status 1)."""
+    monkeypatch.chdir(tmp_path)
+    training_step = BertMLM.training_step
+    monkeypatch.setattr(BertMLM, "training_step", lambda self, *a: training_step(self, *a) * float("nan"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", TINY, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"])
+    assert exit_info.value.code == 1
+    block = error_block(capsys.readouterr().err)
+    assert block[0].startswith("error: loss is nan at step 0") and "learning rate" in block[0] and len(block) < 6
+
+
 def test_short_parse_errors():
     keys = ["trainer.max_steps", "trainer.max_epochs"]
     assert short_parse_error("Subcommand 'fit' does not accept option 'trainer.max_epoch'", keys) == (
