@@ -48,6 +48,7 @@ from lightning_efficient.callbacks import LayerDrop, MagnitudePruning, export_pr
 from lightning_efficient.checkpoint import read_checkpoint_metadata
 from lightning_efficient.data.files import read_texts
 from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS, SpecialIds, find_special_ids, train_wordpiece
+from lightning_efficient.errors import CorruptCheckpointError
 from lightning_efficient.models.bert import check_pad_token, mask_tokens
 from lightning_efficient.models.pretrained import tokenizer_source
 from lightning_efficient.testing import quiet_trainer
@@ -253,6 +254,7 @@ def test_hub_id_without_network_fails_in_one_line(monkeypatch):
         (lambda root: str(root), DataError, r"is a directory without config.json"),
         (lambda root: _quantized_dir(root), ConfigurationError, r"int8 model written by save_quantized"),
         (lambda root: _marian_dir(root), ConfigurationError, r"needs the optional package sentencepiece"),
+        (lambda root: _truncated_ckpt(root), CorruptCheckpointError, r"half.ckpt' is truncated or not a checkpoint"),
     ],
 )
 def test_unusable_sources_say_why(tmp_path, make, error, message):
@@ -266,6 +268,14 @@ def _quantized_dir(root: Path) -> str:
     _distilbert_dir(root, vocab_size=50)
     (root / "quantization.json").write_text(json.dumps({"architecture": "DistilBertForMaskedLM"}))
     return str(root)
+
+
+def _truncated_ckpt(root: Path) -> str:
+    model = Translation(vocab_size=50, preset="tiny")
+    path = root / "half.ckpt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    return str(path)
 
 
 def _marian_dir(root: Path) -> str:

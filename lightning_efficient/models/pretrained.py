@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from lightning_efficient.checkpoint import checkpoint_module_class, read_tokenizer
+from lightning_efficient.checkpoint import checkpoint_module_class, load_checkpoint, read_tokenizer
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
 from lightning_efficient.exported import QUANTIZATION_FILE, apply_recorded_shapes, load_pruned
 
@@ -170,10 +169,7 @@ def resolve_pretrained(source: str | Path) -> PretrainedSource:
         return PretrainedSource(str(source), "directory", _download(str(source)))
     if kind == "directory":
         return PretrainedSource(str(source), kind, path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"pretrained={str(source)!r} cannot be read as a checkpoint: {err}") from err
+    checkpoint = load_checkpoint(path)  # a truncated or foreign file: "checkpoint <path> is truncated or not ..."
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise DataError(f"pretrained={str(source)!r} is not a Lightning checkpoint (no state_dict); {_HINT}")
     return PretrainedSource(str(source), kind, path, dict(checkpoint))
