@@ -65,9 +65,11 @@ from lightning_efficient.checkpoint import (
     trained_with_pruning,
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError
+from lightning_efficient.import_noise import hide_log_lines
 from lightning_efficient.models.pretrained import tokenizer_source
 
 __all__ = [
+    "HARMLESS_CLI_LOG_LINES",
     "HARMLESS_WARNINGS",
     "TRACEBACK_ENV",
     "EfficientCLI",
@@ -331,11 +333,18 @@ HARMLESS_WARNINGS = (
 )
 
 
+#: Log lines the CLI hides: (logger, message regex). Lightning advertises a cloud logger at every fit.
+HARMLESS_CLI_LOG_LINES = (("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),)
+
+
 def hide_harmless_noise() -> None:
-    """Hide :data:`HARMLESS_WARNINGS` (the CLI calls it; the package's import already hid the log lines of
-    :mod:`lightning_efficient.import_noise`)."""
+    """Hide :data:`HARMLESS_WARNINGS` and :data:`HARMLESS_CLI_LOG_LINES` (the CLI calls it).
+
+    The package's import already hid the log lines of :mod:`lightning_efficient.import_noise`.
+    """
     for category, message, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    hide_log_lines(HARMLESS_CLI_LOG_LINES)
 
 
 class StepProgressBar(RichProgressBar):

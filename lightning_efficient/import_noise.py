@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["HARMLESS_LOG_LINES", "DropMatching", "hide_import_noise"]
+__all__ = ["HARMLESS_LOG_LINES", "DropMatching", "hide_import_noise", "hide_log_lines"]
 
 #: (logger name, message regex) of each known-harmless line.
 HARMLESS_LOG_LINES = (
@@ -48,7 +48,12 @@ class DropMatching(logging.Filter):
 
 def hide_import_noise() -> None:
     """Drop :data:`HARMLESS_LOG_LINES` from their loggers (calling it again adds nothing)."""
-    for name, message in HARMLESS_LOG_LINES:
+    hide_log_lines(HARMLESS_LOG_LINES)
+
+
+def hide_log_lines(lines: tuple[tuple[str, str], ...]) -> None:
+    """Drop the records of each ``(logger name, message regex)`` of ``lines`` (calling it again adds nothing)."""
+    for name, message in lines:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMatching) and f.pattern.pattern == message for f in logger.filters):
             logger.addFilter(DropMatching(message))

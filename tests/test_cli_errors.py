@@ -122,6 +122,7 @@ def test_the_first_screen_has_no_known_noise(tmp_path):
     assert "| FLOPs" not in output and "┃ FLOPs" not in output  # no column of zeros (the monitor measures FLOPs)
     assert "LeafSpec" not in output and "Trainer already configured with model summary" not in output
     assert "Failed to load" not in output and "is an Enum subclass" not in output  # torchao's import (import_noise)
+    assert "litlogger" not in output  # Lightning's cloud-logger advert
 
 
 # -- checkpoints that cannot be loaded ----------------------------------------------------------------------
