@@ -41,6 +41,7 @@ from lightning_efficient import (
     MLMDataModule,
     TextClassificationDataModule,
     Translation,
+    TranslationDataModule,
     ViTClassifier,
 )
 from lightning_efficient.blocks import find_block_stacks
@@ -202,6 +203,64 @@ def test_translation_from_a_bart_directory(tmp_path):
         expected = saved.eval()(input_ids=source, labels=target).logits
         assert torch.allclose(model(source, torch.ones_like(source), target), expected, atol=1e-6)
     assert model.hparams.vocab_size == 120
+
+
+def test_translation_trains_from_a_bart_directory_with_its_tokenizer(tmp_path, user_files):
+    """A BART's layout: <s> <pad> </s> <unk> at 0..3, <mask> last, ``<s> text </s>``; padded with 1."""
+    pairs = [json.loads(line) for line in Path(user_files["pairs"]).read_text(encoding="utf-8").splitlines()]
+    tok = _roberta_layout_tokenizer([text for pair in pairs for text in (pair["src"], pair["tgt"])])
+    assert [tok.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
+    )  # fmt: skip
+    BartForConditionalGeneration(config).save_pretrained(tmp_path / "bart")
+    tok.save(str(tmp_path / "bart" / "tokenizer.json"))
+    dm = TranslationDataModule(
+        train_files=[user_files["pairs"]], source_column="src", target_column="tgt",
+        tokenizer=str(tmp_path / "bart" / "tokenizer.json"), max_length=40, batch_size=8,
+    )  # fmt: skip
+    dm.setup("fit")
+    assert dm.pad_id == 1
+    batch = next(iter(dm.train_dataloader()))
+    short = batch["attention_mask"].sum(-1).argmin()
+    assert (batch["input_ids"][short][batch["attention_mask"][short] == 0] == 1).all()  # padded with <pad> 1
+    assert (batch["input_ids"][:, 0] == 0).all()  # <s> text </s>
+    lengths = (batch["labels"] != -100).sum(-1)
+    assert lengths.min() < lengths.max()  # some targets are padded, with -100
+    for row, length in zip(batch["labels"], lengths.tolist()):
+        assert row[0] == 0 and row[length - 1] == 2 and (row[length:] == -100).all()
+    model = Translation(pretrained=str(tmp_path / "bart"), max_length=40, bleu_batches=0)
+    assert model.model.config.decoder_start_token_id == 2 and model.model.config.pad_token_id == 1
+    with torch.no_grad():
+        loss = model._loss(batch, 0.0)
+    assert torch.isfinite(loss)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert model.tokenizer.token_to_id("<pad>") == 1
+    assert isinstance(model.generate(batch["input_ids"][:2], batch["attention_mask"][:2]), list)
+
+
+def test_translation_refuses_a_tokenizer_whose_pad_is_not_the_models(tmp_path, user_files):
+    pairs = [json.loads(line) for line in Path(user_files["pairs"]).read_text(encoding="utf-8").splitlines()]
+    tok = _roberta_layout_tokenizer([text for pair in pairs for text in (pair["src"], pair["tgt"])])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    dm = TranslationDataModule(
+        train_files=[user_files["pairs"]], source_column="src", target_column="tgt",
+        tokenizer=str(tmp_path / "tokenizer.json"), max_length=40, batch_size=8,
+    )  # fmt: skip
+    model = Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=40)  # ours: <pad> 0, </s> 1
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match=r"'<pad>' at id 1 but the model's config has pad_token_id=0"):
+        trainer.fit(model, dm)
+    tok.post_processor = processors.TemplateProcessing(single="$A")  # no </s> at the end
+    tok.save(str(tmp_path / "unframed.json"))
+    unframed = TranslationDataModule(train_files=[user_files["pairs"]], tokenizer=str(tmp_path / "unframed.json"))
+    with pytest.raises(ConfigurationError, match=r"encodes an empty text as \[\], which does not end with '</s>'"):
+        _ = unframed.tokenizer
 
 
 # -- our checkpoints -----------------------------------------------------------------------------

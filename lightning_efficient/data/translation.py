@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from lightning_efficient.data.base import TextDataModule
 from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts
 from lightning_efficient.data.text import pad_batch
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError, DataError
+
+_PAD, _EOS = "<pad>", "</s>"
 
 __all__ = ["TranslationDataModule"]
 
@@ -24,7 +28,8 @@ class TranslationDataModule(TextDataModule):
     Pairs whose source or target exceeds ``max_length`` tokens are left out of training and
     evaluation (Bible verses are long-tailed); ``predict`` truncates instead. Batches are
     ``{"input_ids", "attention_mask", "labels", "source_text", "target_text"}`` where
-    ``labels`` holds the target ids padded with -100.
+    ``labels`` holds the target ids padded with -100 and ``input_ids`` is padded with the
+    tokenizer's ``<pad>`` id (:attr:`pad_id`).
 
     Args:
         train_files: jsonl / csv files of pairs; default: the embedded en-fr verse pairs.
@@ -36,9 +41,10 @@ class TranslationDataModule(TextDataModule):
         max_val_samples: Cap on validation / test pairs (BLEU needs generation, which is slow).
         predict_files: Source sentences to translate (txt, jsonl or csv, ``source_column``);
             default: the validation sources.
-        tokenizer: A ``tokenizer.json`` with ``<pad> </s> <unk>`` at ids 0..2 (a public BART's or
-            Marian's is refused for now) or a checkpoint of ours; default: train a shared BPE
-            vocabulary on both sides of the training pairs (cached).
+        tokenizer: A ``tokenizer.json`` with ``<pad>`` and ``</s>`` tokens at any ids that ends every
+            text with ``</s>`` (ours: ``<pad> </s> <unk>`` at ids 0..2 and ``text </s>``; a public
+            BART's: ``<s> text </s>``, padded with its ``<pad>`` 1) or a checkpoint of ours;
+            default: train a shared BPE vocabulary on both sides of the training pairs (cached).
         vocab_size: Target size of a newly trained vocabulary.
         max_length: Longest source or target in tokens, ``</s>`` included.
         batch_size: Pairs per batch.
@@ -83,6 +89,34 @@ class TranslationDataModule(TextDataModule):
         self._pairs: dict[str, list[tuple[str, str]]] = {}
         self.splits: dict[str, list[tuple[list[int], list[int], str, str]]] = {}
 
+    def check_tokenizer(self, tokenizer: Tokenizer, source: str) -> None:
+        """Fail unless ``tokenizer`` has ``<pad>`` and ``</s>`` tokens (at any ids) and ends every text with ``</s>``.
+
+        Raises:
+            ConfigurationError: A token is missing, or the tokenizer does not end a text with ``</s>``.
+        """
+        missing = [token for token in (_PAD, _EOS) if tokenizer.token_to_id(token) is None]
+        if missing:
+            raise ConfigurationError(
+                f"tokenizer from {source!r} has no {' or '.join(repr(t) for t in missing)} token; translation "
+                f"needs padding and end tokens named {_PAD!r} and {_EOS!r} (at any ids), as ours "
+                f"{list(MT_SPECIAL_TOKENS)} at ids 0..{len(MT_SPECIAL_TOKENS) - 1} or a BART's"
+            )
+        framed = tokenizer.encode("").ids
+        if framed[-1:] != [tokenizer.token_to_id(_EOS)]:
+            raise ConfigurationError(
+                f"tokenizer from {source!r} encodes an empty text as {framed}, which does not end with {_EOS!r}; "
+                "it needs a post-processor that ends every text with its end token"
+            )
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with: the tokenizer's ``<pad>`` (0 in our own tokenizers)."""
+        pad_id = self.tokenizer.token_to_id(_PAD)
+        if pad_id is None:  # a trained tokenizer always has one; a given one is checked on load
+            raise ConfigurationError(f"the tokenizer from {self.tokenizer_source!r} has no {_PAD!r} token")
+        return pad_id
+
     def _read_pairs(self, files: Sequence[str]) -> list[tuple[str, str]]:
         pairs: list[tuple[str, str]] = []
         for file in files:
@@ -123,8 +157,8 @@ class TranslationDataModule(TextDataModule):
             raise DataError(f"no training pair of {self.train_files} fits max_length={self.max_length} tokens")
 
     def _collate(self, examples: list[tuple[list[int], list[int], str, str]]) -> dict[str, Any]:
-        input_ids, attention_mask = pad_batch([src for src, _, _, _ in examples])
-        targets, target_mask = pad_batch([tgt for _, tgt, _, _ in examples])
+        input_ids, attention_mask = pad_batch([src for src, _, _, _ in examples], self.pad_id)
+        targets, target_mask = pad_batch([tgt for _, tgt, _, _ in examples], self.pad_id)
         labels = targets.masked_fill(target_mask == 0, -100)
         return {
             "input_ids": input_ids,
@@ -135,7 +169,7 @@ class TranslationDataModule(TextDataModule):
         }
 
     def _collate_predict(self, texts: list[str]) -> dict[str, Any]:
-        input_ids, attention_mask = pad_batch(self._encode(texts))
+        input_ids, attention_mask = pad_batch(self._encode(texts), self.pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "source_text": texts}
 
     def predict_dataloader(self):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torchmetrics.text import SacreBLEUScore
 from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, PreTrainedModel
 
@@ -19,7 +20,7 @@ from lightning_efficient.losses import cross_entropy_gradient_norms, importance_
 from lightning_efficient.models.base import EfficientModule, require_argument
 from lightning_efficient.models.presets import ModelSize, resolve_size
 
-__all__ = ["ARCHITECTURES", "Translation", "seq2seq_model"]
+__all__ = ["ARCHITECTURES", "Translation", "check_special_ids", "seq2seq_model"]
 
 ARCHITECTURES = ("marian", "bart")
 PAD_ID, EOS_ID = MT_SPECIAL_TOKENS.index("<pad>"), MT_SPECIAL_TOKENS.index("</s>")
@@ -59,6 +60,33 @@ def seq2seq_model(
         config = BartConfig(**common, bos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, forced_bos_token_id=None)
         return BartForConditionalGeneration(config)
     raise ConfigurationError(f"architecture={architecture!r} is unknown; choose one of: {', '.join(ARCHITECTURES)}")
+
+
+def check_special_ids(model: PreTrainedModel, tokenizer: Tokenizer) -> None:
+    """Fail when ``tokenizer``'s ``<pad>`` or ``</s>`` id differs from ``model``'s ``pad_token_id`` / ``eos_token_id``.
+
+    The model builds its decoder inputs by shifting the labels right behind ``decoder_start_token_id``
+    and filling the ignored (-100) positions with ``pad_token_id``, and generation stops at
+    ``eos_token_id``: both must be the tokenizer's. Our own models have ``<pad>`` 0 and ``</s>`` 1,
+    a public BART ``<pad>`` 1 and ``</s>`` 2.
+
+    Raises:
+        ConfigurationError: An id differs (or the tokenizer lacks the token).
+
+    Examples:
+        >>> from lightning_efficient.models.presets import PRESETS
+        >>> from lightning_efficient.data.tokenizers import train_shared_bpe
+        >>> tok = train_shared_bpe(["le chat", "the cat"] * 10, vocab_size=40, show_progress=False)
+        >>> check_special_ids(seq2seq_model("bart", PRESETS["tiny"], 40, 16, 0.0), tok)  # ours: 0 and 1
+    """
+    for token, name in (("<pad>", "pad_token_id"), ("</s>", "eos_token_id")):
+        configured, actual = getattr(model.config, name, None), tokenizer.token_to_id(token)
+        if configured is not None and configured != actual:
+            raise ConfigurationError(
+                f"the tokenizer has {token!r} at id {actual} but the model's config has {name}={configured}; "
+                "give the data module the tokenizer that came with the model (its tokenizer.json), or, for a new "
+                f"model, a tokenizer with {list(MT_SPECIAL_TOKENS)} at ids 0..{len(MT_SPECIAL_TOKENS) - 1}"
+            )
 
 
 class Translation(EfficientModule):
@@ -151,6 +179,12 @@ class Translation(EfficientModule):
         self.settle_vocab_size(vocab_size)
         self.val_bleu = SacreBLEUScore(tokenize="13a")
         self.test_bleu = SacreBLEUScore(tokenize="13a")
+
+    def setup(self, stage: str) -> None:
+        """Take the data's tokenizer (:class:`EfficientModule`) and check its padding and end ids against the model's."""
+        super().setup(stage)
+        if self.tokenizer is not None:
+            check_special_ids(self.model, self.tokenizer)
 
     def data_requirements(self) -> dict[str, Any]:
         return {"vocab_size": self.hparams.vocab_size}
