@@ -327,7 +327,9 @@ class NonFiniteLossGuard(pl.Callback):
         if finite:
             return
         value = loss.detach().float()
-        shown = "nan" if bool(value.isnan().any()) else "inf" if bool(value.isinf().any()) else "not finite"
+        shown = (
+            "nan" if bool(value.isnan().any()) else "inf" if bool(value.isinf().any()) else "not finite on another rank"
+        )
         rates = _learning_rates(trainer)
         rate = f"the learning rate ({max(rates)})" if rates else "the learning rate"
         raise NonFiniteLossError(

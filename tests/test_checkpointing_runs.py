@@ -271,3 +271,48 @@ def test_an_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path
 def test_last_checkpoint_checks_its_argument():
     with pytest.raises(ConfigurationError, match=r"every_n_train_steps=0 must be an integer >= 1"):
         LastCheckpoint(every_n_train_steps=0)
+
+
+# -- 5. + 6. on DDP with 2 CPU processes -------------------------------------------------------
+DDP_TIMEOUT_S = 240
+
+
+def test_two_ddp_processes_resume_each_rank_random_states_and_stop_together_on_a_nan(tmp_path):
+    """One 2-process gloo launch of ``safeguards_worker.py`` under a hard timeout, so a hang fails.
+
+    Each rank draws its own dropout masks. Resumed at step 3, the run ends bit-identical to the
+    uninterrupted one on both ranks; a checkpoint holding rank 0's states only does not (the
+    control: each rank needs its own states back). A loss that is ``nan`` on rank 1 only stops
+    both ranks at the same step, before that step's update.
+    """
+    worker = Path(__file__).parent / "safeguards_worker.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    try:
+        result = subprocess.run([sys.executable, str(worker), str(tmp_path)], check=False, env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=DDP_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"the 2-process run hung for {DDP_TIMEOUT_S} s:\n{expired.stderr}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def load(name: str) -> list[dict]:
+        return [torch.load(tmp_path / f"{name}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+    whole, broken, resumed, one_state = load("whole"), load("broken"), load("resumed"), load("one_state")
+    assert [r["world_size"] for r in whole] == [2, 2] and [r["steps"] for r in broken] == [3, 3]
+    states = torch.load(tmp_path / "broken" / "last.ckpt", weights_only=True)["callbacks"]["RandomStates"]["ranks"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # each rank's own
+    for rank in (0, 1):
+        assert whole[rank]["steps"] == resumed[rank]["steps"] == one_state[rank]["steps"] == 8
+        assert _same_weights(resumed[rank]["weights"], whole[rank]["weights"]), f"rank {rank}"
+        assert not _same_weights(one_state[rank]["weights"], whole[rank]["weights"]), f"rank {rank}"
+    assert _same_weights(whole[0]["weights"], whole[1]["weights"])  # DDP keeps the ranks in step
+    assert _same_weights(_weights(tmp_path / "resumed" / "last.ckpt"), _weights(tmp_path / "whole" / "last.ckpt"))
+
+    nan = load("nan")
+    for rank in (0, 1):
+        assert nan[rank]["error"] is not None, f"rank {rank} did not stop"
+        assert nan[rank]["steps"] == 2 and nan[rank]["training_steps"] == 3  # stopped at step 2, before its update
+        assert " at step 2 (epoch 0, batch 2)" in nan[rank]["error"]
+    assert nan[1]["error"].startswith("loss is nan at step 2")  # the rank whose loss is nan names it
+    assert nan[0]["error"].startswith("loss is not finite on another rank at step 2")  # the other rank says so
