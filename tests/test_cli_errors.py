@@ -181,7 +181,9 @@ def test_the_cli_names_the_pruning_fragment_for_a_pruned_checkpoint(tmp_path, mo
 
 def test_a_trainer_without_pruning_names_it_for_a_pruned_checkpoint():
     """The Python API: Lightning's 'Unexpected key(s) ... weight_mask' becomes a hint (strict loading only)."""
-    model = BertMLM.load_from_checkpoint(PRUNED, strict=False)  # no Trainer: the caller chose to drop the masks
+    with pytest.raises(CheckpointMismatchError, match=PRUNING_HINT):
+        BertMLM.load_from_checkpoint(PRUNED)  # no Trainer, strict: the same hint
+    model = BertMLM.load_from_checkpoint(PRUNED, strict=False)  # the caller chose to drop the masks
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
     with pytest.raises(CheckpointMismatchError, match=PRUNING_HINT):
         trainer.validate(model, dataloaders=torch.utils.data.DataLoader([0]), ckpt_path=PRUNED, verbose=False)

@@ -257,6 +257,16 @@ class EfficientModule(pl.LightningModule):
             if self.built_from_config:  # rebuilds the same architecture (and pruned shapes) without the source
                 hyper_parameters["model_config"] = self.model.config.to_dict()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; strict loading of pruning masks this module lacks names the fix.
+
+        Without it, ``load_from_checkpoint`` of a pruned checkpoint fails with torch's "Unexpected
+        key(s) ... weight_mask" (:func:`~lightning_efficient.checkpoint.check_pruning_masks`).
+        """
+        if strict:
+            check_pruning_masks({"state_dict": state_dict}, self.state_dict())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = read_metadata(checkpoint)
         if meta is None:
