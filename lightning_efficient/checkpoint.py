@@ -27,10 +27,7 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
@@ -41,6 +38,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
+from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.errors import CheckpointMismatchError, CorruptCheckpointError, DataError
 
 __all__ = [
@@ -329,16 +327,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
-            raise
+        write_atomically(path, lambda file: torch.save(checkpoint, file), sync=True)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.errors import ConfigurationError
 
 __all__ = ["FlopCounter", "count_flops", "device_name", "measure_peak_flops", "transformer_flops"]
@@ -450,10 +451,7 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     peak = 2 * n**3 / best
     cached[key] = peak
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(cached, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, json.dumps(cached, indent=1, sort_keys=True))
     except OSError as err:
         warnings.warn(f"could not cache the measured peak in {path}: {err}", stacklevel=2)
     return peak

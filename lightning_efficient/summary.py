@@ -55,11 +55,11 @@ Examples:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
+from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.errors import DataError
 
 __all__ = [
@@ -245,13 +245,7 @@ def write_summary(path_or_dir: str | Path, summary: Mapping[str, Any]) -> Path:
     if path.is_dir():
         path = path / SUMMARY_FILE
     text = json.dumps(_check(dict(summary), str(path)), indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, text)
     return path
 
 

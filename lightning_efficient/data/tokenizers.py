@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import string
-import tempfile
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.checkpoint import CHECKPOINT_KEY, checkpoint_tokenizer
 from lightning_efficient.errors import ConfigurationError, DataError
 
@@ -61,7 +61,6 @@ SPECIAL_TOKEN_NAMES: dict[str, tuple[str, ...]] = {
 }
 _FORMAT_VERSION = "2"  # 2: deterministic WordPiece ids (0.3.0)
 _CACHE_ENV = "LIGHTNING_EFFICIENT_CACHE"
-_FILE_MODE = 0o644
 _DIR_MODE = 0o755
 
 
@@ -199,7 +198,8 @@ def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeni
             warnings.warn(f"cached tokenizer {str(path)!r} cannot be loaded ({err}); training it again", stacklevel=2)
     tokenizer = _TRAINERS[kind](texts, vocab_size)
     try:
-        _write_atomically(path, tokenizer.to_str())
+        _make_dirs(path.parent)
+        write_atomically(path, tokenizer.to_str())
     except OSError as err:
         warnings.warn(
             f"cannot write the tokenizer cache in {str(path.parent)!r} ({err}); going on without caching. "
@@ -207,27 +207,6 @@ def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeni
             stacklevel=2,
         )
     return tokenizer
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (mode 0644) through a temporary file in the same directory.
-
-    A concurrent reader never sees half a file, and a crash leaves no half-written cache entry.
-    Directories that do not exist yet are created with mode 0755.
-    """
-    _make_dirs(path.parent)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.write(text)
-            os.fchmod(tmp.fileno(), _FILE_MODE)  # mkstemp creates 0600: others could not read the cache
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    try:
-        os.replace(tmp.name, path)
-    except BaseException:
-        os.unlink(tmp.name)
-        raise
 
 
 def _make_dirs(directory: Path) -> None:
