@@ -19,6 +19,7 @@ hide_import_noise()  # before transformers imports torchao (see import_noise)
 from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.callbacks import (
     ActivationCheckpointing,
+    Distillation,
     ImportanceSampling,
     LayerDrop,
     LRScaling,
@@ -37,9 +38,11 @@ from lightning_efficient.data import (
     BROWN_PROSE,
     ImageClassificationDataModule,
     MLMDataModule,
+    PosLexicon,
     ResumableDataLoader,
     ResumableSampler,
     TextClassificationDataModule,
+    TransferSetAugmentation,
     TranslationDataModule,
 )
 from lightning_efficient.errors import (
@@ -51,7 +54,7 @@ from lightning_efficient.errors import (
     NoTargetModulesError,
 )
 from lightning_efficient.flops import FlopCounter, count_flops, transformer_flops
-from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, Translation, ViTClassifier
+from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, BiLSTMClassifier, Translation, ViTClassifier
 from lightning_efficient.monitor import EfficiencyMonitor
 from lightning_efficient.optim import LAMB, Lion
 from lightning_efficient.predictions import JsonlPredictionWriter
@@ -69,11 +72,13 @@ __all__ = [
     "AtomicCheckpointIO",
     "BertClassifier",
     "BertMLM",
+    "BiLSTMClassifier",
     "BlockStack",
     "CheckpointMismatchError",
     "ConfigurationError",
     "CorruptCheckpointError",
     "DataError",
+    "Distillation",
     "EfficiencyMonitor",
     "FlopCounter",
     "ImageClassificationDataModule",
@@ -88,6 +93,7 @@ __all__ = [
     "NoTargetModulesError",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "PosLexicon",
     "ProgressiveStacking",
     "QuantizationAwareTraining",
     "RandomStates",
@@ -97,6 +103,7 @@ __all__ = [
     "TensorParallelStrategy",
     "TextClassificationDataModule",
     "TokenDropping",
+    "TransferSetAugmentation",
     "Translation",
     "TranslationDataModule",
     "TrustRatioMonitor",

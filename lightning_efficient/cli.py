@@ -457,9 +457,16 @@ class EfficientCLI(LightningCLI):
         if data is None or model is None or not getattr(data, "class_path", None):
             return
         data_cls = _import_class(data.class_path)
+        inner = data.init_args.get("datamodule") if _accepts(data_cls, "datamodule") else None
+        if getattr(inner, "class_path", None):  # a wrapper (TransferSetAugmentation): its inner module reads the text
+            data, data_cls = inner, _import_class(inner.class_path)
         if not _accepts(data_cls, "tokenizer") or data.init_args.get("tokenizer"):
             return
-        pretrained = model.init_args.get("pretrained") or model.init_args.get("pretrained_checkpoint")
+        pretrained = (  # the weights the model starts from bring their tokenizer (a BiLSTM: its embeddings')
+            model.init_args.get("pretrained")
+            or model.init_args.get("pretrained_checkpoint")
+            or model.init_args.get("embeddings_from")
+        )
         source = config.get("ckpt_path") or tokenizer_source(pretrained)  # a .ckpt, or a directory's tokenizer.json
         if source and is_distributed_checkpoint(source):
             source = Path(source) / DISTRIBUTED_METADATA  # a tensor-parallel checkpoint: its metadata file
@@ -499,7 +506,10 @@ class EfficientCLI(LightningCLI):
                 k for k, v in model_cfg.init_args.items() if v is None and k in provided and _accepts(model_cls, k)
             ]
             if unset:  # none, e.g., in predict --ckpt_path: the checkpoint's hyperparameters already set them
-                datamodule = data_cls(**data_cfg.init_args.as_dict())
+                # Through the parser, so nested classes (TransferSetAugmentation's datamodule) are built too;
+                # that dumps the config before the model's arguments are filled: drop the stale dump.
+                datamodule = self._parser(self.config.get("subcommand")).instantiate(Namespace(data=data_cfg)).data
+                self.__dict__.pop("config_dump", None)
                 for name, value in datamodule.model_arguments().items():
                     if name in unset:
                         model_cfg.init_args[name] = value

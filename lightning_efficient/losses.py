@@ -23,6 +23,17 @@ your own LightningModule can take part by following the same three rules:
    says which while its encoder runs: the attribute :data:`PREDICTED_POSITIONS`
    (``predicted_positions``), a ``(B, T)`` bool tensor, True where the loss predicts, None otherwise
    (:func:`predicting` sets and clears it). Token dropping never drops those positions.
+4. **Soft targets (distillation).** A module that can be distilled, as teacher or student, has
+   ``distillation_logits(batch) -> Tensor (M, C)``: the logits its training loss is computed from,
+   one row per prediction, in the order its loss sees them (a classifier: one row per example; a
+   masked LM: its predicted positions, row-major; translation: its target tokens, row-major),
+   computed from the batch alone. A model whose training step draws random inputs (the masked LM's
+   masks) first draws them into the batch in ``fix_random_inputs(batch)``, so teacher and student
+   see the same inputs. A distillation technique puts the teacher's :class:`SoftTargets` into the
+   batch under :data:`SOFT_TARGETS_KEY`; the student's loss goes through :func:`classification_loss`
+   or :func:`prediction_losses`, which take them out and return the distillation loss of each row
+   instead of its cross-entropy. Examples without a gold label (augmented ones) carry
+   :data:`MISSING_LABEL`; a technique that labels them says so with ``fills_missing_labels = True``.
 
 Examples:
     >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,17 +62,22 @@ from torch import nn
 from lightning_efficient.errors import ConfigurationError
 
 __all__ = [
+    "MISSING_LABEL",
     "PADDED_KEYS",
     "PREDICTED_POSITIONS",
     "SCORES_KEY",
     "SCORE_REQUEST_KEY",
+    "SOFT_TARGETS_KEY",
     "WEIGHTS_KEY",
+    "SoftTargets",
     "classification_loss",
     "cross_entropy_gradient_norms",
     "importance_weighted_loss",
     "is_importance_batch",
     "predicting",
+    "prediction_losses",
     "row_gradient_norms",
+    "take_soft_targets",
 ]
 
 #: Batch key of the drawn examples' loss weights ``1 / (B p_i)``, put in by the callback, taken out by
@@ -76,6 +93,38 @@ PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", 
 #: Name of the module attribute holding, while the encoder runs, the ``(B, T)`` bool mask of the
 #: positions the loss predicts (None otherwise).
 PREDICTED_POSITIONS = "predicted_positions"
+#: Label of an example without a gold label (an augmented transfer-set example): cross-entropy ignores it.
+MISSING_LABEL = -100
+#: Batch key of the teacher's :class:`SoftTargets`, put in by a distillation technique, taken out by the loss.
+SOFT_TARGETS_KEY = "soft_targets"
+
+
+@dataclass
+class SoftTargets:
+    """A teacher's logits for the rows of a training step, and the loss that compares a student's with them.
+
+    Attributes:
+        logits: ``(M, C)`` the teacher's :meth:`distillation_logits` of the batch.
+        loss: ``(student (M, C), teacher (M, C), targets (M,)) -> (M,)``: the loss of each row (the
+            distillation technique's mix of soft and hard terms, in float32).
+    """
+
+    logits: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def row_losses(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of each row of ``student_logits`` against the teacher's.
+
+        Raises:
+            ConfigurationError: The student predicts other rows or classes than the teacher.
+        """
+        if student_logits.shape != self.logits.shape:
+            raise ConfigurationError(
+                f"the student's logits have shape {tuple(student_logits.shape)} but the teacher's "
+                f"{tuple(self.logits.shape)}: teacher and student must predict the same rows (same inputs, same "
+                "predicted positions) over the same classes"
+            )
+        return self.loss(student_logits, self.logits.to(student_logits.device), targets)
 
 
 @torch.no_grad()
@@ -195,17 +244,53 @@ def importance_weighted_loss(
     return losses.sum() / counted.clamp(min=torch.finfo(losses.dtype).tiny)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) -> torch.Tensor:
-    """The cross-entropy training loss of one prediction per example, following the protocol.
+def take_soft_targets(batch: Any) -> SoftTargets | None:
+    """Take the teacher's :class:`SoftTargets` out of a dict batch (None when no technique put any there)."""
+    return batch.pop(SOFT_TARGETS_KEY, None) if isinstance(batch, MutableMapping) else None
 
-    The plain mean cross-entropy (in float32), or, for a batch a technique weighted or asked scores
-    of (:func:`is_importance_batch`), :func:`importance_weighted_loss` of the per-example losses
-    with :func:`cross_entropy_gradient_norms` as the scores.
+
+def prediction_losses(
+    logits: torch.Tensor, targets: torch.Tensor, batch: Any, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The loss of each prediction of a training step: the distillation loss when a teacher's soft targets are in the batch.
+
+    Args:
+        logits: ``(M, C)`` the student's logits, one row per prediction (with their graph).
+        targets: ``(M,)`` classes (:data:`MISSING_LABEL` where there is none).
+        batch: The training step's batch; :data:`SOFT_TARGETS_KEY` is taken out of it.
+        label_smoothing: Of the plain cross-entropy (not of a distillation loss).
+
+    Returns:
+        ``(M,)`` float32 losses; a row with :data:`MISSING_LABEL` and no teacher has loss 0.
+
+    Examples:
+        >>> logits, targets = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, MISSING_LABEL])
+        >>> [round(x, 4) for x in prediction_losses(logits, targets, {}).tolist()]
+        [0.1269, 0.0]
+        >>> mse = SoftTargets(torch.zeros(2, 2), lambda s, t, y: (s - t).square().mean(-1))
+        >>> prediction_losses(logits, targets, {SOFT_TARGETS_KEY: mse}).tolist()
+        [2.0, 2.0]
+    """
+    soft = take_soft_targets(batch)
+    if soft is not None:
+        return soft.row_losses(logits, targets)
+    return F.cross_entropy(
+        logits.float(), targets, ignore_index=MISSING_LABEL, reduction="none", label_smoothing=label_smoothing
+    )
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The training loss of one prediction per example, following the protocol.
+
+    The plain mean cross-entropy (in float32); the mean distillation loss when a teacher's soft
+    targets are in the batch (:func:`prediction_losses`); for a batch a technique weighted or asked
+    scores of (:func:`is_importance_batch`), :func:`importance_weighted_loss` of the per-example
+    losses with :func:`cross_entropy_gradient_norms` as the scores.
 
     Args:
         logits: ``(N, C)`` class logits (with their graph).
         labels: ``(N,)`` classes.
-        batch: The training step's batch (weights are taken out of a dict batch).
+        batch: The training step's batch (weights and soft targets are taken out of a dict batch).
 
     Examples:
         >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
@@ -214,9 +299,12 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) 
         >>> torch.allclose(plain, weighted), torch.allclose(plain, F.cross_entropy(logits, labels))
         (True, True)
     """
-    if not is_importance_batch(batch):
+    importance = is_importance_batch(batch)
+    if not importance and not (isinstance(batch, MutableMapping) and SOFT_TARGETS_KEY in batch):
         return F.cross_entropy(logits.float(), labels)
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    losses = prediction_losses(logits, labels, batch)
+    if not importance:
+        return losses.mean()
     return importance_weighted_loss(losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, labels))
 
 

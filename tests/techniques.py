@@ -214,6 +214,13 @@ CASES: list[TechniqueCase] = [
         unsupported=lambda: Translation(vocab_size=500, preset="tiny", max_length=40),
         expected_error=ConfigurationError,
     ),
+    TechniqueCase(
+        id="distillation",  # the student's own start as a frozen teacher ("self"), KL at T=2 mixed half with the labels
+        build=lambda: callbacks.Distillation(teacher="self", loss="kl", temperature=2.0, alpha=0.5),
+        yaml=(TECHNIQUE_CONFIGS / "distillation.yaml").read_text(),  # its placeholder teacher is only read at fit
+        interrupt_at=(3, 4),  # mid-epoch, epoch end (the teacher is copied again from the restarted student)
+        expected_error=ConfigurationError,  # a model without distillation_logits
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ Examples:
 """
 
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_efficient.callbacks.distillation import Distillation
 from lightning_efficient.callbacks.importance_sampling import ImportanceSampling, importance_weighted_loss
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.lr_scaling import LRScaling
@@ -21,6 +22,7 @@ from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 
 __all__ = [
     "ActivationCheckpointing",
+    "Distillation",
     "ImportanceSampling",
     "LRScaling",
     "LayerDrop",

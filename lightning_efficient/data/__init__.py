@@ -1,5 +1,6 @@
 """DataModules over the embedded corpora (or a user's files) and the tokenizers they train."""
 
+from lightning_efficient.data.augmentation import PosLexicon, TransferSetAugmentation
 from lightning_efficient.data.base import EfficientDataModule, TextDataModule
 from lightning_efficient.data.images import FASHION_MNIST_LABELS, ImageClassificationDataModule
 from lightning_efficient.data.sampling import ResumableDataLoader, ResumableSampler
@@ -12,9 +13,11 @@ __all__ = [
     "EfficientDataModule",
     "ImageClassificationDataModule",
     "MLMDataModule",
+    "PosLexicon",
     "ResumableDataLoader",
     "ResumableSampler",
     "TextClassificationDataModule",
     "TextDataModule",
+    "TransferSetAugmentation",
     "TranslationDataModule",
 ]

@@ -15,8 +15,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_efficient.checkpoint import (
     check_module,
@@ -159,6 +161,9 @@ class EfficientModule(pl.LightningModule):
 
     #: Whether the model needs a tokenizer (text models) in its checkpoints.
     needs_tokenizer: bool = False
+    #: What the model predicts, as a key of :data:`~lightning_efficient.models.pretrained.AUTO_CLASSES`
+    #: (``"masked_lm"``, ``"sequence_classification"``, ``"seq2seq"``, ``"image_classification"``).
+    task: str | None = None
 
     def __init__(self, learning_rate: float, weight_decay: float, warmup_fraction: float, lr_schedule: str) -> None:
         super().__init__()
@@ -219,6 +224,45 @@ class EfficientModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean())
         return loss
+
+    def add_classification_metrics(self, num_labels: int) -> None:
+        """Create the validation and test metrics of a classifier: micro accuracy and macro F1 over ``num_labels``.
+
+        They are the ``val_accuracy``, ``val_f1``, ``test_accuracy`` and ``test_f1`` attributes that
+        :meth:`classification_eval_step` updates.
+        """
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_accuracy", MulticlassAccuracy(num_classes=num_labels, average="micro"))
+            setattr(self, f"{stage}_f1", MulticlassF1Score(num_classes=num_labels, average="macro"))
+
+    def classification_eval_step(self, logits: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
+        """The validation or test step of a classifier from its logits ``(N, C)``.
+
+        Logs ``{stage}/loss`` (cross-entropy), ``{stage}/accuracy`` and ``{stage}/f1`` (macro), with the
+        metrics of :meth:`add_classification_metrics`; ``stage`` is ``"val"`` or ``"test"``.
+        """
+        accuracy, f1 = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_f1")
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        accuracy(logits, batch["labels"])
+        f1(logits, batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=True)
+        self.log(f"{stage}/f1", f1)
+
+    def classification_predictions(self, logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The predict output of a classifier: per text of ``batch["text"]``, its label name and class probabilities.
+
+        The names are the module's ``label_names``.
+        """
+        probabilities = logits.float().softmax(-1)
+        return [
+            {
+                "text": text,
+                "label": self.label_names[int(p.argmax())],
+                "probabilities": dict(zip(self.label_names, p.tolist())),
+            }
+            for text, p in zip(batch["text"], probabilities)
+        ]
 
     # -- optimizer ------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

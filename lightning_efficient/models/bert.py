@@ -23,17 +23,18 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from lightning_efficient.checkpoint import read_metadata, write_metadata
 from lightning_efficient.data.tokenizers import BERT_SPECIAL_IDS, BERT_SPECIAL_TOKENS, SpecialIds, find_special_ids
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.losses import (
+    SOFT_TARGETS_KEY,
     cross_entropy_gradient_norms,
     importance_weighted_loss,
     is_importance_batch,
     predicting,
+    prediction_losses,
     row_gradient_norms,
 )
 from lightning_efficient.models.base import (
@@ -239,6 +240,7 @@ class BertMLM(EfficientModule):
     """
 
     needs_tokenizer = True
+    task = "masked_lm"
 
     #: While :meth:`masked_logits` runs the encoder: ``(B, T)`` bool, True where the loss predicts
     #: (``labels != -100``); None otherwise (the protocol of :mod:`lightning_efficient.losses`).
@@ -338,15 +340,35 @@ class BertMLM(EfficientModule):
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         return F.cross_entropy(logits.float(), targets), logits, targets
 
-    def _importance_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``_step`` for a batch of :class:`~lightning_efficient.ImportanceSampling`: the weighted token mean."""
-        if "mlm_labels" in batch:  # the masks the examples were scored with
-            masked, labels = batch["mlm_input_ids"], batch["mlm_labels"]
-        else:
+    def fix_random_inputs(self, batch: dict[str, torch.Tensor]) -> None:
+        """Draw this step's masks into the batch (``mlm_input_ids``, ``mlm_labels``) unless they are there.
+
+        The training step then predicts with them, and a teacher (:class:`~lightning_efficient.Distillation`)
+        sees the same masked inputs (the loss protocol, rule 4).
+        """
+        if "mlm_labels" not in batch:
             masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], self.mask_generator)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+
+    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits ``(M, V)`` at the batch's predicted positions (drawn by :meth:`fix_random_inputs`), row-major.
+
+        With ``head_on_masked_only`` the vocabulary head runs on those positions only, so a teacher's
+        forward costs what the student's masked positions cost.
+        """
+        self.fix_random_inputs(batch)
+        return self.masked_logits(batch["mlm_input_ids"], batch["attention_mask"], batch["mlm_labels"])[0]
+
+    def _importance_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_step`` following the loss protocol: the masks in the batch, importance weights, a teacher's soft targets.
+
+        The loss is the (weighted) token mean of :func:`~lightning_efficient.losses.prediction_losses`.
+        """
+        self.fix_random_inputs(batch)  # the masks the examples were scored with, or the teacher saw
+        masked, labels = batch["mlm_input_ids"], batch["mlm_labels"]
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
         rows, examples = (labels != -100).nonzero()[:, 0], labels.shape[0]
-        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        token_losses = prediction_losses(logits, targets, batch)
         loss = importance_weighted_loss(
             token_losses.new_zeros(examples).index_add(0, rows, token_losses),
             batch,
@@ -361,13 +383,14 @@ class BertMLM(EfficientModule):
         Draws the examples' masks (stored in the batch as ``mlm_input_ids`` / ``mlm_labels``, so the
         training step trains the drawn examples with the masks they were scored with).
         """
-        masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], self.mask_generator)
-        batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
-        logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
+        batch.pop("mlm_labels", None)
+        self.fix_random_inputs(batch)
+        labels = batch["mlm_labels"]
+        logits, targets = self.masked_logits(batch["mlm_input_ids"], batch["attention_mask"], labels)
         return row_gradient_norms(logits, targets, (labels != -100).nonzero()[:, 0], labels.shape[0])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if is_importance_batch(batch):
+        if is_importance_batch(batch) or "mlm_labels" in batch or SOFT_TARGETS_KEY in batch:
             loss, logits, targets = self._importance_step(batch)
         else:
             loss, logits, targets = self._step(batch, self.mask_generator)
@@ -477,6 +500,7 @@ class BertClassifier(EfficientModule):
     """
 
     needs_tokenizer = True
+    task = "sequence_classification"
 
     def __init__(
         self,
@@ -518,28 +542,25 @@ class BertClassifier(EfficientModule):
         self.label_names = class_names(num_labels, label_names, "pass datamodule.num_labels")
         num_labels = len(self.label_names)
         self.size = resolve_size(preset, hidden_size, num_layers, num_heads, ffn_size)
+        labels = {
+            "num_labels": num_labels,
+            "id2label": dict(enumerate(self.label_names)),
+            "label2id": {name: i for i, name in enumerate(self.label_names)},
+        }
         self.model = self.build_model(
             "sequence_classification",
             lambda shape: BertForSequenceClassification(
-                bert_config(self.size, shape["vocab_size"], max_length, dropout, num_labels=num_labels)
+                bert_config(self.size, shape["vocab_size"], max_length, dropout, **labels)
             ),
             pretrained,
             model_config,
             accepts=("BertMLM",),
             shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length},
             sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
-            overrides={
-                "num_labels": num_labels,
-                "id2label": dict(enumerate(self.label_names)),
-                "label2id": {name: i for i, name in enumerate(self.label_names)},
-            },
+            overrides=labels,
         )
         self.settle_vocab_size(vocab_size)
-        metrics = {"num_classes": num_labels}
-        self.val_accuracy = MulticlassAccuracy(**metrics, average="micro")
-        self.val_f1 = MulticlassF1Score(**metrics, average="macro")
-        self.test_accuracy = MulticlassAccuracy(**metrics, average="micro")
-        self.test_f1 = MulticlassF1Score(**metrics, average="macro")
+        self.add_classification_metrics(num_labels)
 
     def load_encoder(self, checkpoint_path: str) -> None:
         """Copy the encoder (embeddings + blocks) of a ``BertMLM`` checkpoint into this model.
@@ -574,32 +595,19 @@ class BertClassifier(EfficientModule):
         """Per example, the gradient-norm bound of its loss (for importance sampling)."""
         return cross_entropy_gradient_norms(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
+    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``(N, num_labels)`` of the batch: what a distillation teacher gives (the loss protocol, rule 4)."""
+        return self(batch["input_ids"], batch["attention_mask"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.classification_training_step(self(batch["input_ids"], batch["attention_mask"]), batch)
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy: Any, f1: Any) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        accuracy(logits, batch["labels"])
-        f1(logits, batch["labels"])
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/accuracy", accuracy, prog_bar=True)
-        self.log(f"{stage}/f1", f1)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy, self.val_f1)
+        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy, self.test_f1)
+        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Predicted label name and class probabilities of each text."""
-        probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
-        return [
-            {
-                "text": text,
-                "label": self.label_names[int(p.argmax())],
-                "probabilities": dict(zip(self.label_names, p.tolist())),
-            }
-            for text, p in zip(batch["text"], probabilities)
-        ]
+        return self.classification_predictions(self(batch["input_ids"], batch["attention_mask"]), batch)

@@ -16,7 +16,13 @@ from transformers import BartConfig, BartForConditionalGeneration, MarianConfig,
 
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError
-from lightning_efficient.losses import cross_entropy_gradient_norms, importance_weighted_loss, is_importance_batch
+from lightning_efficient.losses import (
+    SOFT_TARGETS_KEY,
+    cross_entropy_gradient_norms,
+    importance_weighted_loss,
+    is_importance_batch,
+    prediction_losses,
+)
 from lightning_efficient.models.base import EfficientModule, require_argument
 from lightning_efficient.models.presets import ModelSize, resolve_size
 
@@ -132,6 +138,7 @@ class Translation(EfficientModule):
     """
 
     needs_tokenizer = True
+    task = "seq2seq"
 
     def __init__(
         self,
@@ -219,24 +226,30 @@ class Translation(EfficientModule):
         logits = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return cross_entropy_gradient_norms(logits, batch["labels"], token_mean=False)
 
-    def _importance_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The training loss of a batch of :class:`~lightning_efficient.ImportanceSampling`."""
+    def distillation_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Teacher-forced logits ``(M, V)`` at the batch's target tokens, row-major (the loss protocol, rule 4)."""
+        labels = batch["labels"]
+        return self(batch["input_ids"], batch["attention_mask"], labels)[labels != -100]
+
+    def _protocol_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of a batch with importance weights or a teacher's soft targets (word-level distillation).
+
+        The (weighted) token mean of :func:`~lightning_efficient.losses.prediction_losses` at the target tokens.
+        """
         labels = batch["labels"]
         logits = self(batch["input_ids"], batch["attention_mask"], labels)
-        token_losses = F.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none",
-            label_smoothing=self.hparams.label_smoothing,
-        )  # fmt: skip
+        keep = labels != -100
+        token_losses = prediction_losses(logits[keep], labels[keep], batch, self.hparams.label_smoothing)
         return importance_weighted_loss(
-            token_losses.sum(-1),
+            token_losses.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], token_losses),
             batch,
-            tokens=(labels != -100).sum(-1),
+            tokens=keep.sum(-1),
             scores=lambda: cross_entropy_gradient_norms(logits, labels, token_mean=False),
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if is_importance_batch(batch):
-            loss = self._importance_loss(batch)
+        if is_importance_batch(batch) or SOFT_TARGETS_KEY in batch:
+            loss = self._protocol_loss(batch)
         else:
             loss = self._loss(batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))

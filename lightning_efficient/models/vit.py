@@ -59,6 +59,8 @@ class ViTClassifier(EfficientModule):
         torch.Size([2, 10])
     """
 
+    task = "image_classification"
+
     def __init__(
         self,
         num_labels: int | None = None,
@@ -148,6 +150,10 @@ class ViTClassifier(EfficientModule):
     def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image, the gradient-norm bound of its loss (for importance sampling)."""
         return cross_entropy_gradient_norms(self(batch["pixel_values"]), batch["labels"])
+
+    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``(N, num_labels)`` of the batch's images (the loss protocol, rule 4)."""
+        return self(batch["pixel_values"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.classification_training_step(self(batch["pixel_values"]), batch)
