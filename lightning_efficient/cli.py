@@ -190,6 +190,25 @@ def _configured_classes(callbacks: Any) -> list[type]:
     return classes
 
 
+def check_callback_sources(callbacks: Any) -> None:
+    """Before anything is built, let each configured technique check the files it will read (``check_sources``).
+
+    So a missing teacher fails at once, not after the data module has trained its tokenizer.
+    """
+    for callback in callbacks or []:
+        class_path = getattr(callback, "class_path", None) or (
+            callback.get("class_path") if isinstance(callback, dict) else None
+        )
+        if not class_path:
+            continue
+        check = getattr(_import_class(class_path), "check_sources", None)
+        if callable(check):
+            init_args = (
+                callback.get("init_args") if isinstance(callback, dict) else getattr(callback, "init_args", None)
+            )
+            check(dict(vars(init_args) if isinstance(init_args, Namespace) else init_args or {}))
+
+
 def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbacks: Any = None) -> None:
     """Fail before anything is built when ``--ckpt_path`` cannot be loaded by this run.
 
@@ -438,6 +457,8 @@ class EfficientCLI(LightningCLI):
             raise ConfigurationError(short_parse_error(str(error), self._option_keys(args))) from error
         canonical_class_paths(self.config)  # what the YAML loader did not see: dict args, command-line strings
         config = self._subcommand_config()
+        if self.config.get("subcommand") == "fit":
+            check_callback_sources((config.get("trainer") or {}).get("callbacks"))
         ckpt_path = config.get("ckpt_path")
         if ckpt_path:
             model = config.get("model")

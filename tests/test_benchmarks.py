@@ -252,6 +252,20 @@ def test_importance_sampling_script_smoke_run(harness, user_files, tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
 
 
+def test_distillation_script_smoke_run(harness, user_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))  # transfer sets and logits of this run only
+    args = ["--teacher-preset", "tiny", "--teacher-steps", "3", "--vocab-size", "300", "--max-length", "17",
+            "--sources", "40", "--n-iter", "2", "--student-steps", "3", "--student-batch", "8", "--val-every", "2",
+            "--seeds", "0", "--rules", "labels only", "KD + all", "--rounds", "1", "--steps", "1", "--warmup", "0",
+            "--train-files", user_files["jsonl"], "--text-column", "sentence", "--label-column", "category",
+            "--no-label-map", "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("distillation", args)
+    assert set(result["students"]) == {"labels only", "KD + all"}
+    assert result["students"]["KD + all"]["examples"] > result["students"]["labels only"]["examples"] == 40
+    assert result["cache"]["first_epoch_s"] > 0 and set(result["inference"]) == {"batch_1", "batch_32", "parameters"}
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
 @pytest.mark.parametrize("command", [["benchmarks/pruning_overhead.py"], ["-m", "benchmarks.pruning_overhead"]])
 def test_scripts_run_as_files_and_as_modules(command: list[str]) -> None:
     """``python benchmarks/x.py`` (the README's commands) and ``python -m benchmarks.x`` both import the package."""

@@ -43,7 +43,9 @@ def test_config_parses_and_instantiates(name, small_mlm_checkpoint, tmp_path, mo
     args = ["-c", str(CONFIGS / name)]
     if "finetune" in name:
         args += ["--model.init_args.pretrained", small_mlm_checkpoint]
-    if not name.startswith("vit/") and "finetune" not in name:
+    if name.startswith("bilstm/"):  # a distilled student: its embeddings and tokenizer come from the teacher (step 1)
+        args += ["--model.init_args.embeddings_from", small_mlm_checkpoint]
+    elif not name.startswith("vit/") and "finetune" not in name:
         args += ["--data.init_args.vocab_size", "1000"]  # quick tokenizer training; shapes still come from the config
     cli = EfficientCLI(args=args, run=False)
     assert isinstance(cli.model, pl.LightningModule) and isinstance(cli.datamodule, pl.LightningDataModule)

@@ -420,3 +420,80 @@ def test_directory_teacher_with_other_labels_is_refused(prose: TextClassificatio
     trainer.fit(classifier(prose), prose)
     assert all(torch.equal(a, b) for a, b in zip(distillation.teacher.model.state_dict().values(),
                                                  same.model.state_dict().values()))  # fmt: skip
+
+
+def test_sequence_level_trains_on_the_teacher_translations(user_files: dict[str, str], tmp_path: Path) -> None:
+    dm = TranslationDataModule(
+        train_files=[user_files["pairs"]], source_column="src", target_column="tgt", vocab_size=300,
+        max_length=32, batch_size=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    student = Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=32, num_layers=1, bleu_batches=0)
+    batches: list[dict[str, Any]] = []
+
+    class Seen(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            batches.append(dict(batch))
+
+    distillation = Distillation(teacher="self", sequence_level=True, num_beams=2, alpha=1.0, cache_dir=str(tmp_path))
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[distillation, Seen()])
+    trainer.fit(student, dm)
+    references = [target for _, target, *_ in dm.reference_train_split]
+    translations = [target for _, target, *_ in dm.splits["train"]]
+    assert len(translations) == len(references) and translations != references
+    assert all(SOFT_TARGETS_KEY not in batch for batch in batches)  # alpha 1: the teacher does not run per step
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    with pytest.raises(ConfigurationError, match="num_beams=0"):
+        Distillation(teacher="self", sequence_level=True, num_beams=0)
+    with pytest.raises(ConfigurationError, match="sequence_level='yes'"):
+        Distillation(teacher="self", sequence_level="yes")  # type: ignore[arg-type]
+
+
+# -- YAML: the shipped fragment and the end-to-end configs -------------------------------------
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_shipped_fragment_names_the_missing_teacher_at_once_and_prints_its_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    base = [
+        "fit",
+        "-c",
+        str(CONFIGS / "bert/tiny_classify_prose.yaml"),
+        "-c",
+        str(CONFIGS / "techniques/distillation.yaml"),
+    ]
+    command = [sys.executable, "-m", "lightning_efficient.cli"]
+    done = subprocess.run([*command, *base], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = done.stderr[done.stderr.index("error: ") :].splitlines()
+    assert error[0] == (
+        "error: teacher='runs/teacher/checkpoints/last.ckpt' does not exist; give one of our .ckpt files, "
+        "a directory written by save_pretrained, or a Hugging Face hub id"
+    )
+    assert len(error) < 6 and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    printed = subprocess.run([*command, *base, "--print_config"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, check=False)  # fmt: skip
+    assert printed.returncode == 0 and "lightning_efficient.callbacks.Distillation" in printed.stdout
+
+
+def test_end_to_end_bert_teacher_then_bilstm_student_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/bert/tiny_classify_prose.yaml, then configs/bilstm/tiny_distil_prose.yaml, as the configs say (shortened)."""
+    from lightning_efficient.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    short = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
+    main(["fit", "-c", str(CONFIGS / "bert/tiny_classify_prose.yaml"), *short])
+    teacher = tmp_path / "runs/bert_tiny_classify_prose/checkpoints/last.ckpt"
+    main(["fit", "-c", str(CONFIGS / "bilstm/tiny_distil_prose.yaml"), *short,
+          "--data.init_args.max_source_examples", "40", "--data.init_args.n_iter", "3"])  # fmt: skip
+    student = torch.load(tmp_path / "runs/bilstm_tiny_distil_prose/checkpoints/last.ckpt", weights_only=True)
+    assert {key.split(".")[0] for key in student["state_dict"]} == {"embedding", "lstm", "fc", "classifier"}
+    state = student["callbacks"]["lightning_efficient.distillation"]
+    assert state["source"] == "runs/bert_tiny_classify_prose/checkpoints/last.ckpt" and "weights" not in state
+    teacher_embeddings = torch.load(teacher, weights_only=True)["state_dict"][
+        "model.bert.embeddings.word_embeddings.weight"
+    ]
+    assert student["state_dict"]["embedding.weight"].shape == teacher_embeddings.shape  # the teacher's vocabulary

@@ -485,7 +485,8 @@ class TransferSetAugmentation(pl.LightningDataModule):
         labelled = self.trainer is None or any(
             getattr(cb, "fills_missing_labels", False) for cb in self.trainer.callbacks
         )
-        if stage == "fit" and not labelled:
+        augments = self.p_mask > 0 or self.p_pos > 0 or self.p_ng > 0  # else the set is the originals alone
+        if stage == "fit" and augments and not labelled:
             raise ConfigurationError(
                 "the transfer set's augmented examples have no gold label; add lightning_efficient.Distillation "
                 "(which labels them with the teacher) to trainer.callbacks"

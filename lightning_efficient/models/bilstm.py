@@ -150,6 +150,7 @@ class BiLSTMClassifier(EfficientModule):
     """
 
     needs_tokenizer = True
+    task = "sequence_classification"
 
     def __init__(
         self,

@@ -47,9 +47,15 @@ from torch import nn
 
 from lightning_efficient.callbacks.distillation.cache import TeacherOutputCache, example_keys
 from lightning_efficient.callbacks.distillation.objectives import LOSSES, MISSING_LABEL_RULES, distillation_losses
-from lightning_efficient.callbacks.distillation.teacher import check_compatible, fingerprint, load_teacher
+from lightning_efficient.callbacks.distillation.sequence_level import distil_targets
+from lightning_efficient.callbacks.distillation.teacher import (
+    check_compatible,
+    fingerprint,
+    load_teacher,
+    locate_teacher,
+)
 from lightning_efficient.data.tokenizers import cache_dir
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.losses import SOFT_TARGETS_KEY, SoftTargets
 from lightning_efficient.technique import Technique, check_choice, check_range
 
@@ -80,6 +86,12 @@ class Distillation(Technique):
             teacher's fingerprint, read by later runs).
         cache_dir: Directory of the ``disk`` cache; default ``$LIGHTNING_EFFICIENT_CACHE/teacher_outputs``.
         max_cache_mb: Size limit of the cache's logits.
+        sequence_level: Train on the teacher's beam-search translations instead of the training
+            references (sequence-level distillation, Kim & Rush 2016; translation only), generated
+            once before training and cached on disk (:mod:`.sequence_level`). ``alpha=1.0`` is pure
+            sequence-level distillation (the teacher does not run during training); a smaller
+            ``alpha`` adds word-level soft targets on the translations.
+        num_beams: Beam width of those translations (>= 1).
 
     Raises:
         ConfigurationError: A value outside the allowed set or range (before training).
@@ -105,6 +117,8 @@ class Distillation(Technique):
         cache: str = "auto",
         cache_dir: str | None = None,
         max_cache_mb: float = 1024.0,
+        sequence_level: bool = False,
+        num_beams: int = 4,
     ) -> None:
         super().__init__()
         if not isinstance(teacher, nn.Module) and (not isinstance(teacher, str) or not teacher.strip()):
@@ -124,10 +138,25 @@ class Distillation(Technique):
         self.cache_mode = check_choice("cache", cache, CACHE_MODES)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_cache_mb = check_range("max_cache_mb", max_cache_mb, low=0.0, low_inclusive=False)
+        if not isinstance(sequence_level, bool):
+            raise ConfigurationError(f"sequence_level={sequence_level!r} must be true or false")
+        self.sequence_level = sequence_level
+        self.num_beams = check_int("num_beams", num_beams, low=1)
         self.teacher: nn.Module | None = None
         self.teacher_fingerprint: str | None = None
         self.cache: TeacherOutputCache | None = None
         self._checked_first_step = False
+
+    @staticmethod
+    def check_sources(arguments: dict[str, Any]) -> None:
+        """Fail at once when the configured ``teacher`` path does not exist (the CLI calls this before building anything).
+
+        Raises:
+            DataError: ``teacher`` is neither ``"self"`` nor an existing file, directory or hub id.
+        """
+        teacher = arguments.get("teacher")
+        if isinstance(teacher, str) and teacher != "self":
+            locate_teacher(teacher)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,8 +175,37 @@ class Distillation(Technique):
             self.teacher = load_teacher(self.source, pl_module)
             self.teacher_fingerprint = fingerprint(self.teacher)
         check_compatible(self.teacher, pl_module, getattr(trainer, "datamodule", None))
+        if self.sequence_level:
+            self._distil_targets(trainer)
         self.cache = self._make_cache(pl_module)
         self._checked_first_step = False
+
+    def _distil_targets(self, trainer: pl.Trainer) -> None:
+        """Replace the training references by the teacher's translations (rank 0 translates, the others read its file)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            raise ConfigurationError(
+                "sequence_level=True replaces the training targets of a TranslationDataModule: pass the data as "
+                "trainer.fit(model, datamodule=...)"
+            )
+        assert self.teacher is not None and self.teacher_fingerprint is not None
+        self.teacher.to(trainer.strategy.root_device)  # generate on the training device
+
+        def run() -> dict[str, float]:
+            return distil_targets(
+                datamodule, self.teacher, self.teacher_fingerprint, num_beams=self.num_beams,
+                batch_size=datamodule.batch_size, directory=self.cache_dir,
+            )  # fmt: skip
+
+        counts = run() if trainer.is_global_zero else None
+        trainer.strategy.barrier("sequence_distillation")
+        if counts is None:
+            counts = run()  # reads rank 0's file (a shared cache_dir across nodes; else translates itself)
+        rank_zero_info(
+            f"Distillation: {counts['changed']:,} of {counts['pairs']:,} training targets replaced by the teacher's "
+            f"beam-{self.num_beams} translations (mean length {counts['mean_length_before']:.1f} -> "
+            f"{counts['mean_length_after']:.1f} tokens)"
+        )
 
     def _make_cache(self, pl_module: pl.LightningModule) -> TeacherOutputCache | None:
         per_example = getattr(pl_module, "task", None) in PER_EXAMPLE_TASKS
@@ -227,6 +285,8 @@ class Distillation(Technique):
             raise ConfigurationError(
                 f"Distillation needs dict batches (the package's DataModules give them), got a {type(batch).__name__}"
             )
+        if self.sequence_level and self.alpha == 1.0:
+            return  # pure sequence-level: the student trains on the teacher's translations alone
         fix_random_inputs = getattr(pl_module, "fix_random_inputs", None)
         if fix_random_inputs is not None:
             fix_random_inputs(batch)
@@ -238,7 +298,7 @@ class Distillation(Technique):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """After the first step: fail if the student's loss ignored the soft targets."""
-        if self._checked_first_step:
+        if self._checked_first_step or (self.sequence_level and self.alpha == 1.0):
             return
         self._checked_first_step = True
         if isinstance(batch, MutableMapping) and SOFT_TARGETS_KEY in batch:
@@ -264,6 +324,8 @@ class Distillation(Technique):
         """
         source = self.source if isinstance(self.source, str) else f"<{type(self.source).__name__} instance>"
         state: dict[str, Any] = {"source": source, "fingerprint": self.teacher_fingerprint}
+        if self.sequence_level:
+            state["num_beams"] = self.num_beams
         if self.source == "self" and self.teacher is not None:
             state["weights"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
         return state
@@ -271,6 +333,11 @@ class Distillation(Technique):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: restore a ``"self"`` teacher's weights; any other must be the one the run started with."""
         saved = state_dict.get("fingerprint")
+        if self.sequence_level and state_dict.get("num_beams", self.num_beams) != self.num_beams:
+            raise CheckpointMismatchError(
+                f"num_beams={self.num_beams}, but this run trained on the teacher's beam-{state_dict['num_beams']} "
+                "translations; resume with the same num_beams"
+            )
         if self.source == "self" and "weights" in state_dict and self.teacher is not None:
             self.teacher.load_state_dict(state_dict["weights"])
             self.teacher_fingerprint = fingerprint(self.teacher)

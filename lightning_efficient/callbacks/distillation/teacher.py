@@ -38,7 +38,15 @@ from lightning_efficient.checkpoint import checkpoint_module_class
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
 from lightning_efficient.models.pretrained import describe_source
 
-__all__ = ["TEACHER_FOR_TASK", "check_compatible", "fingerprint", "freeze", "load_teacher", "output_names"]
+__all__ = [
+    "TEACHER_FOR_TASK",
+    "check_compatible",
+    "fingerprint",
+    "freeze",
+    "load_teacher",
+    "locate_teacher",
+    "output_names",
+]
 
 #: The module of ours that loads a ``save_pretrained`` directory as the teacher of a student of each task.
 TEACHER_FOR_TASK: dict[str, str] = {
@@ -103,6 +111,24 @@ def _directory_teacher(source: str, directory: Path, student: nn.Module) -> nn.M
     return _module_class(TEACHER_FOR_TASK[task])(**arguments)
 
 
+def locate_teacher(source: str) -> tuple[str, Path]:
+    """``(kind, path)`` of a teacher path (see :func:`~lightning_efficient.models.pretrained.describe_source`), loading nothing.
+
+    Raises:
+        DataError: The path does not exist (the message names ``teacher=``).
+
+    Examples:
+        >>> locate_teacher("runs/nowhere/last.ckpt")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.DataError: teacher='runs/nowhere/last.ckpt' does not exist; give one of our .ckpt files, a directory written by save_pretrained, or a Hugging Face hub id
+    """
+    try:
+        return describe_source(source)
+    except DataError as err:
+        raise DataError(str(err).replace("pretrained=", "teacher=", 1)) from None
+
+
 def load_teacher(source: str | nn.Module, student: pl.LightningModule) -> nn.Module:
     """The frozen teacher given by ``source`` (see the module docstring).
 
@@ -117,10 +143,7 @@ def load_teacher(source: str | nn.Module, student: pl.LightningModule) -> nn.Mod
         return freeze(source)
     if source == "self":
         return frozen_copy(student)
-    try:
-        kind, path = describe_source(source)
-    except DataError as err:
-        raise DataError(str(err).replace("pretrained=", "teacher=", 1)) from None
+    kind, path = locate_teacher(source)
     if kind != "checkpoint":
         return freeze(_directory_teacher(str(source), path, student))
     module = checkpoint_module_class(path)  # a broken file: CorruptCheckpointError naming it
