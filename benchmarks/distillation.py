@@ -172,16 +172,16 @@ def train_teacher(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     return {"model": teacher, "val": val, "test": test, "data": data}
 
 
-def train_student(
-    args: argparse.Namespace, rule: str, seed: int, teacher_path: str, cache_dir: str
-) -> dict[str, Any]:
+def train_student(args: argparse.Namespace, rule: str, seed: int, teacher_path: str, cache_dir: str) -> dict[str, Any]:
     rates = RULES[rule]
     data = student_data(args, rates)
     pl.seed_everything(seed, verbose=False)
     student = bilstm(data, teacher_path, args)
     callbacks: list[Callback] = [BestTest(args.val_every)]
     if rates is not None:
-        callbacks.insert(0, Distillation(teacher=teacher_path, loss="mse", alpha=0.0, cache="disk", cache_dir=cache_dir))
+        callbacks.insert(
+            0, Distillation(teacher=teacher_path, loss="mse", alpha=0.0, cache="disk", cache_dir=cache_dir)
+        )
     start = time.perf_counter()
     trainer = benchmark_trainer(max_steps=args.student_steps, callbacks=callbacks, enable_checkpointing=False)
     trainer.fit(student, data)
@@ -221,7 +221,7 @@ def inference_speed(args: argparse.Namespace, teacher: torch.nn.Module, student:
     for size in (1, 32):
         ids, mask = batch["input_ids"][:size], batch["attention_mask"][:size]
 
-        def forward(model: torch.nn.Module) -> Any:
+        def forward(model: torch.nn.Module, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> Any:
             model.eval()
 
             def step() -> None:

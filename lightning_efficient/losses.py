@@ -62,6 +62,7 @@ from torch import nn
 from lightning_efficient.errors import ConfigurationError
 
 __all__ = [
+    "EXTRA_LOSS_KEY",
     "MISSING_LABEL",
     "PADDED_KEYS",
     "PREDICTED_POSITIONS",
@@ -69,6 +70,7 @@ __all__ = [
     "SCORE_REQUEST_KEY",
     "SOFT_TARGETS_KEY",
     "WEIGHTS_KEY",
+    "TRAINING_ONLY",
     "SoftTargets",
     "classification_loss",
     "cross_entropy_gradient_norms",
@@ -97,6 +99,12 @@ PREDICTED_POSITIONS = "predicted_positions"
 MISSING_LABEL = -100
 #: Batch key of the teacher's :class:`SoftTargets`, put in by a distillation technique, taken out by the loss.
 SOFT_TARGETS_KEY = "soft_targets"
+#: Batch key of :attr:`SoftTargets.extra` between :func:`prediction_losses` and the step's final loss.
+EXTRA_LOSS_KEY = "soft_targets_extra_loss"
+#: Name of the submodule under which a technique attaches training-only modules to a student (e.g.
+#: intermediate-layer projections): in training checkpoints (so a resume is exact), dropped when a
+#: module without them loads one.
+TRAINING_ONLY = "training_only"
 
 
 @dataclass
@@ -107,10 +115,14 @@ class SoftTargets:
         logits: ``(M, C)`` the teacher's :meth:`distillation_logits` of the batch.
         loss: ``(student (M, C), teacher (M, C), targets (M,)) -> (M,)``: the loss of each row (the
             distillation technique's mix of soft and hard terms, in float32).
+        extra: A loss term of the whole step (intermediate-layer transfer), added once to the step's
+            loss by :func:`importance_weighted_loss` / :func:`classification_loss`; called after the
+            student's forward, so it can use what hooks captured there.
     """
 
     logits: torch.Tensor
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    extra: Callable[[], torch.Tensor] | None = None
 
     def row_losses(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of each row of ``student_logits`` against the teacher's.
@@ -214,7 +226,8 @@ def importance_weighted_loss(
     predicted tokens) the weighted token mean ``sum(w * losses) / sum(w * tokens)``, the ratio
     estimate of the pool's token mean (consistent, its bias falls as 1/b). Without weights it is
     the plain mean (or token mean). When the callback asked for the batch's scores, it calls
-    ``scores()`` (under ``no_grad``) and leaves them in ``batch[SCORES_KEY]``.
+    ``scores()`` (under ``no_grad``) and leaves them in ``batch[SCORES_KEY]``. A distillation
+    technique's whole-step term (:attr:`SoftTargets.extra`) is added to the result.
 
     Args:
         losses: ``(N,)`` the loss of each example (with its graph), or the sum of its token losses.
@@ -230,6 +243,17 @@ def importance_weighted_loss(
         >>> float(importance_weighted_loss(losses, {}, tokens=torch.tensor([1, 1, 2])))  # 6 / 4
         1.5
     """
+    extra = batch.pop(EXTRA_LOSS_KEY, None)
+    loss = _weighted_mean(losses, batch, tokens, scores)
+    return loss if extra is None else loss + extra()
+
+
+def _weighted_mean(
+    losses: torch.Tensor,
+    batch: MutableMapping[str, Any],
+    tokens: torch.Tensor | None,
+    scores: Callable[[], torch.Tensor] | None,
+) -> torch.Tensor:
     weights = batch.pop(WEIGHTS_KEY, None)
     if scores is not None and batch.pop(SCORE_REQUEST_KEY, False):
         with torch.no_grad():
@@ -273,6 +297,8 @@ def prediction_losses(
     """
     soft = take_soft_targets(batch)
     if soft is not None:
+        if soft.extra is not None:
+            batch[EXTRA_LOSS_KEY] = soft.extra
         return soft.row_losses(logits, targets)
     return F.cross_entropy(
         logits.float(), targets, ignore_index=MISSING_LABEL, reduction="none", label_smoothing=label_smoothing
@@ -304,7 +330,8 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, batch: Any) 
         return F.cross_entropy(logits.float(), labels)
     losses = prediction_losses(logits, labels, batch)
     if not importance:
-        return losses.mean()
+        extra = batch.pop(EXTRA_LOSS_KEY, None)
+        return losses.mean() if extra is None else losses.mean() + extra()
     return importance_weighted_loss(losses, batch, scores=lambda: cross_entropy_gradient_norms(logits, labels))
 
 

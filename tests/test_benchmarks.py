@@ -253,7 +253,8 @@ def test_importance_sampling_script_smoke_run(harness, user_files, tmp_path):
 
 
 def test_distillation_script_smoke_run(harness, user_files, tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))  # transfer sets and logits of this run only
+    # transfer sets and logits of this run only
+    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))
     args = ["--teacher-preset", "tiny", "--teacher-steps", "3", "--vocab-size", "300", "--max-length", "17",
             "--sources", "40", "--n-iter", "2", "--student-steps", "3", "--student-batch", "8", "--val-every", "2",
             "--seeds", "0", "--rules", "labels only", "KD + all", "--rounds", "1", "--steps", "1", "--warmup", "0",
@@ -263,6 +264,18 @@ def test_distillation_script_smoke_run(harness, user_files, tmp_path, monkeypatc
     assert set(result["students"]) == {"labels only", "KD + all"}
     assert result["students"]["KD + all"]["examples"] > result["students"]["labels only"]["examples"] == 40
     assert result["cache"]["first_epoch_s"] > 0 and set(result["inference"]) == {"batch_1", "batch_32", "parameters"}
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_sequence_distillation_script_smoke_run(harness, user_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))
+    args = ["--preset", "tiny", "--teacher-layers", "2", "--teacher-steps", "2", "--student-steps", "2",
+            "--train-pairs", "12", "--vocab-size", "300", "--max-length", "32", "--batch-size", "4", "--num-beams", "2",
+            "--test-batches", "1", "--train-file", user_files["pairs"], "--source-column", "src", "--target-column", "tgt",
+            "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("sequence_distillation", args)
+    assert result["teacher"]["layers"] == 2 and result["sequence_kd"]["layers"] == result["references"]["layers"] == 1
+    assert set(result["verdicts"]) == {"kept_fraction", "kept_pass", "beats_references"}
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
 
 

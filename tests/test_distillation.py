@@ -497,3 +497,35 @@ def test_end_to_end_bert_teacher_then_bilstm_student_from_yaml(tmp_path: Path, m
         "model.bert.embeddings.word_embeddings.weight"
     ]
     assert student["state_dict"]["embedding.weight"].shape == teacher_embeddings.shape  # the teacher's vocabulary
+
+
+def test_resume_is_exact_on_the_augmented_transfer_set(
+    user_files: dict[str, str], teacher_checkpoint: str, tmp_path: Path
+) -> None:
+    """The transfer set is rebuilt identically from its seed (and cache); the cache's contents are not state."""
+    from lightning_efficient import BiLSTMClassifier, TransferSetAugmentation
+
+    def run(stop: int | None = None, ckpt: str | None = None) -> tuple[BiLSTMClassifier, TransferSetAugmentation]:
+        inner = TextClassificationDataModule(
+            train_files=[user_files["jsonl"]], text_column="sentence", label_column="category",
+            group_column="source_doc", tokenizer=teacher_checkpoint, max_length=24, batch_size=8,
+        )  # fmt: skip
+        data = TransferSetAugmentation(inner, n_iter=3, max_source_examples=30, seed=5)
+        pl.seed_everything(7)
+        student = BiLSTMClassifier(
+            vocab_size=inner.vocab_size, num_labels=3, label_names=inner.label_names, embedding_size=16,
+            hidden_size=8, fc_size=8, dropout=0.3,
+        )  # fmt: skip
+        callbacks = [Distillation(teacher=teacher_checkpoint, loss="kl", temperature=2.0, alpha=0.5),
+                     ModelCheckpoint(dirpath=tmp_path, save_last=True)] + ([Stop(stop)] if stop else [])  # fmt: skip
+        trainer = quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path,
+                                enable_checkpointing=True)  # fmt: skip
+        trainer.fit(student, data, ckpt_path=ckpt)
+        return student, data
+
+    whole, data = run()
+    assert data.transfer_set_stats["augmented"] > 0
+    run(stop=5)
+    resumed, _ = run(ckpt=str(tmp_path / "last.ckpt"))
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -98,13 +98,13 @@ def test_renamed_functions_keep_their_old_names_with_a_warning() -> None:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_configs_use_canonical_class_paths(path: Path) -> None:
-    """Fragments spell techniques, strategies and optimizers by subpackage; base configs use the top level."""
+    """Fragments spell techniques, strategies, optimizers (and data) by subpackage; base configs use the top level."""
     config = yaml.safe_load(path.read_text())
     ours = [p for p in class_paths(config) if p.startswith("lightning_efficient.")]
     for class_path in ours:
         module, _, name = class_path.rpartition(".")
-        if path.parent.name == "techniques":
-            assert module in {f"lightning_efficient.{s}" for s in SUBPACKAGES}, class_path
+        if path.parent.name == "techniques":  # a fragment that brings its data names it by subpackage too
+            assert module in {f"lightning_efficient.{s}" for s in (*SUBPACKAGES, "data")}, class_path
             assert name in importlib.import_module(module).__all__, class_path
         else:
             assert module == "lightning_efficient" and name in lightning_efficient.__all__, class_path

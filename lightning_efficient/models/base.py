@@ -29,7 +29,7 @@ from lightning_efficient.checkpoint import (
     write_tokenizer,
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
-from lightning_efficient.losses import classification_loss
+from lightning_efficient.losses import TRAINING_ONLY, classification_loss
 from lightning_efficient.models.pretrained import (
     PretrainedSource,
     model_from_config,
@@ -304,11 +304,16 @@ class EfficientModule(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; strict loading of pruning masks this module lacks names the fix.
 
+        Modules a technique attached for training only (under :data:`~lightning_efficient.losses.TRAINING_ONLY`,
+        e.g. distillation's layer projections) are left out when this module has none.
+
         Without it, ``load_from_checkpoint`` of a pruned checkpoint fails with torch's "Unexpected
         key(s) ... weight_mask" (:func:`~lightning_efficient.checkpoint.check_pruning_masks`).
         """
         if strict:
             check_pruning_masks({"state_dict": state_dict}, self.state_dict())
+        if not hasattr(self, TRAINING_ONLY):  # a technique's training-only modules (losses.TRAINING_ONLY): not ours
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{TRAINING_ONLY}.")}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

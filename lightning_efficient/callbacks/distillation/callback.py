@@ -21,6 +21,10 @@ records a fingerprint of its weights, and resuming with another teacher fails. A
 (the student as it started) has no source but the run itself, so its weights are kept in the
 callback's state in the checkpoint (still not in the student's ``state_dict``).
 
+The teacher's forward passes run in ``on_train_batch_start``: an
+:class:`~lightning_efficient.monitor.EfficiencyMonitor` placed before ``Distillation`` in
+``trainer.callbacks`` counts their FLOPs in the step (cache hits cost none), as the shipped configs do.
+
 Examples:
     >>> import lightning.pytorch as pl
     >>> from lightning_efficient import BertClassifier, TextClassificationDataModule, BROWN_PROSE
