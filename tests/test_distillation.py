@@ -529,3 +529,41 @@ def test_resume_is_exact_on_the_augmented_transfer_set(
     resumed, _ = run(ckpt=str(tmp_path / "last.ckpt"))
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+# -- intermediate layers (TinyBERT-style), wired through Distillation(layers=...) ------------
+def test_layer_transfer_trains_the_projection_and_leaves_a_plain_student(
+    prose: TextClassificationDataModule, tmp_path: Path
+) -> None:
+    from lightning_efficient.losses import TRAINING_ONLY
+
+    teacher = classifier(prose, seed=2, num_layers=4)
+    student = classifier(prose, seed=3, num_layers=2, hidden_size=24)
+
+    def hooks(model: torch.nn.Module) -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    before = hooks(student)
+    projections: list[torch.Tensor] = []
+
+    class Projection(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            projections.append(getattr(pl_module, TRAINING_ONLY)["distillation_projection"].weight.detach().clone())
+
+    trainer = quiet_trainer(
+        max_steps=3, limit_val_batches=0, enable_checkpointing=True, default_root_dir=tmp_path,
+        callbacks=[Distillation(teacher=teacher, layers="uniform"), Projection(),
+                   ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )  # fmt: skip
+    trainer.fit(student, prose)
+    assert {"distillation/hidden_loss", "distillation/attention_loss"} <= set(trainer.callback_metrics)
+    assert projections[0].shape == (32, 24) and not torch.equal(projections[0], projections[-1])  # it trains
+    assert not hasattr(student, TRAINING_ONLY) and hooks(student) == before and hooks(teacher) == 0
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert f"{TRAINING_ONLY}.distillation_projection.weight" in state  # a resume restores it
+    reloaded = BertClassifier.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)  # drops it
+    assert not hasattr(reloaded, TRAINING_ONLY)
+    with pytest.raises(ConfigurationError, match=r"layers=\[1, -1\]"):
+        Distillation(teacher="self", layers=[1, -1])
+    with pytest.raises(ConfigurationError, match="cache='memory'"):
+        Distillation(teacher="self", layers="uniform", cache="memory")

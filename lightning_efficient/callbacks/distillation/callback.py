@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_efficient.callbacks.distillation.cache import TeacherOutputCache, example_keys
+from lightning_efficient.callbacks.distillation.intermediate import LAYER_MAPS, LayerTransfer
 from lightning_efficient.callbacks.distillation.objectives import LOSSES, MISSING_LABEL_RULES, distillation_losses
 from lightning_efficient.callbacks.distillation.sequence_level import distil_targets
 from lightning_efficient.callbacks.distillation.teacher import (
@@ -60,7 +61,7 @@ from lightning_efficient.callbacks.distillation.teacher import (
 )
 from lightning_efficient.data.tokenizers import cache_dir
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
-from lightning_efficient.losses import SOFT_TARGETS_KEY, SoftTargets
+from lightning_efficient.losses import EXTRA_LOSS_KEY, SOFT_TARGETS_KEY, TRAINING_ONLY, SoftTargets
 from lightning_efficient.technique import Technique, check_choice, check_range
 
 __all__ = ["CACHE_MODES", "Distillation"]
@@ -69,6 +70,10 @@ __all__ = ["CACHE_MODES", "Distillation"]
 CACHE_MODES = ("auto", "none", "memory", "disk")
 #: Tasks whose teacher gives one prediction per example: what the output cache can hold.
 PER_EXAMPLE_TASKS = ("sequence_classification", "image_classification")
+#: Key of the layer-transfer projection in the student's ``training_only`` ModuleDict (losses.TRAINING_ONLY).
+PROJECTION_KEY = "distillation_projection"
+#: Techniques that skip the student's blocks or drop its tokens: its blocks no longer match the teacher's.
+CHANGES_STUDENT_LAYERS = ("layer_drop", "progressive_stacking", "token_dropping")
 
 
 class Distillation(Technique):
@@ -96,6 +101,14 @@ class Distillation(Technique):
             sequence-level distillation (the teacher does not run during training); a smaller
             ``alpha`` adds word-level soft targets on the translations.
         num_beams: Beam width of those translations (>= 1).
+        layers: Intermediate-layer transfer (TinyBERT-style, :mod:`.intermediate`) for a student of the
+            teacher's family: None (off), ``"uniform"`` (student block ``i`` learns teacher block
+            ``(i + 1) * T // S - 1``), or the teacher block (0-based) of each student block. Student
+            block outputs are projected to the teacher's width by a learned linear map when they
+            differ (trained with the student, in its training checkpoints, removed after fit).
+        hidden_weight: Weight of the hidden-state MSE of the paired blocks (>= 0).
+        attention_weight: Weight of the attention-probability MSE of the paired blocks (>= 0; needs
+            the teacher's head count).
 
     Raises:
         ConfigurationError: A value outside the allowed set or range (before training).
@@ -123,6 +136,9 @@ class Distillation(Technique):
         max_cache_mb: float = 1024.0,
         sequence_level: bool = False,
         num_beams: int = 4,
+        layers: str | list[int] | None = None,
+        hidden_weight: float = 1.0,
+        attention_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(teacher, nn.Module) and (not isinstance(teacher, str) or not teacher.strip()):
@@ -146,10 +162,47 @@ class Distillation(Technique):
             raise ConfigurationError(f"sequence_level={sequence_level!r} must be true or false")
         self.sequence_level = sequence_level
         self.num_beams = check_int("num_beams", num_beams, low=1)
+        self.layers = self._check_layers(layers)
+        self.hidden_weight = check_range("hidden_weight", hidden_weight, low=0.0)
+        self.attention_weight = check_range("attention_weight", attention_weight, low=0.0)
+        if layers is not None:
+            if hidden_weight == 0 and attention_weight == 0:
+                raise ConfigurationError(
+                    f"layers={layers!r} with hidden_weight=0 and attention_weight=0 transfers nothing"
+                )
+            if cache in ("memory", "disk"):
+                raise ConfigurationError(
+                    f"layers={layers!r} needs the teacher's layers on every batch, but cache={cache!r} skips the teacher "
+                    "for cached examples; use cache='auto' or 'none'"
+                )
+            if sequence_level and alpha == 1.0:
+                raise ConfigurationError(
+                    f"layers={layers!r}: with sequence_level=True and alpha=1.0 the teacher does not run during "
+                    "training; use alpha < 1"
+                )
+        self.transfer: LayerTransfer | None = None
         self.teacher: nn.Module | None = None
         self.teacher_fingerprint: str | None = None
         self.cache: TeacherOutputCache | None = None
         self._checked_first_step = False
+
+    @staticmethod
+    def _check_layers(layers: Any) -> str | list[int] | None:
+        """``layers`` as given, or a clear error (lengths and ranges are checked against the models in ``setup``)."""
+        if layers is None:
+            return None
+        if isinstance(layers, str):
+            return check_choice("layers", layers, LAYER_MAPS)
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            raise ConfigurationError(
+                f"layers={layers!r} must be None (off), 'uniform', or a list of teacher blocks (0-based), one per "
+                "student block"
+            )
+        return list(layers)
 
     @staticmethod
     def check_sources(arguments: dict[str, Any]) -> None:
@@ -179,10 +232,41 @@ class Distillation(Technique):
             self.teacher = load_teacher(self.source, pl_module)
             self.teacher_fingerprint = fingerprint(self.teacher)
         check_compatible(self.teacher, pl_module, getattr(trainer, "datamodule", None))
+        if self.layers is not None:
+            self.transfer = self._make_transfer(trainer, pl_module)
         if self.sequence_level:
             self._distil_targets(trainer)
         self.cache = self._make_cache(pl_module)
         self._checked_first_step = False
+
+    def _make_transfer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LayerTransfer:
+        """Hooks on the paired blocks; the projection (if any) attached to the student before its optimizer exists."""
+        changing = [t.name for t in trainer.callbacks if isinstance(t, Technique) and t.name in CHANGES_STUDENT_LAYERS]
+        if changing:
+            raise ConfigurationError(
+                f"layers={self.layers!r} compares the student's blocks with the teacher's on the same tokens, but "
+                f"{changing} skip the student's blocks or drop its tokens; remove them or set layers=None"
+            )
+        assert self.teacher is not None and self.layers is not None
+        transfer = LayerTransfer(pl_module, self.teacher, self.layers, self.hidden_weight, self.attention_weight)
+        if transfer.projection is not None:  # trains with the student, saved in its checkpoints, removed after fit
+            if not isinstance(getattr(pl_module, TRAINING_ONLY, None), nn.ModuleDict):
+                pl_module.add_module(TRAINING_ONLY, nn.ModuleDict())
+            getattr(pl_module, TRAINING_ONLY)[PROJECTION_KEY] = transfer.projection
+        transfer.attach()
+        return transfer
+
+    def remove(self, pl_module: nn.Module) -> None:
+        """At teardown: the layer-transfer hooks and projection go; the student is as it was before fit."""
+        super().remove(pl_module)
+        if self.transfer is not None:
+            self.transfer.remove()
+            holder = getattr(pl_module, TRAINING_ONLY, None)
+            if isinstance(holder, nn.ModuleDict) and PROJECTION_KEY in holder:
+                del holder[PROJECTION_KEY]
+                if not len(holder):
+                    delattr(pl_module, TRAINING_ONLY)
+            self.transfer = None
 
     def _distil_targets(self, trainer: pl.Trainer) -> None:
         """Replace the training references by the teacher's translations (rank 0 translates, the others read its file)."""
@@ -213,7 +297,8 @@ class Distillation(Technique):
 
     def _make_cache(self, pl_module: pl.LightningModule) -> TeacherOutputCache | None:
         per_example = getattr(pl_module, "task", None) in PER_EXAMPLE_TASKS
-        mode = ("memory" if per_example else "none") if self.cache_mode == "auto" else self.cache_mode
+        cacheable = per_example and self.layers is None  # layer transfer needs the teacher on every batch
+        mode = ("memory" if cacheable else "none") if self.cache_mode == "auto" else self.cache_mode
         if mode == "none":
             return None
         if not per_example:
@@ -294,18 +379,24 @@ class Distillation(Technique):
         fix_random_inputs = getattr(pl_module, "fix_random_inputs", None)
         if fix_random_inputs is not None:
             fix_random_inputs(batch)
-        batch[SOFT_TARGETS_KEY] = SoftTargets(self.teacher_logits(trainer, batch), self._row_losses)
+        if self.transfer is not None:
+            self.transfer.begin(batch.get("attention_mask"))  # arms its hooks for this batch's two forwards
+        extra = self.transfer.loss if self.transfer is not None else None
+        batch[SOFT_TARGETS_KEY] = SoftTargets(self.teacher_logits(trainer, batch), self._row_losses, extra)
         if self.cache is not None:
             self.log_metrics(pl_module, {"cache_hit_rate": self.cache.hit_rate})
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """After the first step: fail if the student's loss ignored the soft targets."""
+        """Log the layer-transfer terms; after the first step: fail if the student's loss ignored the soft targets."""
+        if self.transfer is not None:
+            self.transfer.clear()
+            self.log_metrics(pl_module, {f"{k}_loss": v for k, v in self.transfer.last_terms.items()})
         if self._checked_first_step or (self.sequence_level and self.alpha == 1.0):
             return
         self._checked_first_step = True
-        if isinstance(batch, MutableMapping) and SOFT_TARGETS_KEY in batch:
+        if isinstance(batch, MutableMapping) and (SOFT_TARGETS_KEY in batch or EXTRA_LOSS_KEY in batch):
             raise ConfigurationError(
                 f"{type(pl_module).__name__}.training_step did not use the teacher's soft targets: its loss must go "
                 "through lightning_efficient.losses.classification_loss or prediction_losses (the loss protocol, "
@@ -330,6 +421,8 @@ class Distillation(Technique):
         state: dict[str, Any] = {"source": source, "fingerprint": self.teacher_fingerprint}
         if self.sequence_level:
             state["num_beams"] = self.num_beams
+        if self.layers is not None:
+            state["layers"] = self.layers
         if self.source == "self" and self.teacher is not None:
             state["weights"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
         return state
@@ -341,6 +434,11 @@ class Distillation(Technique):
             raise CheckpointMismatchError(
                 f"num_beams={self.num_beams}, but this run trained on the teacher's beam-{state_dict['num_beams']} "
                 "translations; resume with the same num_beams"
+            )
+        if state_dict.get("layers") != self.layers:
+            raise CheckpointMismatchError(
+                f"layers={self.layers!r}, but this run was distilled with layers={state_dict.get('layers')!r} (its "
+                "projection and layer pairs); resume with the same layers"
             )
         if self.source == "self" and "weights" in state_dict and self.teacher is not None:
             self.teacher.load_state_dict(state_dict["weights"])
