@@ -29,7 +29,7 @@ from lightning_efficient.checkpoint import (
     write_tokenizer,
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
-from lightning_efficient.losses import TRAINING_ONLY, classification_loss
+from lightning_efficient.losses import TRAINING_ONLY, classification_loss, cross_entropy_gradient_norms
 from lightning_efficient.models.pretrained import (
     PretrainedSource,
     model_from_config,
@@ -42,6 +42,7 @@ from lightning_efficient.safeguards import capture_random_states, restore_random
 
 __all__ = [
     "EfficientModule",
+    "TextClassifier",
     "class_names",
     "decay_parameter_groups",
     "require_argument",
@@ -474,3 +475,41 @@ def _copy_checkpoint_weights(model: nn.Module, source: PretrainedSource, whole: 
         raise CheckpointMismatchError(
             f"pretrained {source.name!r}: weights missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+class TextClassifier(EfficientModule):
+    """Base of the text classifiers (``BertClassifier``, ``BiLSTMClassifier``): every step from ``forward``.
+
+    A subclass builds its network and ``forward(input_ids, attention_mask) -> (N, num_labels)``
+    logits; this class gives the training step (the loss protocol: importance weights, a
+    distillation teacher's soft targets), validation and test (loss, accuracy, macro F1), predict
+    (label and probabilities), :meth:`importance_scores` and :meth:`distillation_logits`.
+    """
+
+    needs_tokenizer = True
+    task = "sequence_classification"
+
+    def batch_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class logits ``(N, num_labels)`` of a text batch (``input_ids``, ``attention_mask``)."""
+        return self(batch["input_ids"], batch["attention_mask"])
+
+    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per example, the gradient-norm bound of its loss (for importance sampling)."""
+        return cross_entropy_gradient_norms(self.batch_logits(batch), batch["labels"])
+
+    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``(N, num_labels)`` of the batch: what a distillation teacher gives (the loss protocol, rule 4)."""
+        return self.batch_logits(batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.classification_training_step(self.batch_logits(batch), batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.classification_eval_step(self.batch_logits(batch), batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.classification_eval_step(self.batch_logits(batch), batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Predicted label name and class probabilities of each text."""
+        return self.classification_predictions(self.batch_logits(batch), batch)

@@ -30,7 +30,6 @@ from lightning_efficient.data.tokenizers import BERT_SPECIAL_IDS, BERT_SPECIAL_T
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.losses import (
     SOFT_TARGETS_KEY,
-    cross_entropy_gradient_norms,
     importance_weighted_loss,
     is_importance_batch,
     predicting,
@@ -39,6 +38,7 @@ from lightning_efficient.losses import (
 )
 from lightning_efficient.models.base import (
     EfficientModule,
+    TextClassifier,
     _check_shape,
     _copy_checkpoint_weights,
     class_names,
@@ -460,7 +460,7 @@ class BertMLM(EfficientModule):
             self.mask_generator.set_state(state)
 
 
-class BertClassifier(EfficientModule):
+class BertClassifier(TextClassifier):
     """Sequence classification with a BERT encoder, optionally started from pretrained weights.
 
     With ``pretrained`` a ``BertMLM`` checkpoint gives the encoder weights (embeddings and blocks)
@@ -498,9 +498,6 @@ class BertClassifier(EfficientModule):
         >>> model(torch.randint(5, 100, (3, 12))).shape
         torch.Size([3, 2])
     """
-
-    needs_tokenizer = True
-    task = "sequence_classification"
 
     def __init__(
         self,
@@ -590,24 +587,3 @@ class BertClassifier(EfficientModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits, ``(B, num_labels)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per example, the gradient-norm bound of its loss (for importance sampling)."""
-        return cross_entropy_gradient_norms(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-
-    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class logits ``(N, num_labels)`` of the batch: what a distillation teacher gives (the loss protocol, rule 4)."""
-        return self(batch["input_ids"], batch["attention_mask"])
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.classification_training_step(self(batch["input_ids"], batch["attention_mask"]), batch)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Predicted label name and class probabilities of each text."""
-        return self.classification_predictions(self(batch["input_ids"], batch["attention_mask"]), batch)

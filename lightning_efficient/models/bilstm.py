@@ -31,8 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int, check_range
-from lightning_efficient.losses import cross_entropy_gradient_norms
-from lightning_efficient.models.base import EfficientModule, class_names, require_argument
+from lightning_efficient.models.base import TextClassifier, class_names, require_argument
 from lightning_efficient.models.bert import special_ids_of
 from lightning_efficient.models.pretrained import describe_source, resolve_pretrained
 
@@ -95,7 +94,7 @@ def principal_projection(weights: torch.Tensor, size: int) -> torch.Tensor:
     return (centred @ (directions * largest.sign()).T).to(weights.dtype)
 
 
-class BiLSTMClassifier(EfficientModule):
+class BiLSTMClassifier(TextClassifier):
     """A one-layer BiLSTM text classifier (Tang et al. 2019's distillation student).
 
     ``forward``: word embeddings -> a bidirectional LSTM over the packed sequences (lengths from the
@@ -148,9 +147,6 @@ class BiLSTMClassifier(EfficientModule):
         >>> model.distillation_logits({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).shape
         torch.Size([2, 3])
     """
-
-    needs_tokenizer = True
-    task = "sequence_classification"
 
     def __init__(
         self,
@@ -286,27 +282,6 @@ class BiLSTMClassifier(EfficientModule):
         _, (final, _) = self.lstm(packed)  # (num_layers * 2, B, hidden), back in the batch's order
         features = torch.cat([final[-2], final[-1]], dim=-1)  # the last layer's forward and backward states
         return self.classifier(self.dropout(torch.relu(self.fc(features))))
-
-    def distillation_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class logits ``(B, num_labels)`` of the batch: what a distillation technique compares with the teacher's."""
-        return self(batch["input_ids"], batch["attention_mask"])
-
-    def importance_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per example, the gradient-norm bound of its loss (for importance sampling)."""
-        return cross_entropy_gradient_norms(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.classification_training_step(self(batch["input_ids"], batch["attention_mask"]), batch)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.classification_eval_step(self(batch["input_ids"], batch["attention_mask"]), batch, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Predicted label name and class probabilities of each text."""
-        return self.classification_predictions(self(batch["input_ids"], batch["attention_mask"]), batch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
