@@ -291,13 +291,19 @@ def test_resume_is_exact_and_refuses_another_teacher(
 
 
 # -- translation: word-level ------------------------------------------------------------------
-def test_translation_distils_every_target_token(user_files: dict[str, str]) -> None:
+def translation(files: dict[str, str], max_length: int) -> tuple[Translation, TranslationDataModule]:
+    """A tiny 1-layer Translation student and the user's pairs (vocabulary 300, batch 4)."""
     dm = TranslationDataModule(
-        train_files=[user_files["pairs"]], source_column="src", target_column="tgt", vocab_size=300,
-        max_length=24, batch_size=4,
+        train_files=[files["pairs"]], source_column="src", target_column="tgt", vocab_size=300,
+        max_length=max_length, batch_size=4,
     )  # fmt: skip
     torch.manual_seed(0)
-    student = Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=24, num_layers=1, bleu_batches=0)
+    model = Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=max_length, num_layers=1, bleu_batches=0)
+    return model, dm
+
+
+def test_translation_distils_every_target_token(user_files: dict[str, str]) -> None:
+    student, dm = translation(user_files, max_length=24)
     capture: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     class Seen(Callback):
@@ -423,12 +429,7 @@ def test_directory_teacher_with_other_labels_is_refused(prose: TextClassificatio
 
 
 def test_sequence_level_trains_on_the_teacher_translations(user_files: dict[str, str], tmp_path: Path) -> None:
-    dm = TranslationDataModule(
-        train_files=[user_files["pairs"]], source_column="src", target_column="tgt", vocab_size=300,
-        max_length=32, batch_size=4,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    student = Translation(vocab_size=dm.vocab_size, preset="tiny", max_length=32, num_layers=1, bleu_batches=0)
+    student, dm = translation(user_files, max_length=32)  # 34 training pairs fit 32 tokens
     batches: list[dict[str, Any]] = []
 
     class Seen(Callback):
