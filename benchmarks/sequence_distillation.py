@@ -3,10 +3,10 @@
 What is run, in one process (the embedded World English Bible -> Louis Segond 1910 pairs):
 
 1. ``teacher``: a ``Translation`` model (``--preset``, ``--teacher-layers`` in each stack) trained for
-   ``--teacher-steps`` on the first ``--train-pairs`` training pairs; its test BLEU (beam
-   ``--num-beams``, the first ``--test-batches`` test batches).
+   ``--teacher-steps`` on the whole training split; its test BLEU (beam ``--num-beams``, the first
+   ``--test-batches`` test batches).
 2. ``student, references``: the same width with ``--teacher-layers // 2`` layers, trained
-   ``--student-steps`` on the references.
+   ``--student-steps`` on the references of the first ``--train-pairs`` training pairs.
 3. ``student, sequence-level KD``: the same student trained as long on the teacher's beam-search
    translations of the same sources (``Distillation(sequence_level=True, alpha=1.0)``; the
    translations are generated once before training, and their generation time is reported).
@@ -59,14 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def data(args: argparse.Namespace) -> TranslationDataModule:
-    """The pairs, set up for fit, the training split cut to its first ``--train-pairs`` (val and test are whole)."""
+def data(args: argparse.Namespace, cut: bool = True) -> TranslationDataModule:
+    """The pairs, set up for fit; with ``cut`` the training split is its first ``--train-pairs`` (val and test whole)."""
     datamodule = TranslationDataModule(
         train_files=[args.train_file] if args.train_file else None, source_column=args.source_column, target_column=args.target_column,
         vocab_size=args.vocab_size, max_length=args.max_length, batch_size=args.batch_size,
     )  # fmt: skip
     datamodule.setup("fit")
-    datamodule.splits["train"] = datamodule.splits["train"][: args.train_pairs]
+    if cut:
+        datamodule.splits["train"] = datamodule.splits["train"][: args.train_pairs]
     return datamodule
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     pl.seed_everything(0, verbose=False)
-    datamodule = data(args)
+    datamodule = data(args, cut=False)  # the teacher learns from every training pair
     teacher = model(args, datamodule, args.teacher_layers)
     trainer, seconds = train(teacher, datamodule, args.teacher_steps, [])
     teacher_path = work / "teacher.ckpt"
