@@ -97,6 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="data split and augmentation seed")
     parser.add_argument("--skip-cache", action="store_true", help="skip part 3")
     parser.add_argument("--skip-speed", action="store_true", help="skip part 4")
+    parser.add_argument(
+        "--speed-presets",
+        nargs="*",
+        default=[],
+        choices=sorted(PRESETS),
+        help="part 4 also for a randomly initialised teacher of these presets beside a BiLSTM of Tang's size "
+        "(speed and size do not depend on training)",
+    )
+    parser.add_argument(
+        "--skip-students", action="store_true", help="skip part 2 (part 4 then times an untrained BiLSTM)"
+    )
     return parser.parse_args(argv)
 
 
@@ -230,6 +241,8 @@ def parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def inference_speed(args: argparse.Namespace, teacher: torch.nn.Module, student: torch.nn.Module, data: Any) -> dict:
     batch = next(iter(data.test_dataloader()))
+    print(f"\ninference: teacher {type(teacher).__name__} ({teacher.size}), "
+          f"student embedding {student.hparams.embedding_size}, batch of {batch['input_ids'].shape[1]} tokens")  # fmt: skip
     results: dict[str, Any] = {}
     for size in (1, 32):
         ids, mask = batch["input_ids"][:size], batch["attention_mask"][:size]
@@ -267,10 +280,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="distillation_benchmark_"))
     teacher_path = str(work / "teacher.ckpt")
     teacher = train_teacher(args, Path(teacher_path))
-    runs: dict[str, list[dict[str, Any]]] = {rule: [] for rule in args.rules}
-    for rule in args.rules:
+    runs: dict[str, list[dict[str, Any]]] = {rule: [] for rule in args.rules if not args.skip_students}
+    for rule, results in runs.items():
         for seed in args.seeds if rule in ("labels only", "KD + all") else args.ablation_seeds:
-            runs[rule].append(train_student(args, rule, seed, teacher_path, str(work / "teacher_outputs")))
+            results.append(train_student(args, rule, seed, teacher_path, str(work / "teacher_outputs")))
     print(f"\nBiLSTM students, {args.sources} source sentences, {args.student_steps} steps, test accuracy at best val:")
     print(f"  {'teacher':14s} {teacher['test']:.4f}")
     summary: dict[str, Any] = {"teacher": {"val": teacher["val"], "test": teacher["test"]}, "students": {}}
@@ -290,9 +303,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"closes {closed:.0%} of the gap to the teacher -> {'PASS' if closed >= 0.5 else 'FAIL'} (>= 50%)")  # fmt: skip
     if not args.skip_cache:
         verdicts["cache"] = cache_epochs(args, teacher_path)
-    if not args.skip_speed and "KD + all" in runs:
-        student = runs["KD + all"][0]["model"]
-        verdicts["inference"] = inference_speed(args, teacher["model"], student, teacher["data"])
+    if not args.skip_speed:
+        data = teacher["data"]
+        student = runs["KD + all"][0]["model"] if runs.get("KD + all") else bilstm(data, teacher_path, args)
+        verdicts["inference"] = inference_speed(args, teacher["model"], student, data)
+        for preset in args.speed_presets:  # speed and size only: random weights of a bigger teacher
+            torch.manual_seed(0)
+            big = prose_classifier(data, preset, args.max_length)
+            tang = BiLSTMClassifier(vocab_size=data.vocab_size, num_labels=data.num_labels, label_names=data.label_names,
+                                    embedding_size=min(300, PRESETS[preset].hidden_size))  # fmt: skip
+            verdicts[f"inference_{preset}"] = inference_speed(args, big, tang, data)
     return write_json(args.json, {"arguments": {k: str(v) for k, v in vars(args).items()}, **summary, **verdicts})
 
 
