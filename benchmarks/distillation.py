@@ -284,8 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for rule, results in runs.items():
         for seed in args.seeds if rule in ("labels only", "KD + all") else args.ablation_seeds:
             results.append(train_student(args, rule, seed, teacher_path, str(work / "teacher_outputs")))
-    print(f"\nBiLSTM students, {args.sources} source sentences, {args.student_steps} steps, test accuracy at best val:")
-    print(f"  {'teacher':14s} {teacher['test']:.4f}")
+    if runs:
+        print(
+            f"\nBiLSTM students, {args.sources} source sentences, {args.student_steps} steps, test accuracy at best val:"
+        )
+        print(f"  {'teacher':14s} {teacher['test']:.4f}")
     summary: dict[str, Any] = {"teacher": {"val": teacher["val"], "test": teacher["test"]}, "students": {}}
     for rule, results in runs.items():
         tests = [r["test"] for r in results]
