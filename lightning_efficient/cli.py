@@ -283,6 +283,48 @@ def _class_paths_near(class_path: str) -> list[str]:
     )
 
 
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"dict[str, str], None"`` -> ``["dict[str, str]", "None"]``."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*items, current.strip()]
+
+
+def _nested_value_error(message: str) -> str | None:
+    """For a bad value inside a class's arguments (at any depth): that class, the argument and what it accepts.
+
+    None when the innermost class named does not import (then the class path itself is the problem).
+
+    Examples:
+        >>> message = (
+        ...     "Problem with given class_path 'lightning_efficient.TextClassificationDataModule':\n"
+        ...     '  Parser key "label_map":\n    Subtypes: [dict[str, str], <class "NoneType">]'
+        ... )
+        >>> _nested_value_error(message)
+        "lightning_efficient.TextClassificationDataModule's label_map: the value given is not a dict[str, str] or NoneType"
+    """
+    class_paths = re.findall(r"Problem with given class_path '([\w.]+)'", message)
+    keys = re.findall(r'Parser key "([\w.]+)":', message)
+    if not class_paths or not keys:
+        return None
+    try:
+        _import_class(class_paths[-1])
+    except (ImportError, AttributeError, ValueError):
+        return None
+    tail = message[message.rindex(f'Parser key "{keys[-1]}":') :]
+    subtypes = re.search(r"Subtypes: \[(.+)\]", tail)
+    expected = re.search(r"Expected a (.+?)(?:\.|$)", tail, re.MULTILINE)
+    kinds = _top_level_items(subtypes.group(1)) if subtypes else [expected.group(1)] if expected else ["declared type"]
+    accepted = " or ".join(re.sub(r"""<class ['"]([\w.]+)['"]>""", r"\1", kind) for kind in kinds)
+    return f"{class_paths[-1]}'s {keys[-1]}: the value given is not a {accepted}"
+
+
 def short_parse_error(message: str, keys: Iterable[str] = ()) -> str:
     """One line for a jsonargparse error: the bad key or value, what is allowed, the nearest valid key.
 
@@ -309,6 +351,9 @@ def short_parse_error(message: str, keys: Iterable[str] = ()) -> str:
         if option:
             name = option.group(1)
             return f"{class_path} has no argument {name!r}" + _did_you_mean(name, _init_arguments(class_path))
+        nested = _nested_value_error(message)
+        if nested:
+            return nested
         return f"class_path {class_path!r} cannot be imported ({detail})" + _did_you_mean(
             class_path, _class_paths_near(class_path)
         )

@@ -204,3 +204,16 @@ def test_a_distributed_checkpoint_folder_is_accepted_and_checked(tmp_path):
     assert checkpoint_tokenizer(folder / DISTRIBUTED_METADATA).get_vocab_size() == 120  # what the CLI gives the data
     with pytest.raises(CheckpointMismatchError, match=r"was written by BertMLM, but this run's model is ViTClassifier"):
         check_ckpt_path(str(folder), "lightning_efficient.ViTClassifier")
+
+
+def test_a_bad_value_inside_a_nested_class_names_the_class_and_argument(tmp_path: Path) -> None:
+    """A wrapper's inner data module: the error names the inner class and argument, not 'cannot be imported'."""
+    done = run_cli(
+        "fit", "-c", str(CONFIGS / "bilstm/tiny_distil_prose.yaml"),
+        "--data.init_args.datamodule.init_args.label_map", "null", "--print_config", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert error_block(done.stderr)[0] == (
+        "error: lightning_efficient.TextClassificationDataModule's label_map: the value given is not a "
+        "dict[str, str] or NoneType"
+    )

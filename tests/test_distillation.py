@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_efficient import (
@@ -480,16 +481,28 @@ def test_shipped_fragment_names_the_missing_teacher_at_once_and_prints_its_confi
     assert printed.returncode == 0 and "lightning_efficient.callbacks.Distillation" in printed.stdout
 
 
-def test_end_to_end_bert_teacher_then_bilstm_student_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """configs/bert/tiny_classify_prose.yaml, then configs/bilstm/tiny_distil_prose.yaml, as the configs say (shortened)."""
+def test_end_to_end_bert_teacher_then_bilstm_student_from_yaml(
+    user_files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/bert/tiny_classify_prose.yaml, then configs/bilstm/tiny_distil_prose.yaml, as the configs say.
+
+    Shortened: 4 steps each, on the user's 600 Brown sentences (3 genres) instead of the whole corpus.
+    """
     from lightning_efficient.cli import main
 
     monkeypatch.chdir(tmp_path)
     short = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
-    main(["fit", "-c", str(CONFIGS / "bert/tiny_classify_prose.yaml"), *short])
+    data = {"train_files": f"[{user_files['jsonl']}]", "text_column": "sentence", "label_column": "category",
+            "label_map": "null", "group_column": "source_doc", "vocab_size": "300"}  # fmt: skip
+    main(["fit", "-c", str(CONFIGS / "bert/tiny_classify_prose.yaml"), *short,
+          *[item for key, value in data.items() for item in (f"--data.init_args.{key}", value)]])  # fmt: skip
     teacher = tmp_path / "runs/bert_tiny_classify_prose/checkpoints/last.ckpt"
-    main(["fit", "-c", str(CONFIGS / "bilstm/tiny_distil_prose.yaml"), *short,
-          "--data.init_args.max_source_examples", "40", "--data.init_args.n_iter", "3"])  # fmt: skip
+    inner = {key: value for key, value in data.items() if key != "vocab_size"} | {"train_files": [user_files["jsonl"]]}
+    smaller = tmp_path / "smaller.yaml"  # a nested override, as a user writes one
+    smaller.write_text(yaml.safe_dump({"data": {"init_args": {
+        "datamodule": {"init_args": {**inner, "label_map": None}}, "max_source_examples": 40, "n_iter": 3,
+    }}}))  # fmt: skip
+    main(["fit", "-c", str(CONFIGS / "bilstm/tiny_distil_prose.yaml"), "-c", str(smaller), *short])
     student = torch.load(tmp_path / "runs/bilstm_tiny_distil_prose/checkpoints/last.ckpt", weights_only=True)
     assert {key.split(".")[0] for key in student["state_dict"]} == {"embedding", "lstm", "fc", "classifier"}
     state = student["callbacks"]["lightning_efficient.distillation"]
