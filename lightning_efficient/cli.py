@@ -303,8 +303,8 @@ def _nested_value_error(message: str) -> str | None:
 
     Examples:
         >>> message = (
-        ...     "Problem with given class_path 'lightning_efficient.TextClassificationDataModule':\n"
-        ...     '  Parser key "label_map":\n    Subtypes: [dict[str, str], <class "NoneType">]'
+        ...     "Problem with given class_path 'lightning_efficient.TextClassificationDataModule': "
+        ...     'Parser key "label_map": Subtypes: [dict[str, str], <class "NoneType">]'
         ... )
         >>> _nested_value_error(message)
         "lightning_efficient.TextClassificationDataModule's label_map: the value given is not a dict[str, str] or NoneType"
