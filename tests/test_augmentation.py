@@ -26,7 +26,7 @@ DRAWS = 2000
 @pytest.fixture(autouse=True)
 def transfer_set_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Transfer sets are cached under ``tmp_path`` (tokenizers stay in the shared cache: trained once)."""
-    monkeypatch.setattr(augmentation, "cache_dir", lambda: tmp_path / "tokenizers")
+    monkeypatch.setattr(augmentation, "cache_root", lambda: tmp_path)
     return tmp_path / "transfer_sets"
 
 

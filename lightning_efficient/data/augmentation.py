@@ -44,7 +44,7 @@ from tqdm import tqdm
 from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.data.files import embedded_path, read_records
 from lightning_efficient.data.text import TextClassificationDataModule
-from lightning_efficient.data.tokenizers import SpecialIds, cache_dir, find_special_ids
+from lightning_efficient.data.tokenizers import SpecialIds, cache_root, find_special_ids
 from lightning_efficient.errors import ConfigurationError, DataError, check_int, check_range
 from lightning_efficient.losses import MISSING_LABEL
 
@@ -555,7 +555,7 @@ class TransferSetAugmentation(pl.LightningDataModule):
         digest.update(json.dumps(arguments, sort_keys=True).encode())
         for text, label in zip(texts, labels):
             digest.update(f"{label}\t{text}\x00".encode())
-        return cache_dir().parent / "transfer_sets" / f"transfer-set-{digest.hexdigest()[:24]}.json"
+        return cache_root() / "transfer_sets" / f"transfer-set-{digest.hexdigest()[:24]}.json"
 
     @staticmethod
     def _read_cache(path: Path) -> tuple[list[str], list[int], int] | None:

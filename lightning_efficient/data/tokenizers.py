@@ -155,10 +155,17 @@ def _frame(tokenizer: Tokenizer, framing: Sequence[str], **templates: str) -> To
 _TRAINERS = {"wordpiece": train_wordpiece, "bpe": train_shared_bpe}
 
 
+def cache_root() -> Path:
+    """The package's cache directory: ``$LIGHTNING_EFFICIENT_CACHE``, or ``~/.cache/lightning_efficient``.
+
+    Each kind of cached file has a folder in it (``tokenizers``, ``transfer_sets``, ``teacher_outputs``, ...).
+    """
+    return Path(os.environ.get(_CACHE_ENV, Path.home() / ".cache" / "lightning_efficient"))
+
+
 def cache_dir() -> Path:
-    """Directory of cached tokenizers (``$LIGHTNING_EFFICIENT_CACHE`` or ``~/.cache/lightning_efficient``)."""
-    default = Path.home() / ".cache" / "lightning_efficient"
-    return Path(os.environ.get(_CACHE_ENV, default)) / "tokenizers"
+    """Directory of cached tokenizers: ``cache_root() / "tokenizers"``."""
+    return cache_root() / "tokenizers"
 
 
 def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokenizer:

@@ -29,7 +29,7 @@ import torch
 from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.checkpoint import load_checkpoint
 
-__all__ = ["TeacherOutputCache", "example_keys"]
+__all__ = ["TeacherOutputCache", "example_keys", "tensor_bytes"]
 
 #: Batch entries that do not change what the teacher computes (labels, and what techniques add).
 NOT_INPUTS = frozenset(
@@ -37,11 +37,21 @@ NOT_INPUTS = frozenset(
 )
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values (any dtype, any device), for hashing.
+
+    Examples:
+        >>> tensor_bytes(torch.tensor([1, 2], dtype=torch.int16))
+        b'\\x01\\x00\\x02\\x00'
+    """
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _row_bytes(value: torch.Tensor, row: int, mask: torch.Tensor | None) -> bytes:
     item = value[row]
     if mask is not None and value.dim() >= 2 and value.shape[:2] == mask.shape:
         item = item[mask[row].bool()]  # only the real tokens: padding does not change the key
-    return item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return tensor_bytes(item)
 
 
 def example_keys(batch: Mapping[str, Any], exclude: Collection[str] = NOT_INPUTS) -> list[str]:
@@ -52,7 +62,8 @@ def example_keys(batch: Mapping[str, Any], exclude: Collection[str] = NOT_INPUTS
     """
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and k not in exclude}
     size = next(iter(tensors.values())).shape[0]
-    tensors = {k: v for k, v in sorted(tensors.items()) if v.shape[0] == size}
+    # To the CPU once per tensor (not once per row: on a GPU each copy is a synchronisation).
+    tensors = {k: v.detach().cpu() for k, v in sorted(tensors.items()) if v.shape[0] == size}
     mask = tensors.get("attention_mask")
     keys = []
     for row in range(size):

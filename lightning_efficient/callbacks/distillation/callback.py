@@ -59,7 +59,7 @@ from lightning_efficient.callbacks.distillation.teacher import (
     load_teacher,
     locate_teacher,
 )
-from lightning_efficient.data.tokenizers import cache_dir
+from lightning_efficient.data.tokenizers import cache_root
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.losses import EXTRA_LOSS_KEY, SOFT_TARGETS_KEY, TRAINING_ONLY, SoftTargets
 from lightning_efficient.technique import Technique, check_choice, check_range
@@ -309,7 +309,7 @@ class Distillation(Technique):
         path = None
         if mode == "disk":
             assert self.teacher_fingerprint is not None
-            directory = self.cache_dir or cache_dir().parent / "teacher_outputs"
+            directory = self.cache_dir or cache_root() / "teacher_outputs"
             path = directory / f"{self.teacher_fingerprint[:20]}.pt"
         return TeacherOutputCache(int(self.max_cache_mb * 2**20), path)
 

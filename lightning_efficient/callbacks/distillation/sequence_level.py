@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.data.text import pad_batch
-from lightning_efficient.data.tokenizers import cache_dir
+from lightning_efficient.data.tokenizers import cache_root
 from lightning_efficient.errors import ConfigurationError, check_int
 
 __all__ = [
@@ -245,7 +245,7 @@ def cached_teacher_translations(
     _check_teacher(teacher)
     max_length = _length_limit(teacher, max_length)
     key = cache_key(teacher_fingerprint, sources, num_beams=num_beams, max_length=max_length)
-    path = Path(directory or cache_dir().parent / "sequence_distillation") / f"{key}.json"
+    path = Path(directory or cache_root() / "sequence_distillation") / f"{key}.json"
     cached = _read_cache(path, len(sources))
     if cached is not None:
         return cached

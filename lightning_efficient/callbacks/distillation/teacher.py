@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_efficient.callbacks.distillation.cache import tensor_bytes
 from lightning_efficient.checkpoint import checkpoint_module_class
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError
 from lightning_efficient.models.pretrained import describe_source
@@ -152,7 +153,7 @@ def load_teacher(source: str | nn.Module, student: pl.LightningModule) -> nn.Mod
             f"teacher={str(source)!r} is a checkpoint none of our modules wrote; give one of ours (it names its "
             "class), a save_pretrained directory, or a module instance"
         )
-    return freeze(_module_class(module).load_from_checkpoint(path, map_location="cpu"))
+    return freeze(_module_class(module).load_from_checkpoint(path, map_location="cpu", weights_only=True))
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -167,7 +168,7 @@ def fingerprint(module: nn.Module) -> str:
         if not isinstance(tensor, torch.Tensor):
             continue
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
