@@ -57,6 +57,7 @@ from lightning_efficient.flops import FlopCounter, count_flops, transformer_flop
 from lightning_efficient.models import PRESETS, BertClassifier, BertMLM, BiLSTMClassifier, Translation, ViTClassifier
 from lightning_efficient.monitor import EfficiencyMonitor
 from lightning_efficient.optim import LAMB, Lion
+from lightning_efficient.pipeline.budget import FlopBudget
 from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.safeguards import LastCheckpoint, NonFiniteLossGuard, RandomStates
 from lightning_efficient.strategies import TensorParallelStrategy
@@ -80,6 +81,7 @@ __all__ = [
     "DataError",
     "Distillation",
     "EfficiencyMonitor",
+    "FlopBudget",
     "FlopCounter",
     "ImageClassificationDataModule",
     "ImportanceSampling",

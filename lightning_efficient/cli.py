@@ -453,6 +453,10 @@ class SummaryWithoutZeroFlops(ModelSummary):
 class EfficientCLI(LightningCLI):
     """LightningCLI with data-derived model arguments and checkpoint-aware tokenizers (see module doc)."""
 
+    #: Whether parsing also checks the files the run will read (``--ckpt_path``, a technique's
+    #: ``check_sources``); a pipeline's dry run checks configs whose inputs do not exist yet.
+    check_inputs: bool = True
+
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -502,6 +506,8 @@ class EfficientCLI(LightningCLI):
             raise ConfigurationError(short_parse_error(str(error), self._option_keys(args))) from error
         canonical_class_paths(self.config)  # what the YAML loader did not see: dict args, command-line strings
         config = self._subcommand_config()
+        if not self.check_inputs:
+            return
         if self.config.get("subcommand") == "fit":
             check_callback_sources((config.get("trainer") or {}).get("callbacks"))
         ckpt_path = config.get("ckpt_path")
@@ -596,17 +602,19 @@ class EfficientCLI(LightningCLI):
 
 
 _COMPARE_EPILOG = (
-    "One more subcommand, outside LightningCLI: `lightning-efficient compare RUN_DIR RUN_DIR ... "
+    "Two more subcommands, outside LightningCLI: `lightning-efficient compare RUN_DIR RUN_DIR ... "
     "[--output PNG] [--json]` puts the efficiency summaries of several runs side by side "
-    "(see `lightning-efficient compare --help`)."
+    "(see `lightning-efficient compare --help`); `lightning-efficient pipeline -c PIPELINE.yaml` runs "
+    "a pipeline of stages (see `lightning-efficient pipeline --help`)."
 )
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-efficient`` console script.
 
-    ``compare`` goes to :func:`lightning_efficient.compare.main` before LightningCLI sees the
-    arguments; every other subcommand (``fit``, ``validate``, ``test``, ``predict``) to :class:`EfficientCLI`.
+    ``compare`` goes to :func:`lightning_efficient.compare.main` and ``pipeline`` to
+    :func:`lightning_efficient.pipeline.command.main` before LightningCLI sees the arguments; every
+    other subcommand (``fit``, ``validate``, ``test``, ``predict``) to :class:`EfficientCLI`.
 
     A mistake in the config or on the command line (:func:`user_error_message`: a misspelled key,
     a value out of range, an unknown class, a checkpoint that does not fit) prints one short
@@ -624,6 +632,11 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when it is given both)
     if argv[:1] == ["compare"]:
         compare.main(argv[1:])
+        return
+    if argv[:1] == ["pipeline"]:
+        from lightning_efficient.pipeline.command import main as pipeline_main
+
+        pipeline_main(argv[1:], show_traceback=show_traceback)
         return
     hide_harmless_noise()
     try:

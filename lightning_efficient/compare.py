@@ -7,9 +7,13 @@ run) and draws one PNG (the monitored metric against wall-clock seconds and agai
 
     lightning-efficient compare runs/bert_small_mlm runs/bert_small_mlm_layer_drop --output compare.png
 
+A RUN_DIR may also be a pipeline's directory (``runs/<pipeline>/``, holding the ``report.json`` of
+:mod:`lightning_efficient.pipeline.report`): every stage of it that has an efficiency summary is then
+one column, labelled by the stage's name.
+
 The functions are pure and usable without the command: :func:`find_summary`, :func:`load_summary`,
-:func:`comparison_rows`, :func:`format_table`, :func:`plot`. The file's schema (keys, units, version)
-is :mod:`lightning_efficient.summary`. The module needs only the standard library at import time;
+:func:`load_runs`, :func:`comparison_rows`, :func:`format_table`, :func:`plot`. The file's schema
+(keys, units, version) is :mod:`lightning_efficient.summary`. The module needs only the standard library at import time;
 matplotlib is imported inside :func:`plot`.
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.summary import SCHEMA_VERSION, SUMMARY_FILE, RunSummary, read_summary
+from lightning_efficient.summary import _check as _check_summary  # read_summary's checks, for an in-memory summary
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -33,7 +38,9 @@ __all__ = [
     "Row",
     "comparison_rows",
     "find_summary",
+    "format_number",
     "format_table",
+    "load_runs",
     "load_summary",
     "main",
     "plot",
@@ -49,6 +56,7 @@ _HOW_TO_RECORD = (
     "add lightning_efficient.monitor.EfficiencyMonitor to trainer.callbacks\n"
     "(YAML: `- class_path: lightning_efficient.monitor.EfficiencyMonitor` under trainer.callbacks) and train again"
 )
+_PIPELINE_REPORT = "report.json"  # lightning_efficient.pipeline.report.REPORT_FILE, imported only for a pipeline
 _FIGURE_INCHES = (11.0, 4.2)
 _FIGURE_DPI = 100  # -> a 1100 x 420 pixel PNG
 
@@ -114,6 +122,52 @@ def load_summary(path: str | Path) -> RunSummary:
     return read_summary(path)
 
 
+def load_runs(run_dir: str | Path) -> list[tuple[str | None, Path, RunSummary]]:
+    """The runs a RUN_DIR of ``compare`` stands for: one plain run, or every summarised stage of a pipeline.
+
+    A directory holding a pipeline's ``report.json`` (or that file itself) gives one run per stage
+    record with an ``efficiency`` summary, in the report's order, each checked as
+    :func:`load_summary` checks a file; anything else is read as :func:`find_summary` finds it.
+
+    Args:
+        run_dir: A run directory, a summary file, a pipeline directory or its ``report.json``.
+
+    Returns:
+        ``(label, path, summary)`` per run: ``label`` is the stage's name (None for a plain run:
+        :func:`run_labels` names it), ``path`` the summary file or the pipeline's ``report.json``.
+
+    Raises:
+        ConfigurationError: No summary is found, a summary or the report is malformed, or the
+            pipeline has no stage with a summary yet.
+
+    Examples:
+        >>> import tempfile
+        >>> load_runs(Path(tempfile.mkdtemp()) / "nowhere")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: run directory '...nowhere' does not exist
+    """
+    path = Path(run_dir)
+    report_path = path / _PIPELINE_REPORT if path.is_dir() else path
+    if report_path.name != _PIPELINE_REPORT or not report_path.is_file():
+        summary_path = find_summary(run_dir)
+        return [(None, summary_path, load_summary(summary_path))]
+    from lightning_efficient.pipeline.report import read_report  # lazy: only a pipeline needs it
+
+    report = read_report(report_path)
+    runs: list[tuple[str | None, Path, RunSummary]] = []
+    for record in report["stages"]:
+        if record.get("efficiency") is not None:
+            where = f"{report_path} (stage {record['name']})"
+            runs.append((str(record["name"]), report_path, _check_summary(record["efficiency"], where)))
+    if not runs:
+        raise ConfigurationError(
+            f"pipeline report {str(report_path)!r} has no stage with an efficiency summary yet "
+            "(no fit stage has finished, or none ran with EfficiencyMonitor)"
+        )
+    return runs
+
+
 # -- the table -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -158,8 +212,13 @@ def run_labels(summaries: Sequence[dict[str, Any]], paths: Sequence[str | Path] 
     return labels
 
 
-def _number(value: float) -> str:
-    """``1234.5 -> '1,234'``, ``26.684 -> '26.68'``, ``7 -> '7'``."""
+def format_number(value: float) -> str:
+    """A number as the tables show it: thousands separators from 100 up, else four significant digits.
+
+    Examples:
+        >>> format_number(1234.5), format_number(26.684), format_number(7), format_number(0.812345)
+        ('1,234', '26.68', '7', '0.8123')
+    """
     if isinstance(value, int) or abs(value) >= 100:
         return f"{round(value):,}"
     return f"{value:.4g}"
@@ -177,7 +236,7 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
-def _numeric_row(name: str, values: list[float | None], show: Callable[[float], str] = _number) -> Row:
+def _numeric_row(name: str, values: list[float | None], show: Callable[[float], str] = format_number) -> Row:
     """A row whose cells carry the ratio to the first run where both values exist (blank: no value)."""
     base = values[0]
     ratios: list[float | None] = []
@@ -200,7 +259,7 @@ def _target_text(summary: dict[str, Any]) -> str:
     target = summary["target"]
     if target is None:
         return "none"
-    return f"{summary['monitor']} {'<=' if summary['mode'] == 'min' else '>='} {_number(target['value'])}"
+    return f"{summary['monitor']} {'<=' if summary['mode'] == 'min' else '>='} {format_number(target['value'])}"
 
 
 def _reached(summary: dict[str, Any], key: str) -> float | None:
@@ -349,7 +408,7 @@ def plot(summaries: Sequence[dict[str, Any]], path: str | Path, labels: Sequence
     if len({value for value, _, _ in targets}) == 1:  # one shared target: one grey line
         targets = [(targets[0][0], "0.4", "target")]
     for value, color, text in targets:
-        by_time.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{text}: {_number(value)}")
+        by_time.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{text}: {format_number(value)}")
         by_tokens.axhline(value, color=color, linestyle="--", linewidth=1)
     by_tokens.xaxis.set_major_formatter(EngFormatter())  # 200k, 1M
     for axes, xlabel in ((by_time, "wall-clock time (s)"), (by_tokens, "tokens")):
@@ -377,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR",
         help=f"a directory holding {SUMMARY_FILE}, or a run root (e.g. runs/bert_small_mlm) under which the "
-        "newest one is taken; the first run is the reference of the ratios",
+        "newest one is taken, or a pipeline directory (holding report.json: one column per stage); "
+        "the first run is the reference of the ratios",
     )  # fmt: skip
     parser.add_argument("--output", default="compare.png", metavar="PNG", help="PNG to write (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON instead of the table")
@@ -403,11 +463,13 @@ def main(args: Sequence[str] | None = None) -> None:
     parser = _parser()
     options = parser.parse_args(args)
     try:
-        paths = [find_summary(run_dir) for run_dir in options.run_dirs]
-        summaries = [load_summary(path) for path in paths]
+        runs = [run for run_dir in options.run_dirs for run in load_runs(run_dir)]
     except ConfigurationError as error:
         parser.error(str(error))
-    labels = run_labels(summaries, paths)
+    summaries = [summary for _, _, summary in runs]
+    paths = [path for _, path, _ in runs]
+    names = [{"run_name": summary["run_name"] if label is None else label} for label, _, summary in runs]
+    labels = run_labels(names, paths)
     png = plot(summaries, options.output, labels)
     if options.json:
         rows = comparison_rows(summaries)

@@ -188,11 +188,12 @@ class EfficiencyMonitor(pl.Callback):
     Logged on logging steps (``log_every_n_steps``), over the last ``window`` steps:
     ``efficiency/tokens_per_s``, ``samples_per_s``, ``flops_per_step``, ``mfu``,
     ``peak_memory_gb`` (10^9 bytes), and once reached ``efficiency/target_wall_s`` and
-    ``efficiency/target_tokens``. After each validation the ``monitor`` metric joins the history;
-    the first value that reaches ``target`` fixes the time-to-target (wall time since fit start,
-    training time, tokens, step). Totals, history and time-to-target are checkpointed and continue
-    across a resume. At the end of ``fit`` a summary table is logged (rank zero, Lightning's INFO
-    logger) and written as JSON to ``<trainer.log_dir or default_root_dir>/<summary_file>``.
+    ``efficiency/target_tokens``. After each validation the ``monitor`` metric joins the history,
+    with the step, times, tokens and model FLOPs of the run so far; the first value that reaches
+    ``target`` fixes the time-to-target (wall time since fit start, training time, tokens, step).
+    Totals, history and time-to-target are checkpointed and continue across a resume. At the end
+    of ``fit`` a summary table is logged (rank zero, Lightning's INFO logger) and written as JSON
+    to ``<trainer.log_dir or default_root_dir>/<summary_file>``.
 
     Args:
         monitor: Validation metric followed for time-to-target and the history.
@@ -208,6 +209,7 @@ class EfficiencyMonitor(pl.Callback):
             :class:`~lightning_efficient.summary.RunSummary`); None before one ends.
         last_step: ``samples``, ``tokens`` and ``flops`` of the latest training batch.
         counter: The :class:`~lightning_efficient.flops.FlopCounter` of the step's forward.
+        total_flops: Model FLOPs counted so far in this fit (read-only; resumed runs included).
 
     Examples:
         >>> import tempfile
@@ -301,7 +303,8 @@ class EfficiencyMonitor(pl.Callback):
         self._wall_before = float(state_dict["wall_time_s"])
         self._train_clock = _Stopwatch(float(state_dict["train_time_s"]))
         self._peak_memory_before = int(state_dict["peak_memory_bytes"])
-        self._history = [dict(point) for point in state_dict["history"]]
+        # A checkpoint written before history points had "flops": those validations' counts are unknown.
+        self._history = [{**point, "flops": point.get("flops")} for point in state_dict["history"]]
         self._reached = None if state_dict["reached"] is None else dict(state_dict["reached"])
 
     # -- counting -------------------------------------------------------------------------------
@@ -330,6 +333,21 @@ class EfficiencyMonitor(pl.Callback):
 
     def _memory_peak(self) -> int:
         return self._memory.peak_bytes() if self._memory is not None else 0
+
+    @property
+    def total_flops(self) -> float:
+        """Model FLOPs counted so far in this fit, those restored from a checkpoint on resume included.
+
+        Grows at the end of every training batch (``on_train_batch_end``), so a callback after the
+        monitor in ``trainer.callbacks`` reads the count with the batch just trained; with several
+        processes it is this process's share. :class:`~lightning_efficient.pipeline.budget.FlopBudget`
+        stops a fit on it.
+
+        Examples:
+            >>> EfficiencyMonitor(peak_flops=1e11).total_flops
+            0.0
+        """
+        return self._flops
 
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -420,6 +438,7 @@ class EfficiencyMonitor(pl.Callback):
             "train_time_s": self._train_clock.read(),
             "tokens": self._total_tokens(),
             "value": float(value),
+            "flops": self._flops,
         }
         self._history.append(point)
         if self.target is None or self._reached is not None:

@@ -8,7 +8,7 @@ batches on its own device): global throughput is about ``tokens_per_s x world_si
 
 | key | unit | meaning |
 |---|---|---|
-| ``version`` | | schema version, :data:`SCHEMA_VERSION`; a file without it is read as version 1 |
+| ``version`` | | schema version, :data:`SCHEMA_VERSION` (2); a file without it is read as version 1 |
 | ``run_name`` | | last component of ``trainer.default_root_dir`` |
 | ``device`` | | ``"cuda: <GPU name>"``, ``"cpu: <CPU model>"`` or the device type |
 | ``precision`` | | ``trainer.precision``, e.g. ``"32-true"``, ``"bf16-mixed"`` |
@@ -36,8 +36,19 @@ batches on its own device): global throughput is about ``tokens_per_s x world_si
 
 A :class:`TargetRecord` holds ``value`` (the target), ``reached`` (bool) and, when first reached,
 ``step``, ``wall_time_s``, ``train_time_s`` and ``tokens`` (all null when not reached). A
-:class:`HistoryPoint` holds ``step``, ``wall_time_s``, ``train_time_s``, ``tokens`` (at that
-validation) and ``value`` (of the ``monitor`` metric).
+:class:`HistoryPoint` holds, at that validation:
+
+| key | unit | meaning |
+|---|---|---|
+| ``step`` | optimizer steps | ``trainer.global_step`` |
+| ``wall_time_s`` | s | wall-clock time of ``fit`` so far, across resumes |
+| ``train_time_s`` | s | training time so far |
+| ``tokens`` | tokens | real tokens trained on so far |
+| ``value`` | | the ``monitor`` metric |
+| ``flops`` | FLOP | model FLOPs counted so far, as ``total_flops`` (since version 2; null for validations restored from a checkpoint written before it) |
+
+Versions: 2 added ``history[].flops`` (validation loss against compute). Version-1 files (and
+files without ``version``) still read, unchanged: their history points have no ``flops``.
 
 Examples:
     >>> import tempfile
@@ -76,8 +87,8 @@ __all__ = [
     "write_summary",
 ]
 
-SCHEMA_VERSION = 1
-"""The ``version`` of the ``efficiency.json`` schema written and read here."""
+SCHEMA_VERSION = 2
+"""The ``version`` of the ``efficiency.json`` schema written here; versions 1 and 2 are read."""
 
 SUMMARY_FILE = "efficiency.json"
 """File name that ``EfficiencyMonitor`` writes into the run's log directory."""
@@ -95,13 +106,18 @@ class TargetRecord(TypedDict):
 
 
 class HistoryPoint(TypedDict):
-    """One validation: the ``monitor`` metric's ``value`` and where the run stood then."""
+    """One validation: the ``monitor`` metric's ``value`` and where the run stood then.
+
+    ``flops`` is absent from version-1 files, and None for a validation restored from a
+    checkpoint written before version 2.
+    """
 
     step: int
     wall_time_s: float
     train_time_s: float
     tokens: int
     value: float
+    flops: float | None
 
 
 class RunSummary(TypedDict):
@@ -144,6 +160,10 @@ HISTORY_KEYS: tuple[str, ...] = tuple(HistoryPoint.__annotations__)
 """The keys of each point of a summary's ``history``."""
 
 _PREVIOUS_VERSION = 1  # files without a "version" key are read as this version
+_HISTORY_KEYS_OF: dict[int, tuple[str, ...]] = {  # the versions read (and written back unchanged)
+    1: tuple(key for key in HISTORY_KEYS if key != "flops"),
+    2: HISTORY_KEYS,
+}
 _SHOWN_MISSING = 8  # missing keys named in an error; the rest are counted
 
 
@@ -152,12 +172,12 @@ def _check(data: Any, where: str) -> RunSummary:
     if not isinstance(data, dict):
         raise DataError(f"efficiency summary {where!r} is not a JSON object")
     version = data.get("version", _PREVIOUS_VERSION)
-    if isinstance(version, bool) or version != SCHEMA_VERSION:
+    if isinstance(version, bool) or not isinstance(version, (int, float)) or version not in _HISTORY_KEYS_OF:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
         hint = " (written by a newer release: upgrade lightning-efficient to read it)" if newer else ""
         raise DataError(
             f"efficiency summary {where!r} has schema version {version!r}; this version of "
-            f"lightning-efficient reads version {SCHEMA_VERSION} only{hint}"
+            f"lightning-efficient reads versions {' and '.join(map(str, _HISTORY_KEYS_OF))}{hint}"
         )
     missing = [key for key in SUMMARY_KEYS if key not in data and key != "version"]
     if len(missing) == len(SUMMARY_KEYS) - 1:
@@ -176,21 +196,20 @@ def _check(data: Any, where: str) -> RunSummary:
     for index, point in enumerate(history):
         if not isinstance(point, dict):
             raise DataError(f"efficiency summary {where!r}: history[{index}] must be an object")
-        missing += [f"history[{index}].{key}" for key in HISTORY_KEYS if key not in point]
+        missing += [f"history[{index}].{key}" for key in _HISTORY_KEYS_OF[version] if key not in point]
     if missing:
         shown = ", ".join(missing[:_SHOWN_MISSING])
         more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
-        raise DataError(
-            f"efficiency summary {where!r} lacks required keys: {shown}{more} (schema version {SCHEMA_VERSION})"
-        )
+        raise DataError(f"efficiency summary {where!r} lacks required keys: {shown}{more} (schema version {version})")
     return data if "version" in data else {"version": _PREVIOUS_VERSION, **data}  # type: ignore[return-value]
 
 
 def read_summary(path: str | Path) -> RunSummary:
     """Read and check one ``efficiency.json``.
 
-    A file of the previous release reads unchanged; one without a ``version`` key is read as
-    version 1 (the returned dict then has ``"version": 1``). Keys beyond the schema are kept.
+    A file of the previous release (version 1) reads unchanged: its ``history`` points have no
+    ``flops`` (check ``summary["version"]`` or use ``point.get("flops")``). One without a ``version``
+    key is read as version 1 (the returned dict then has ``"version": 1``). Keys beyond the schema are kept.
 
     Args:
         path: The summary file (``lightning_efficient.compare.find_summary`` locates it from a run directory).
@@ -200,16 +219,17 @@ def read_summary(path: str | Path) -> RunSummary:
 
     Raises:
         DataError: (a ``ConfigurationError``) naming ``path``: the file is unreadable or not JSON, is
-            not a summary, has another schema version (e.g. a newer one), or lacks required keys.
+            not a summary, has a schema version other than 1 or 2 (e.g. a newer one), or lacks
+            required keys (those of its version).
 
     Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "efficiency.json"
-        >>> _ = path.write_text('{"version": 2}')
+        >>> _ = path.write_text('{"version": 3}')
         >>> read_summary(path)
         Traceback (most recent call last):
         ...
-        lightning_efficient.errors.DataError: ... has schema version 2; ... reads version 1 only (written by a newer release: ...)
+        lightning_efficient.errors.DataError: ... has schema version 3; ... reads versions 1 and 2 (written by a newer release: ...)
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -226,17 +246,18 @@ def write_summary(path_or_dir: str | Path, summary: Mapping[str, Any]) -> Path:
     Args:
         path_or_dir: The file to write, or an existing directory to write :data:`SUMMARY_FILE` into
             (missing parent directories are created).
-        summary: A :class:`RunSummary` (its ``version`` :data:`SCHEMA_VERSION`).
+        summary: A :class:`RunSummary` (its ``version`` :data:`SCHEMA_VERSION`; a version-1 summary read
+            from an older file is written back as it is).
 
     Returns:
         The path written.
 
     Raises:
-        DataError: The summary lacks required keys or has another version.
+        DataError: The summary lacks required keys or has a version that is not read.
 
     Examples:
         >>> import tempfile
-        >>> write_summary(Path(tempfile.mkdtemp()) / "run.json", {"version": 1, "run_name": "x"})
+        >>> write_summary(Path(tempfile.mkdtemp()) / "run.json", {"version": SCHEMA_VERSION, "run_name": "x"})
         Traceback (most recent call last):
         ...
         lightning_efficient.errors.DataError: efficiency summary ... lacks required keys: device, precision, ...

@@ -152,8 +152,8 @@ def test_missing_summary_names_the_directory_and_the_fix(tmp_path):
 
 
 def test_load_summary_rejects_other_versions_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigurationError, match=r"schema version 2; .* reads version 1 only"):
-        load_summary(write(tmp_path / "v2", summary(version=2)))
+    with pytest.raises(ConfigurationError, match=r"schema version 3; .* reads versions 1 and 2"):
+        load_summary(write(tmp_path / "v3", summary(version=3)))
     with pytest.raises(ConfigurationError, match=r"noversion.* lacks required keys: device, precision"):
         load_summary(write(tmp_path / "noversion", {"run_name": "x"}))  # read as version 1: incomplete
     unversioned = {key: value for key, value in summary().items() if key != "version"}
@@ -209,3 +209,69 @@ def test_console_entry_point(tmp_path, monkeypatch, capsys):
         cli_main(["--help"])  # LightningCLI's own help mentions compare
     assert exit_info.value.code == 0
     assert "lightning-efficient compare RUN_DIR RUN_DIR" in " ".join(capsys.readouterr().out.split())
+
+
+def write_pipeline(directory: Path, records: list[dict[str, Any]]) -> Path:
+    """A pipeline directory holding report.json with these stage records (no PNGs: nothing measured)."""
+    from lightning_efficient.pipeline.report import build_report, write_report
+
+    return write_report(directory, build_report(directory.name, records, "val/loss", mode="min"))["json"]
+
+
+def stage(name: str, efficiency: dict[str, Any] | None) -> dict[str, Any]:
+    return {"name": name, "stage": name.split("/")[0], "kind": "fit", "from": None, "efficiency": efficiency}
+
+
+def test_compare_reads_every_summarised_stage_of_a_pipeline(tmp_path, monkeypatch, capsys):
+    from lightning_efficient import compare
+    from lightning_efficient.pipeline.report import REPORT_FILE
+
+    assert compare._PIPELINE_REPORT == REPORT_FILE  # compare knows the name without importing the pipeline
+    monkeypatch.chdir(tmp_path)
+    records = [
+        stage("pretrain/preset=small", summary(run_name="pretrain")),
+        stage("finetune/preset=small", FAST),
+        stage("int8", None),  # measured only: no summary, no column
+    ]
+    report = write_pipeline(tmp_path / "runs" / "tiny", records)
+    write(tmp_path / "runs" / "base", summary())
+    runs = compare.load_runs("runs/tiny")
+    assert [(label, path) for label, path, _ in runs] == [
+        ("pretrain/preset=small", Path("runs/tiny/report.json")),
+        ("finetune/preset=small", Path("runs/tiny/report.json")),
+    ]
+    assert [s["steps"] for _, _, s in runs] == [200, 300]
+    assert [label for label, _, _ in compare.load_runs(report)] == [label for label, _, _ in runs]  # the file itself
+    assert compare.load_runs("runs/base")[0][0] is None  # a plain run: unchanged
+
+    cli_main(["compare", "runs/tiny", "runs/base"])
+    out = capsys.readouterr().out
+    assert "pretrain/preset=small: runs/tiny/report.json" in out and "runs/base/efficiency.json" in out
+    assert out.split("\n\n")[1].splitlines()[0].split() == ["pretrain/preset=small", "finetune/preset=small", "base"]
+    assert table_cells(out, "steps") == ["200 (1.00x)", "300 (1.50x)", "200 (1.00x)"]
+    assert png_size(tmp_path / "compare.png") == (1100, 420)
+
+    write_pipeline(tmp_path / "runs" / "other", records[:1])  # two pipelines sharing a stage name
+    cli_main(["compare", "runs/tiny", "runs/other", "--json"])
+    labels = [run["label"] for run in json.loads(capsys.readouterr().out)["runs"]]
+    assert labels == ["pretrain/preset=small (tiny)", "finetune/preset=small", "pretrain/preset=small (other)"]
+
+
+def test_compare_on_a_pipeline_without_summaries_or_with_a_broken_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_pipeline(tmp_path / "runs" / "fresh", [stage("int8", None)])
+    broken = summary()
+    del broken["mfu"]
+    write_pipeline(tmp_path / "runs" / "broken", [stage("pretrain", broken)])
+    (tmp_path / "runs" / "future").mkdir()
+    (tmp_path / "runs" / "future" / "report.json").write_text(json.dumps({"version": 2}))
+    expected = {
+        "fresh": "pipeline report 'runs/fresh/report.json' has no stage with an efficiency summary yet",
+        "broken": "efficiency summary 'runs/broken/report.json (stage pretrain)' lacks required keys: mfu",
+        "future": "pipeline report 'runs/future/report.json' has schema version 2",
+    }
+    for name, message in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["compare", f"runs/{name}"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

@@ -210,14 +210,14 @@ def test_target_of_a_max_metric_never_reached(root):
     assert [p["value"] for p in monitor.summary["history"]] == [pytest.approx(0.2), pytest.approx(0.4)]
 
 
-def test_summary_json_follows_schema_version_1(root):
+def test_summary_json_follows_the_schema(root):
     monitor = EfficiencyMonitor(target=3.0, peak_flops=2e11, summary_file="eff.json")
     trainer(root, [monitor], max_steps=4, val_check_interval=2).fit(Tiny({2: 4.0, 4: 2.0}), loader(), loader())
     with open(os.path.join(root, "eff.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     assert set(summary) == SUMMARY_KEYS
     tokens = tokens_after(4)
-    assert summary["version"] == 1 and summary["run_name"] == "run" and summary["world_size"] == 1
+    assert summary["version"] == 2 and summary["run_name"] == "run" and summary["world_size"] == 1
     assert summary["device"].startswith("cpu") and summary["precision"] == "32-true"
     assert (summary["steps"], summary["samples"], summary["tokens"]) == (4, 8, tokens)
     assert summary["total_flops"] == 4 * tiny_step_flops() and summary["flops_per_step"] == tiny_step_flops()
@@ -235,8 +235,9 @@ def test_summary_json_follows_schema_version_1(root):
     assert summary["final_metrics"]["efficiency/flops_per_step"] == tiny_step_flops()
     logged = {"efficiency/tokens_per_s", "efficiency/samples_per_s", "efficiency/mfu", "efficiency/peak_memory_gb"}
     assert logged <= set(summary["final_metrics"])
-    point_keys = {"step", "wall_time_s", "train_time_s", "tokens", "value"}
+    point_keys = {"step", "wall_time_s", "train_time_s", "tokens", "value", "flops"}
     assert [set(point) for point in summary["history"]] == [point_keys] * 2
+    assert [point["flops"] for point in summary["history"]] == [2 * tiny_step_flops(), 4 * tiny_step_flops()]
     assert load_summary(os.path.join(root, "eff.json")) == summary  # what `compare` reads, it accepts
 
 

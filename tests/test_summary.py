@@ -13,6 +13,7 @@ import lightning_efficient.summary as summary_module
 from lightning_efficient.compare import format_table, load_summary
 from lightning_efficient.errors import ConfigurationError, DataError
 from lightning_efficient.summary import (
+    HISTORY_KEYS,
     SCHEMA_VERSION,
     SUMMARY_FILE,
     SUMMARY_KEYS,
@@ -98,7 +99,8 @@ def test_a_file_of_the_previous_release_reads_unchanged(tmp_path: Path) -> None:
     path.write_text(PREVIOUS_RELEASE, encoding="utf-8")
     assert set(previous()) == set(SUMMARY_KEYS)  # the schema has exactly the keys the previous release wrote
     summary = read_summary(path)
-    assert summary == previous() and summary["version"] == SCHEMA_VERSION == 1
+    assert summary == previous() and summary["version"] == 1 < SCHEMA_VERSION  # nothing filled in
+    assert all("flops" not in point for point in summary["history"])
     assert load_summary(path) == summary  # compare reads through the same function
     assert "tokens/s" in format_table([summary, summary])
 
@@ -114,7 +116,9 @@ def test_a_newer_schema_version_fails_naming_the_file_and_the_fix(tmp_path: Path
     path = tmp_path / "future" / "efficiency.json"
     path.parent.mkdir()
     path.write_text(json.dumps({**previous(), "version": SCHEMA_VERSION + 1, "new_key": 1}), encoding="utf-8")
-    expected = rf"'{re.escape(str(path))}' has schema version 2; .* reads version 1 only .*upgrade lightning-efficient"
+    expected = (
+        rf"'{re.escape(str(path))}' has schema version 3; .* reads versions 1 and 2 .*upgrade lightning-efficient"
+    )
     with pytest.raises(DataError, match=expected):
         read_summary(path)
     for version in (0, "1", True):
@@ -161,8 +165,8 @@ def test_write_refuses_what_read_would_refuse_and_writes_nothing(tmp_path: Path)
     del incomplete["mfu"]
     with pytest.raises(DataError, match=r"lacks required keys: mfu \(schema version 1\)"):
         write_summary(tmp_path, incomplete)
-    with pytest.raises(DataError, match="schema version 2"):
-        write_summary(tmp_path, {**previous(), "version": 2})
+    with pytest.raises(DataError, match="schema version 3"):
+        write_summary(tmp_path, {**previous(), "version": SCHEMA_VERSION + 1})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -183,6 +187,20 @@ def test_format_summary_lines_of_a_reached_and_a_missed_target() -> None:
     assert format_summary(missed, "p").splitlines()[-1] == "  target val/loss >= 3: not reached"
 
 
-def test_the_docstring_table_lists_every_key() -> None:
+def test_the_docstring_tables_list_every_key() -> None:
     rows = re.findall(r"^\| ``(\w+)`` \|", summary_module.__doc__, flags=re.MULTILINE)
-    assert rows == list(SUMMARY_KEYS)
+    assert rows == list(SUMMARY_KEYS) + list(HISTORY_KEYS)  # the summary's table, then a history point's
+
+
+def test_version_2_history_points_carry_flops(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 2 and HISTORY_KEYS[-1] == "flops"
+    current = previous()
+    current["version"] = SCHEMA_VERSION
+    current["history"] = [{**point, "flops": 1.2e8 * point["step"]} for point in current["history"]]
+    current["history"][0]["flops"] = None  # a validation restored from a checkpoint written before version 2
+    path = write_summary(tmp_path, current)
+    assert read_summary(path) == current
+    del current["history"][1]["flops"]
+    path.write_text(json.dumps(current), encoding="utf-8")
+    with pytest.raises(DataError, match=r"lacks required keys: history\[1\]\.flops \(schema version 2\)"):
+        read_summary(path)

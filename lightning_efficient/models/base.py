@@ -28,7 +28,7 @@ from lightning_efficient.checkpoint import (
     write_metadata,
     write_tokenizer,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.losses import TRAINING_ONLY, classification_loss, cross_entropy_gradient_norms
 from lightning_efficient.models.pretrained import (
     PretrainedSource,
@@ -183,6 +183,8 @@ class EfficientModule(pl.LightningModule):
         self.initialised_from: str | None = None
         #: Whether the model was built from a transformers config (a directory's, or ``model_config``).
         self.built_from_config = False
+        #: Optimizer steps of the LR schedule (set when it is built, moved by :meth:`set_schedule_length`).
+        self.schedule_length: int | None = None
 
     # -- data / model consistency ---------------------------------------------------------------
     def data_requirements(self) -> dict[str, Any]:
@@ -280,12 +282,75 @@ class EfficientModule(pl.LightningModule):
         (``optimizer:``) without an ``lr_scheduler:``, so a LAMB or Lion run keeps the warmup and decay.
         """
         hp = self.hparams
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_schedule(step, warmup, total, hp.lr_schedule)
-        )
+        self.schedule_length = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def multiplier(step: int) -> float:  # reads schedule_length on every step: set_schedule_length moves the end
+            total = self.schedule_length
+            return warmup_schedule(step, int(hp.warmup_fraction * total), total, hp.lr_schedule)
+
+        multiplier.schedule_of = self  # type: ignore[attr-defined]  # how set_schedule_length finds it
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"scheduler": scheduler, "interval": "step"}
+
+    def set_schedule_length(self, total_steps: int) -> bool:
+        """Stretch or shrink the module's LR schedule to end after ``total_steps`` optimizer steps.
+
+        The warmup-and-decay schedule of :meth:`lr_scheduler_config` runs over
+        ``trainer.estimated_stepping_batches`` steps; this moves its end (the warmup stays
+        ``warmup_fraction * total_steps``) and recomputes the LR of the coming step, so the steps
+        from now on follow ``warmup_schedule(step, warmup, total_steps, lr_schedule)``. Call it
+        during ``fit``, once the optimizers exist (from ``on_train_start`` on; a call before is
+        overwritten when the schedule is built). The length is not checkpointed: whoever sets it
+        sets it again on resume (:class:`~lightning_efficient.pipeline.budget.FlopBudget` does).
+
+        Args:
+            total_steps: Optimizer steps of the whole schedule (>= 1), counted from the run's first step.
+
+        Returns:
+            Whether a schedule of this module was found among the trainer's schedulers and changed
+            (False when an ``lr_scheduler:`` block or another ``configure_optimizers`` replaced it:
+            then only :attr:`schedule_length` is set).
+
+        Raises:
+            ConfigurationError: ``total_steps`` is not an integer >= 1.
+
+        Examples:
+            >>> from lightning_efficient import BertMLM
+            >>> from lightning_efficient.testing import quiet_trainer
+            >>> model = BertMLM(vocab_size=50, preset="tiny", learning_rate=1e-3, warmup_fraction=0.0)
+            >>> trainer = quiet_trainer(max_steps=100, max_epochs=-1)  # a schedule over 100 steps
+            >>> model.trainer = trainer
+            >>> trainer.strategy.connect(model)
+            >>> trainer.strategy.setup_optimizers(trainer)  # what fit does before on_train_start
+            >>> model.set_schedule_length(4), model.schedule_length
+            (True, 4)
+            >>> scheduler = trainer.lr_scheduler_configs[0].scheduler
+            >>> lrs = []
+            >>> for _ in range(5):
+            ...     lrs.append(round(scheduler.get_last_lr()[0], 6))
+            ...     scheduler.optimizer.step()
+            ...     scheduler.step()
+            >>> lrs  # linear decay to 0 over 4 steps, not 100
+            [0.001, 0.00075, 0.0005, 0.00025, 0.0]
+        """
+        check_int("total_steps", total_steps, low=1)
+        self.schedule_length = total_steps
+        changed = False
+        trainer = self._trainer
+        for config in trainer.lr_scheduler_configs if trainer is not None else ():
+            scheduler = config.scheduler
+            lambdas = getattr(scheduler, "lr_lambdas", ())
+            if not any(getattr(fn, "schedule_of", None) is self for fn in lambdas):
+                continue
+            for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas):
+                lr = base_lr * fn(scheduler.last_epoch)
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # get_last_lr()
+            changed = True
+        return changed
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -405,7 +470,8 @@ class EfficientModule(pl.LightningModule):
             if source is not None:
                 _check_shape(source, shape)
         if source is not None and source.kind == "checkpoint":
-            _copy_checkpoint_weights(model, source, whole=task in ("masked_lm", "seq2seq"))
+            whole = task in ("masked_lm", "seq2seq") or source.module == type(self).__name__  # a head of the same task
+            _copy_checkpoint_weights(model, source, whole=whole)
         self.built_from_config = config is not None or (source is not None and source.kind == "directory")
         if source is not None:
             self.initialised_from = source.name

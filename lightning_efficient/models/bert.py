@@ -241,6 +241,8 @@ class BertMLM(EfficientModule):
 
     needs_tokenizer = True
     task = "masked_lm"
+    #: Our module classes whose checkpoints ``pretrained=`` can start this module from.
+    pretrained_modules: tuple[str, ...] = ("BertMLM",)
 
     #: While :meth:`masked_logits` runs the encoder: ``(B, T)`` bool, True where the loss predicts
     #: (``labels != -100``); None otherwise (the protocol of :mod:`lightning_efficient.losses`).
@@ -279,7 +281,7 @@ class BertMLM(EfficientModule):
             lambda shape: BertForMaskedLM(bert_config(self.size, shape["vocab_size"], max_length, dropout)),
             pretrained,
             model_config,
-            accepts=("BertMLM",),
+            accepts=self.pretrained_modules,
             shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length},
             sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
         )
@@ -464,8 +466,9 @@ class BertClassifier(TextClassifier):
     """Sequence classification with a BERT encoder, optionally started from pretrained weights.
 
     With ``pretrained`` a ``BertMLM`` checkpoint gives the encoder weights (embeddings and blocks)
-    of a masked-LM pretraining run; the pooler and the classifier start fresh. Its shapes must
-    match this model's; a mismatch names the differing fields. A ``save_pretrained`` directory (or
+    of a masked-LM pretraining run; the pooler and the classifier start fresh. A ``BertClassifier``
+    checkpoint gives every weight, head included (a fine-tuned model continues, e.g. to be
+    compressed). Its shapes must match this model's; a mismatch names the differing fields. A ``save_pretrained`` directory (or
     hub id) of any encoder that ``AutoModelForSequenceClassification`` knows gives the architecture
     and the weights; a classifier head it lacks, or one with another label count, starts fresh.
     Logs loss, accuracy and macro F1.
@@ -475,8 +478,8 @@ class BertClassifier(TextClassifier):
             the weights (and, when given, must equal theirs).
         num_labels: Number of classes; must equal the data's.
         label_names: Class names (for ``predict`` output); default ``["0", "1", ...]``.
-        pretrained: Starting weights: a ``BertMLM`` ``.ckpt``, a ``save_pretrained`` directory (its
-            ``tokenizer.json`` becomes the model's tokenizer) or a Hugging Face hub id. A directory
+        pretrained: Starting weights: a ``BertMLM`` or ``BertClassifier`` ``.ckpt``, a ``save_pretrained``
+            directory (its ``tokenizer.json`` becomes the model's tokenizer) or a Hugging Face hub id. A directory
             decides the architecture: leave the size arguments unset.
         pretrained_checkpoint: Deprecated alias of ``pretrained`` (warns).
         preset: Named size; fields below override it.
@@ -498,6 +501,9 @@ class BertClassifier(TextClassifier):
         >>> model(torch.randint(5, 100, (3, 12))).shape
         torch.Size([3, 2])
     """
+
+    #: Our module classes whose checkpoints ``pretrained=`` can start this module from.
+    pretrained_modules: tuple[str, ...] = ("BertMLM", "BertClassifier")
 
     def __init__(
         self,
@@ -551,7 +557,7 @@ class BertClassifier(TextClassifier):
             ),
             pretrained,
             model_config,
-            accepts=("BertMLM",),
+            accepts=self.pretrained_modules,
             shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length},
             sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
             overrides=labels,

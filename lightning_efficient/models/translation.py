@@ -139,6 +139,8 @@ class Translation(EfficientModule):
 
     needs_tokenizer = True
     task = "seq2seq"
+    #: Our module classes whose checkpoints ``pretrained=`` can start this module from.
+    pretrained_modules: tuple[str, ...] = ("Translation",)
 
     def __init__(
         self,
@@ -179,7 +181,7 @@ class Translation(EfficientModule):
             lambda shape: seq2seq_model(architecture, self.size, shape["vocab_size"], max_length, dropout),
             pretrained,
             model_config,
-            accepts=("Translation",),
+            accepts=self.pretrained_modules,
             shape={**vars(self.size), "vocab_size": vocab_size, "max_length": max_length, "architecture": architecture},
             sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
         )

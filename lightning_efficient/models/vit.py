@@ -60,6 +60,8 @@ class ViTClassifier(EfficientModule):
     """
 
     task = "image_classification"
+    #: Our module classes whose checkpoints ``pretrained=`` can start this module from.
+    pretrained_modules: tuple[str, ...] = ("ViTClassifier",)
 
     def __init__(
         self,
@@ -105,7 +107,7 @@ class ViTClassifier(EfficientModule):
             lambda shape: ViTForImageClassification(config),
             pretrained,
             model_config,
-            accepts=("ViTClassifier",),
+            accepts=self.pretrained_modules,
             shape={**vars(self.size), "image_size": image_size, "patch_size": patch_size, "num_channels": num_channels},
             sizes={"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads, "ffn_size": ffn_size},
             overrides={

@@ -37,7 +37,7 @@ from lightning_efficient.callbacks.quantization.fake_quant import (
 )
 from lightning_efficient.checkpoint import load_checkpoint
 from lightning_efficient.errors import ConfigurationError
-from lightning_efficient.exported import QUANTIZATION_FILE
+from lightning_efficient.exported import QUANTIZATION_FILE, apply_recorded_shapes
 
 __all__ = [
     "QUANTIZATION_FILE",
@@ -310,6 +310,7 @@ def load_quantized(path: str | Path, compile: bool = True) -> nn.Module:
     scheme = json.loads((path / QUANTIZATION_FILE).read_text())
     config = transformers.AutoConfig.from_pretrained(path)
     model = getattr(transformers, scheme["architecture"])(config)
+    apply_recorded_shapes(model, config)  # pruned before it was quantized: the sliced layers' shapes
     chosen = set(scheme["modules"])
     config = _base_config(
         scheme["weight_dtype"],
