@@ -13,8 +13,11 @@ from lightning_efficient.cli import EfficientCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Whole run configs; the fragments in configs/techniques/ are loaded on top of one by the contract
-# suite (tests/techniques.py) and by the tests of their technique.
-ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if p.parent.name != "techniques")
+# suite (tests/techniques.py) and by the tests of their technique; configs/pipelines/ are pipelines
+# (tests/test_pipeline.py checks each).
+ALL_CONFIGS = sorted(
+    str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("techniques", "pipelines")
+)
 
 
 @pytest.fixture(scope="module")

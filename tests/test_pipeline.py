@@ -267,3 +267,15 @@ def test_a_distil_stage_takes_its_source_as_the_teacher_and_keeps_its_own_shape(
     assert get_value(distilled.config, "model.init_args.hidden_size") is None  # a BiLSTM: no BERT shape carried
     assert get_value(distilled.config, "model.init_args.pretrained") is None
     assert distilled.command().startswith("lightning-efficient fit -c ")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipelines").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_pipeline_has_its_command_in_its_header_and_every_stage_parses(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    header = path.read_text().split("\nname:")[0]
+    assert f"lightning-efficient pipeline -c configs/pipelines/{path.name}" in header
+    assert "minutes" in header or "hours" in header  # the expected time on 2 CPU cores
+    spec = load_pipeline(path, root=tmp_path)
+    assert spec.name == path.stem
+    for plan in plan_stages(spec):
+        check_plan(plan)
