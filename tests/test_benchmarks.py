@@ -288,3 +288,19 @@ def test_scripts_run_as_files_and_as_modules(command: list[str]) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--max-overhead" in done.stdout and "--rounds" in done.stdout and "--train-files" in done.stdout
+
+
+def test_pipeline_overhead_script_smoke_run(tmp_path):
+    """One round on a one-stage pipeline of a few steps: both timings, their ratio, the JSON."""
+    from benchmarks import pipeline_overhead
+
+    pipeline = tmp_path / "one.yaml"
+    pipeline.write_text(
+        f"name: one\nstages:\n  - name: a\n    config: {ROOT / 'configs/bert/tiny_mlm.yaml'}\n    measure: false\n"
+        "    overrides: {trainer.max_steps: 2, trainer.limit_val_batches: 1, trainer.val_check_interval: 2}\n"
+    )
+    result = pipeline_overhead.main(["--pipeline", str(pipeline), "--rounds", "1", "--json", str(tmp_path / "r.json")])
+    (round_,) = result["rounds"]
+    assert round_["pipeline"] > 0 and round_["by hand"] > 0
+    assert result["ratio"] == pytest.approx(round_["pipeline"] / round_["by hand"])
+    assert json.loads((tmp_path / "r.json").read_text())["ratio"] == pytest.approx(result["ratio"])
