@@ -41,7 +41,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -77,6 +77,7 @@ __all__ = [
     "SummaryWithoutZeroFlops",
     "canonical_class_paths",
     "check_ckpt_path",
+    "exit_on_user_error",
     "hide_harmless_noise",
     "main",
     "short_parse_error",
@@ -390,6 +391,24 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
+def exit_on_user_error(error: BaseException, show_traceback: bool = False, hint: str = "") -> NoReturn:
+    """Print a mistake the user fixes (:func:`user_error_message`) as one ``error:`` line and exit with status 2.
+
+    Re-raises ``error`` itself when it is not such a mistake (a bug: its traceback helps) or when
+    ``show_traceback``. Every command of the package ends this way (``fit``, ``pipeline``, ``measure``).
+
+    Args:
+        error: The exception being handled.
+        show_traceback: Raise it instead (``--traceback``, ``LIGHTNING_EFFICIENT_TRACEBACK=1``).
+        hint: A second line, e.g. how to see the traceback.
+    """
+    message = user_error_message(error)
+    if message is None or show_traceback:
+        raise error
+    sys.stderr.write(f"error: {message}\n" + (f"{hint}\n" if hint else ""))
+    raise SystemExit(2) from None
+
+
 # -- a quieter first screen -----------------------------------------------------------------------
 #: Known-harmless warnings the CLI hides (and nothing else does): (category, message regex, emitting module regex).
 HARMLESS_WARNINGS = (
@@ -646,12 +665,8 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {error}\n")
         raise SystemExit(1) from None
-    except Exception as error:
-        message = user_error_message(error)
-        if message is None or show_traceback:
-            raise
-        sys.stderr.write(f"error: {message}\n(run again with --traceback to see where it was raised)\n")
-        raise SystemExit(2) from None
+    except Exception as error:  # noqa: BLE001 (exit_on_user_error re-raises anything but a user's mistake)
+        exit_on_user_error(error, show_traceback, hint="(run again with --traceback to see where it was raised)")
 
 
 if __name__ == "__main__":

@@ -281,11 +281,10 @@ def main(argv: Sequence[str] | None = None, show_traceback: bool = False) -> Non
     try:
         spec = load_pipeline(args.config, root=args.root)
         report = run_pipeline(spec, stage=args.stage, dry_run=args.dry_run, print_commands=args.print_commands)
-    except ConfigurationError as error:
-        if show_traceback:
-            raise
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
+    except Exception as error:  # noqa: BLE001 (exit_on_user_error re-raises anything but a user's mistake)
+        from lightning_efficient.cli import exit_on_user_error
+
+        exit_on_user_error(error, show_traceback)
     if report is not None:
         from lightning_efficient.pipeline.report import format_front
 

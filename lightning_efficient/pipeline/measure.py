@@ -59,7 +59,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -75,7 +74,7 @@ from transformers.utils import logging as transformers_logging
 from lightning_efficient.atomic_write import FILE_MODE, write_atomically
 from lightning_efficient.callbacks import MagnitudePruning, export_pruned
 from lightning_efficient.checkpoint import PRUNING_MASK_SUFFIXES, load_checkpoint
-from lightning_efficient.cli import TRACEBACK_ENV, EfficientCLI, hide_harmless_noise, user_error_message
+from lightning_efficient.cli import TRACEBACK_ENV, EfficientCLI, exit_on_user_error, hide_harmless_noise
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.exported import load_pruned
 
@@ -563,12 +562,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             threads=args.threads,
             compile=not args.no_compile,
         )
-    except Exception as error:
-        message = user_error_message(error)
-        if message is None or show_traceback:
-            raise
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2) from None
+    except Exception as error:  # noqa: BLE001 (exit_on_user_error re-raises anything but a user's mistake)
+        exit_on_user_error(error, show_traceback)
     print(_summary(measures, Path(args.output)))
 
 
