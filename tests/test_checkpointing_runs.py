@@ -34,7 +34,7 @@ from lightning_efficient.flops import measure_peak_flops
 from lightning_efficient.testing import quiet_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "techniques")
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("techniques", "pipelines"))
 
 
 class DropoutRegressor(pl.LightningModule):

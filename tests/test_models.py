@@ -225,7 +225,7 @@ def test_finetune_from_non_mlm_checkpoint(tmp_path):
     trainer = quiet_trainer(max_steps=1, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(vit, ImageClassificationDataModule(batch_size=4))
     trainer.save_checkpoint(tmp_path / "vit.ckpt")
-    with pytest.raises(CheckpointMismatchError, match=r"was written by ViTClassifier; it must be a BertMLM checkpoint"):
+    with pytest.raises(CheckpointMismatchError, match=r"was written by ViTClassifier; it must be a BertMLM or BertClassifier checkpoint"):
         BertClassifier(vocab_size=400, num_labels=2, preset="tiny", pretrained=str(tmp_path / "vit.ckpt"))
 
 

@@ -178,6 +178,11 @@ def test_plans_own_their_directories_start_from_their_source_and_carry_its_shape
         assert "runs/bert_tiny" not in text  # every path of the base config moved into the stage's directory
         assert plan.config["trainer"]["default_root_dir"] == str(plan.directory)
         assert plan.checkpoint == plan.directory / "checkpoints" / "last.ckpt"
+        callbacks = [callback["class_path"] for callback in plan.config["trainer"]["callbacks"]]  # the safeguards stay
+        assert (
+            callbacks[0] == "lightning_efficient.RandomStates" and "lightning_efficient.NonFiniteLossGuard" in callbacks
+        )
+        assert plan.config["trainer"]["plugins"] == [{"class_path": "lightning_efficient.AtomicCheckpointIO"}]
     pretrain, finetune = plans["pretrain/hidden_size=48"], plans["finetune/hidden_size=48"]
     assert get_value(pretrain.config, "trainer.callbacks[FlopBudget].init_args.flops") == 1e10
     assert pretrain.config["trainer"]["max_epochs"] == -1
