@@ -31,7 +31,6 @@ On top of LightningCLI it
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import importlib
 import inspect
@@ -64,7 +63,7 @@ from lightning_efficient.checkpoint import (
     pruning_hint,
     trained_with_pruning,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError
+from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError, did_you_mean
 from lightning_efficient.import_noise import hide_log_lines
 from lightning_efficient.models.pretrained import tokenizer_source
 
@@ -256,12 +255,6 @@ def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbac
 TRACEBACK_ENV = "LIGHTNING_EFFICIENT_TRACEBACK"
 
 
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the candidate nearest to ``word``, or ``""`` when none is near."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
 def _init_arguments(class_path: str) -> list[str]:
     """The ``__init__`` argument names of the class at ``class_path`` (none when it does not import)."""
     try:
@@ -344,18 +337,18 @@ def short_parse_error(message: str, keys: Iterable[str] = ()) -> str:
     )
     if unknown:
         key = unknown.group(1)
-        return f"unknown option {key!r}" + _did_you_mean(key, keys)
+        return f"unknown option {key!r}" + did_you_mean(key, keys)
     problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", message)
     if problem:
         class_path, detail = problem.group(1), problem.group(2).strip()
         option = re.search(r"Option '(\w+)' is not accepted", detail)
         if option:
             name = option.group(1)
-            return f"{class_path} has no argument {name!r}" + _did_you_mean(name, _init_arguments(class_path))
+            return f"{class_path} has no argument {name!r}" + did_you_mean(name, _init_arguments(class_path))
         nested = _nested_value_error(message)
         if nested:
             return nested
-        return f"class_path {class_path!r} cannot be imported ({detail})" + _did_you_mean(
+        return f"class_path {class_path!r} cannot be imported ({detail})" + did_you_mean(
             class_path, _class_paths_near(class_path)
         )
     expected = re.search(r'Parser key "([\w.]+)":\s*Expected a (.+?)\. Got value: (.+)', message)

@@ -14,6 +14,7 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "check_int",
     "check_patterns",
     "check_range",
+    "did_you_mean",
 ]
 
 
@@ -67,6 +69,17 @@ class NoTargetModulesError(ConfigurationError):
 
     Techniques raise it instead of silently doing nothing.
     """
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the candidate nearest to ``word``, or ``""`` when none is near.
+
+    Examples:
+        >>> did_you_mean("fromm", ["from", "config"])
+        "; did you mean 'from'?"
+    """
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:

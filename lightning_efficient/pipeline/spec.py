@@ -43,7 +43,6 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import re
@@ -54,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from lightning_efficient.errors import ConfigurationError
+from lightning_efficient.errors import ConfigurationError, did_you_mean
 
 __all__ = [
     "BUDGET_KEYS",
@@ -85,16 +84,11 @@ SHAPE_KEYS = tuple(
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
 def _check_keys(where: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for key in given:
         if key not in allowed:
             raise ConfigurationError(
-                f"{where}: unknown key {key!r}{_did_you_mean(str(key), allowed)}; keys: {', '.join(allowed)}"
+                f"{where}: unknown key {key!r}{did_you_mean(str(key), allowed)}; keys: {', '.join(allowed)}"
             )
 
 
@@ -242,7 +236,7 @@ def _in_run_order(stages: list[StageSpec]) -> tuple[StageSpec, ...]:
     for stage in stages:
         if stage.source is not None and stage.source not in by_name:
             raise ConfigurationError(
-                f"stage {stage.name!r}: from={stage.source!r} names no stage{_did_you_mean(stage.source, list(by_name))}"
+                f"stage {stage.name!r}: from={stage.source!r} names no stage{did_you_mean(stage.source, list(by_name))}"
                 f"; stages: {', '.join(by_name)}"
             )
     ordered: list[StageSpec] = []
