@@ -53,6 +53,7 @@ __all__ = [
     "get_value",
     "merge_config",
     "plan_stages",
+    "python_command",
     "register_stage_kind",
     "set_value",
 ]
