@@ -7,13 +7,14 @@ folders, the order alternating between rounds:
    parsing every stage's config before the first one starts, the records and the report refreshed
    (with its PNGs) after every stage;
 2. ``by hand``: each stage's commands as ``--print_commands`` prints them (its ``lightning-efficient``
-   run, then its measurement), one after the other, each timed.
+   run, then its measurement), one after the other, each timed, their output to the same place as
+   the pipeline's stages (this terminal, or the file it is redirected to).
 
 Claim (issue 22): the pipeline's wall-clock <= 1.05x the sum of its stages run by hand.
 
 Command (the figures in the issue's closing note)::
 
-    python benchmarks/pipeline_overhead.py --rounds 2 --json /tmp/pipeline_overhead.json
+    python benchmarks/pipeline_overhead.py --rounds 2 --json /tmp/pipeline_overhead.json > /tmp/pipeline_overhead.log
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def by_hand(pipeline: Path, root: Path) -> float:
             commands.append([sys.executable, "-m", "lightning_efficient.pipeline.measure", *plan.measure_arguments()])
         for argv in commands:
             start = time.perf_counter()
-            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(argv, check=True)
             total += time.perf_counter() - start
     return total
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,24 @@ def test_every_shipped_pipeline_has_its_command_in_its_header_and_every_stage_pa
     assert spec.name == path.stem
     for plan in plan_stages(spec):
         check_plan(plan)
+
+
+def test_the_report_of_the_stage_before_is_written_while_a_stage_runs_even_when_it_fails(tmp_path):
+    from lightning_efficient.pipeline.command import _run
+
+    marker = tmp_path / "started"
+    child = f"import pathlib, sys; pathlib.Path({str(marker)!r}).touch(); sys.exit(3)"
+    written: list[bool] = []
+    with pytest.raises(ConfigurationError, match=r"stage 'x' failed \(exit 3\)"):
+        _run([sys.executable, "-c", child], "stage 'x'", meanwhile=lambda: written.append(True))
+    assert written == [True] and marker.is_file()  # both ran: the report before the failure is on disk
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    survivor = tmp_path / "survivor"
+    child = f"import pathlib, time; time.sleep(2); pathlib.Path({str(survivor)!r}).touch()"
+    with pytest.raises(OSError, match="disk full"):
+        _run([sys.executable, "-c", child], "stage 'y'", meanwhile=broken)
+    time.sleep(3)
+    assert not survivor.exists()  # the stage's process was killed with the pipeline

@@ -121,10 +121,21 @@ def _efficiency(plan: StagePlan) -> dict[str, Any] | None:
         return None
 
 
-def _run(argv: list[str], what: str) -> float:
-    """Run ``argv`` (output to this terminal); its wall-clock seconds. A failure stops the pipeline, saying how to go on."""
+def _run(argv: list[str], what: str, meanwhile: Callable[[], None] | None = None) -> float:
+    """Run ``argv`` (output to this terminal); its wall-clock seconds. A failure stops the pipeline, saying how to go on.
+
+    ``meanwhile`` runs in this process once the command has started (the report of the stage before
+    is drawn while this one imports), so the pipeline's own work costs the stages no time.
+    """
     start = time.perf_counter()
-    code = subprocess.call(argv)
+    with subprocess.Popen(argv) as process:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            code = process.wait()
+        except BaseException:  # as subprocess.call: an interrupted pipeline leaves no stage running
+            process.kill()
+            raise
     if code != 0:
         raise ConfigurationError(
             f"{what} failed (exit {code}); fix it and run the pipeline again: finished stages are skipped "
@@ -137,8 +148,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _run_stage(plan: StagePlan, records: dict[str, dict[str, Any]], rerun: bool, say: Callable[[str], None]) -> dict:
-    """Run one stage branch unless its record says it already ran with this config; its record."""
+def _run_stage(
+    plan: StagePlan,
+    records: dict[str, dict[str, Any]],
+    rerun: bool,
+    say: Callable[[str], None],
+    meanwhile: Callable[[], None] | None = None,
+) -> dict:
+    """Run one stage branch unless its record says it already ran with this config; its record.
+
+    ``meanwhile`` runs while the stage's process starts (not at all when the stage is skipped).
+    """
     source_record = records.get(plan.source.name) if plan.source is not None else None
     config_hash = plan.config_hash(source_record["finished"] if source_record else None)
     record = read_record(plan)
@@ -161,7 +181,7 @@ def _run_stage(plan: StagePlan, records: dict[str, dict[str, Any]], rerun: bool,
     write_atomically(plan.config_file, plan.yaml_text().encode())
     _write_json(pending_file, {"config_hash": config_hash, "started": _now()})
     say(f"[{plan.name}] {'resuming from ' + str(checkpoint) if resume else 'running'}: {plan.command(resume)}")
-    wall = _run(python_command(plan.arguments(resume)), f"stage {plan.name!r}")
+    wall = _run(python_command(plan.arguments(resume)), f"stage {plan.name!r}", meanwhile)
     if plan.kind.trains and (checkpoint is None or not checkpoint.is_file()):
         raise ConfigurationError(f"stage {plan.name!r} ended without its final checkpoint {str(checkpoint)!r}")
     measures = None
@@ -193,13 +213,28 @@ def _run_stage(plan: StagePlan, records: dict[str, dict[str, Any]], rerun: bool,
     return record
 
 
-def _write_report(spec: PipelineSpec, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from lightning_efficient.pipeline.report import build_report, write_report
+class _Report:
+    """The pipeline's report, rewritten after a stage finishes: while the next stage starts, or at the end."""
 
-    curves = [r["name"] for r in records.values() if r["stage"] in spec.curves] if spec.curves else None
-    report = build_report(spec.name, list(records.values()), spec.metric, spec.mode, curves=curves)
-    write_report(spec.directory, report)
-    return report
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self.records: dict[str, dict[str, Any]] | None = None  # finished stages not in the files yet
+        self.latest: dict[str, Any] | None = None
+
+    def stage_finished(self, records: dict[str, dict[str, Any]]) -> None:
+        self.records = dict(records)
+
+    def write(self) -> None:
+        """Write ``report.{json,md,png}`` of the stages finished so far, unless they are written already."""
+        if self.records is None:
+            return
+        from lightning_efficient.pipeline.report import build_report, write_report
+
+        records, self.records = self.records, None
+        spec = self.spec
+        curves = [r["name"] for r in records.values() if r["stage"] in spec.curves] if spec.curves else None
+        self.latest = build_report(spec.name, list(records.values()), spec.metric, spec.mode, curves=curves)
+        write_report(spec.directory, self.latest)
 
 
 def run_pipeline(
@@ -236,6 +271,7 @@ def run_pipeline(
             say(f"# {plan.name}\n{plan.command()}" + (f"\n{plan.measure_command()}" if plan.measured else ""))
         return None
     records: dict[str, dict[str, Any]] = {}
+    report = _Report(spec)
     start = time.perf_counter()
     for plan in plans:
         chosen = stage is None or plan.run.stage.name == stage
@@ -248,11 +284,10 @@ def run_pipeline(
             raise ConfigurationError(
                 f"stage {plan.name!r} starts from {plan.source.name!r}, which has not finished; run the pipeline first"
             )
-        records[plan.name] = _run_stage(plan, records, rerun=stage is not None, say=say)
-        _write_report(spec, records)
-    report = _write_report(spec, records)
-    report["wall_time_s"] = time.perf_counter() - start
-    return report
+        records[plan.name] = _run_stage(plan, records, rerun=stage is not None, say=say, meanwhile=report.write)
+        report.stage_finished(records)
+    report.write()
+    return {**report.latest, "wall_time_s": time.perf_counter() - start}
 
 
 def _parser() -> argparse.ArgumentParser:
