@@ -46,9 +46,11 @@ __all__ = [
     "DISTRIBUTED_METADATA",
     "PRUNING_MASK_SUFFIXES",
     "PRUNING_STATE_KEY",
+    "STRUCTURE_FIELD",
     "AtomicCheckpointIO",
     "check_module",
     "check_pruning_masks",
+    "check_structure",
     "checkpoint_module_class",
     "checkpoint_tokenizer",
     "is_distributed_checkpoint",
@@ -58,6 +60,7 @@ __all__ = [
     "read_checkpoint_metadata",
     "read_metadata",
     "read_tokenizer",
+    "record_structure",
     "trained_with_pruning",
     "write_metadata",
     "write_tokenizer",
@@ -68,6 +71,9 @@ CHECKPOINT_KEY = "lightning_efficient"
 
 #: The file of a distributed checkpoint's folder that holds everything but the sharded tensors (Lightning's name).
 DISTRIBUTED_METADATA = "meta.pt"
+
+#: Our metadata's field recording the techniques that changed the model's structure (:func:`record_structure`).
+STRUCTURE_FIELD = "structure"
 
 #: Where a checkpoint keeps MagnitudePruning's callback state (its ``state_key``), and how its mask buffers end.
 PRUNING_STATE_KEY = "lightning_efficient.pruning"
@@ -243,6 +249,54 @@ def check_pruning_masks(checkpoint: Mapping[str, Any], model_keys: Iterable[str]
     """
     if set(pruning_mask_keys(checkpoint)) - set(model_keys):
         raise CheckpointMismatchError(pruning_hint(name))
+
+
+def record_structure(checkpoint: MutableMapping[str, Any], technique: str, structure: Mapping[str, Any]) -> None:
+    """Record that ``technique`` changed the model's structure as ``structure`` says (:meth:`Technique.surgery`)."""
+    write_metadata(checkpoint).setdefault(STRUCTURE_FIELD, {})[technique] = dict(structure)
+
+
+def check_structure(
+    checkpoint: Mapping[str, Any], ours: Mapping[str, Mapping[str, Any]], name: str = "being loaded"
+) -> None:
+    """Fail unless ``checkpoint`` was written with the model surgery of ``ours`` (technique name -> structure).
+
+    A checkpoint not written by us (no metadata) is not checked.
+
+    Raises:
+        CheckpointMismatchError: A technique changed the checkpoint's model and is not in this run, is in
+            this run and did not change it, or changed it differently; the message names both.
+
+    Examples:
+        >>> checkpoint = {}
+        >>> record_structure(checkpoint, "residual_init", {"technique": "ResidualInit(scheme='rezero')"})
+        >>> check_structure(checkpoint, {}, "last.ckpt")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.CheckpointMismatchError: checkpoint 'last.ckpt' was trained with ResidualInit(scheme='rezero'), which changes the model's blocks: add it to the run's trainer.callbacks
+    """
+    metadata = read_metadata(checkpoint)
+    if metadata is None:
+        return
+    theirs = metadata.get(STRUCTURE_FIELD) or {}
+    for technique in sorted(set(theirs) | set(ours)):
+        recorded, wanted = theirs.get(technique), ours.get(technique)
+        if recorded == wanted:
+            continue
+        if wanted is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {name!r} was trained with {recorded['technique']}, which changes the model's blocks: "
+                "add it to the run's trainer.callbacks"
+            )
+        if recorded is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {name!r} was trained without {wanted['technique']}: remove it from the run, "
+                "or start a new run"
+            )
+        raise CheckpointMismatchError(
+            f"checkpoint {name!r} was trained with {recorded['technique']}, not {wanted['technique']}: "
+            "use the one it was trained with"
+        )
 
 
 def check_module(checkpoint: Mapping[str, Any], module: str) -> None:

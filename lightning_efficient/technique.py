@@ -335,11 +335,28 @@ class Technique(Callback):
         if not self.keep_after_fit:
             self.detach(pl_module)
 
+    def surgery(self) -> dict[str, Any] | None:
+        """What the surgery changes in the model's parameters and modules, or None when it changes none.
+
+        A technique whose checkpoints hold weights that only a model with the same surgery can load
+        (added parameters, removed modules) returns a dict of plain values with a ``technique`` entry
+        (the constructor call that rebuilds it, for messages). It is recorded in each checkpoint under
+        our metadata (:func:`~lightning_efficient.checkpoint.record_structure`), and a checkpoint whose
+        record differs from the run's techniques is refused before its weights load
+        (:func:`~lightning_efficient.checkpoint.check_structure`).
+        """
+        return None
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse to write a checkpoint that ``torch.load(weights_only=True)`` could not read."""
+        """Refuse to write a checkpoint that ``torch.load(weights_only=True)`` could not read; record :meth:`surgery`."""
         check_plain_state(self.state_dict(), type(self).__name__)
+        structure = self.surgery()
+        if structure is not None:
+            from lightning_efficient.checkpoint import record_structure
+
+            record_structure(checkpoint, self.name, structure)
 
     # -- reporting ------------------------------------------------------------------------------
     def log_metrics(self, pl_module: pl.LightningModule, metrics: Mapping[str, float | torch.Tensor]) -> None:

@@ -221,6 +221,12 @@ CASES: list[TechniqueCase] = [
         interrupt_at=(3, 4),  # mid-epoch, epoch end (the teacher is copied again from the restarted student)
         expected_error=ConfigurationError,  # a model without distillation_logits
     ),
+    TechniqueCase(
+        id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)
+        build=lambda: callbacks.ResidualInit(scheme="rezero"),
+        yaml=(TECHNIQUE_CONFIGS / "residual_init_rezero.yaml").read_text(),
+        interrupt_at=(3, 4),  # mid-epoch, epoch end: the scalars are weights, restored with the model
+    ),
 ]
 
 

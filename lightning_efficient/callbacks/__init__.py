@@ -17,6 +17,7 @@ from lightning_efficient.callbacks.lr_scaling import LRScaling
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
 from lightning_efficient.callbacks.pruning import MagnitudePruning, export_pruned, load_pruned
 from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, export_quantized, load_quantized
+from lightning_efficient.callbacks.residual_init import ResidualInit
 from lightning_efficient.callbacks.token_dropping import TokenDropping
 from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 
@@ -29,6 +30,7 @@ __all__ = [
     "MagnitudePruning",
     "ProgressiveStacking",
     "QuantizationAwareTraining",
+    "ResidualInit",
     "TokenDropping",
     "TrustRatioMonitor",
     "export_pruned",

@@ -132,7 +132,9 @@ def grow_blocks(
 ) -> None:
     """Grow the active prefix of ``blocks`` from ``depth`` to ``new_depth`` in place, by ``rule``.
 
-    Copies weights and buffers into the block positions the rule assigns. With ``optimizer``, a
+    Copies weights and buffers into the block positions the rule assigns; in a copy, every submodule
+    with a ``reset_when_copied()`` method (:class:`~lightning_efficient.callbacks.residual_init.BranchScale`)
+    is then reset to its initial value. With ``optimizer``, a
     block that was trained keeps its optimizer state (moved, by parameter name, to the position
     its weights move to); a copy starts with none.
 
@@ -157,6 +159,11 @@ def grow_blocks(
             target = blocks[position].state_dict()
             for key, value in blocks[source].state_dict().items():
                 target[key].copy_(value)
+        if not original:  # a copy: parts that a technique gives every new block (ResidualInit's scales) start again
+            for module in blocks[position].modules():
+                reset = getattr(module, "reset_when_copied", None)
+                if callable(reset):
+                    reset()
         if optimizer is None:
             continue
         for name, param in blocks[position].named_parameters():

@@ -21,8 +21,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_efficient.checkpoint import (
+    STRUCTURE_FIELD,
     check_module,
     check_pruning_masks,
+    check_structure,
     read_metadata,
     read_tokenizer,
     write_metadata,
@@ -387,6 +389,7 @@ class EfficientModule(pl.LightningModule):
         if meta is None:
             return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
         check_module(checkpoint, type(self).__name__)
+        check_structure(checkpoint, self._technique_structures(), self._checkpoint_name())
         if self._trainer is not None and self.strict_loading:  # masks without MagnitudePruning: say what to add
             check_pruning_masks(checkpoint, self.state_dict(), str(self.trainer.ckpt_path))
         tokenizer = read_tokenizer(checkpoint)
@@ -399,6 +402,18 @@ class EfficientModule(pl.LightningModule):
             if "rng" in meta:
                 restore_random_states(meta["rng"])
             warn_if_epoch_was_cut_short(checkpoint)
+
+    def _technique_structures(self) -> dict[str, dict[str, Any]]:
+        """The model surgery of the run's techniques (:meth:`~lightning_efficient.technique.Technique.surgery`)."""
+        from lightning_efficient.technique import Technique
+
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        techniques = [cb for cb in callbacks if isinstance(cb, Technique) and cb.surgery() is not None]
+        return {technique.name: technique.surgery() for technique in techniques}
+
+    def _checkpoint_name(self) -> str:
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        return str(path) if path else "being loaded"
 
     def require_tokenizer(self) -> Tokenizer:
         """The tokenizer from the data module or checkpoint, or a clear error."""
@@ -455,6 +470,8 @@ class EfficientModule(pl.LightningModule):
                 f"pretrained {source.name!r} was written by {source.module or 'something else than this package'}; "
                 f"it must be a {' or '.join(accepts)} checkpoint"
             )
+        if source is not None and source.kind == "checkpoint":
+            _refuse_changed_blocks(source)
         config = model_config or (source.model_config if source is not None else None)
         if source is not None and source.kind == "directory":
             self._refuse_sizes(sizes, source.name)
@@ -521,6 +538,17 @@ def _check_shape(source: PretrainedSource, ours: dict[str, Any]) -> None:
     if differing:
         detail = ", ".join(f"{k}: ours {a} vs checkpoint {b}" for k, (a, b) in differing.items())
         raise CheckpointMismatchError(f"pretrained {source.name!r} has another shape ({detail})")
+
+
+def _refuse_changed_blocks(source: PretrainedSource) -> None:
+    """Fail when a technique changed the blocks of the checkpoint's model (its surgery comes after this constructor)."""
+    recorded = (read_metadata(source.checkpoint) or {}).get(STRUCTURE_FIELD)
+    if recorded:
+        names = ", ".join(entry["technique"] for entry in recorded.values())
+        raise CheckpointMismatchError(
+            f"pretrained {source.name!r} was trained with {names}, which changes the model's blocks; starting a new "
+            "run from such weights is not supported yet (resume its own run with ckpt_path instead)"
+        )
 
 
 def _copy_checkpoint_weights(model: nn.Module, source: PretrainedSource, whole: bool) -> None:
