@@ -304,3 +304,21 @@ def test_pipeline_overhead_script_smoke_run(tmp_path):
     assert round_["pipeline"] > 0 and round_["by hand"] > 0
     assert result["ratio"] == pytest.approx(round_["pipeline"] / round_["by hand"])
     assert json.loads((tmp_path / "r.json").read_text())["ratio"] == pytest.approx(result["ratio"])
+
+
+def test_initialization_script_smoke_run(harness, user_files, tmp_path):
+    """Two schemes through the three parts; an LR of 1e30 makes every sweep run diverge (the guard stops it)."""
+    args = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0", "--train-steps", "4", "--val-every",
+            "2", "--val-batches", "1", "--schemes", "rezero", "deepnorm", "--sweep-steps", "2", "--lrs", "1e-3", "1e30",
+            "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("initialization", args)
+    assert set(result["timing"]["variants"]) == {"default", "rezero", "deepnorm"}
+    assert set(result["final"]) == {"default", "default_no_warmup", "rezero", "deepnorm"}
+    assert not result["diverged"] and all(isinstance(loss, float) for loss in result["final"].values())
+    assert [s["run_name"] for s in result["summaries"]] == ["default", "default_no_warmup", "rezero", "deepnorm"]
+    assert {"rezero_step_time", "deepnorm_step_time", "best_time_to_target"} <= set(result["verdicts"])
+    assert set(result["sweep"]) == {"default_no_warmup", "rezero", "deepnorm"}
+    for row in result["sweep"].values():
+        assert isinstance(row["0.001"], float) and row["1e+30"] == "diverged"
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
