@@ -20,6 +20,7 @@ from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.callbacks import (
     ActivationCheckpointing,
     Distillation,
+    DynamicSparsity,
     ImportanceSampling,
     LayerDrop,
     LRScaling,
@@ -81,6 +82,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DataError",
     "Distillation",
+    "DynamicSparsity",
     "EfficiencyMonitor",
     "FlopBudget",
     "FlopCounter",

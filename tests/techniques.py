@@ -222,6 +222,14 @@ CASES: list[TechniqueCase] = [
         expected_error=ConfigurationError,  # a model without distillation_logits
     ),
     TechniqueCase(
+        id="dynamic_sparsity",  # RigL at 70%: masks rewired after steps 2 and 4 (moments of grown weights reset)
+        build=lambda: callbacks.DynamicSparsity(
+            method="rigl", sparsity=0.7, update_every=2, end_step=5, strict_schedule=False
+        ),
+        yaml=(TECHNIQUE_CONFIGS / "rigl.yaml").read_text(),
+        interrupt_at=(2, 3, 5),  # right before an update (its gradient is taken on the next step), after it, at the end
+    ),
+    TechniqueCase(
         id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)
         build=lambda: callbacks.ResidualInit(scheme="rezero"),
         yaml=(TECHNIQUE_CONFIGS / "residual_init_rezero.yaml").read_text(),

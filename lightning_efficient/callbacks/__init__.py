@@ -11,6 +11,7 @@ Examples:
 
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
 from lightning_efficient.callbacks.distillation import Distillation
+from lightning_efficient.callbacks.dynamic_sparsity import DynamicSparsity
 from lightning_efficient.callbacks.importance_sampling import ImportanceSampling, importance_weighted_loss
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.lr_scaling import LRScaling
@@ -24,6 +25,7 @@ from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 __all__ = [
     "ActivationCheckpointing",
     "Distillation",
+    "DynamicSparsity",
     "ImportanceSampling",
     "LRScaling",
     "LayerDrop",
