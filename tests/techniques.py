@@ -230,6 +230,12 @@ CASES: list[TechniqueCase] = [
         interrupt_at=(2, 3, 5),  # right before an update (its gradient is taken on the next step), after it, at the end
     ),
     TechniqueCase(
+        id="prune_at_init",  # SNIP at 60% on the first batch, then fixed masks
+        build=lambda: callbacks.PruneAtInit(method="snip", sparsity=0.6),
+        yaml=(TECHNIQUE_CONFIGS / "snip.yaml").read_text(),
+        interrupt_at=(1, 4),  # after the scoring step (the masks come from the checkpoint), at an epoch end
+    ),
+    TechniqueCase(
         id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)
         build=lambda: callbacks.ResidualInit(scheme="rezero"),
         yaml=(TECHNIQUE_CONFIGS / "residual_init_rezero.yaml").read_text(),

@@ -16,6 +16,7 @@ from lightning_efficient.callbacks.importance_sampling import ImportanceSampling
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.lr_scaling import LRScaling
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
+from lightning_efficient.callbacks.prune_at_init import PruneAtInit
 from lightning_efficient.callbacks.pruning import MagnitudePruning, export_pruned, load_pruned
 from lightning_efficient.callbacks.quantization import QuantizationAwareTraining, export_quantized, load_quantized
 from lightning_efficient.callbacks.residual_init import ResidualInit
@@ -31,6 +32,7 @@ __all__ = [
     "LayerDrop",
     "MagnitudePruning",
     "ProgressiveStacking",
+    "PruneAtInit",
     "QuantizationAwareTraining",
     "ResidualInit",
     "TokenDropping",
