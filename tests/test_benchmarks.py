@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -321,4 +322,17 @@ def test_initialization_script_smoke_run(harness, user_files, tmp_path):
     assert set(result["sweep"]) == {"default_no_warmup", "rezero", "deepnorm"}
     for row in result["sweep"].values():
         assert isinstance(row["0.001"], float) and row["1e+30"] == "diverged"
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_initialization_translation_script_smoke_run(harness, user_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))
+    args = ["--preset", "tiny", "--steps", "3", "--test-batches", "1", "--vocab-size", "300",
+            "--max-length", "32", "--batch-size", "4", "--train-file", user_files["pairs"], "--source-column", "src",
+            "--target-column", "tgt", "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("initialization_translation", args)
+    assert set(result["runs"]) == {"default with warmup", "default without warmup", "t_fixup without warmup"}
+    for numbers in result["runs"].values():
+        assert math.isfinite(numbers["test_loss"]) and 0 <= numbers["bleu"] <= 100
+    assert result["pass"] is None  # 3 steps: BLEU below 1, so no verdict
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
