@@ -13,6 +13,7 @@ from torch import nn
 from lightning_efficient import BertMLM, MLMDataModule
 from lightning_efficient.callbacks import DynamicSparsity, MagnitudePruning
 from lightning_efficient.callbacks.dynamic_sparsity import drop_fraction_at, erk_densities, update_mask
+from lightning_efficient.callbacks.pruning.masks import multiply_weights
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 from lightning_efficient.testing import quiet_trainer
 
@@ -100,11 +101,11 @@ def test_initial_masks_have_the_exact_sparsity_and_training_starts_from_them():
     model = BertMLM(vocab_size=60, preset="tiny")
     technique = DynamicSparsity(sparsity=0.9)
     technique.attach(model)
-    for name, sparsity in technique.layer_sparsity.items():
+    for name, sparsity in technique.layer_sparsity().items():
         numel = model.get_submodule(name).weight.numel()
         assert sparsity == pytest.approx(1 - round(0.1 * numel) / numel)
-    technique._apply_masks()  # what on_train_start does
-    for name in technique.layer_sparsity:
+    multiply_weights(technique._targets.values())  # what on_train_start does
+    for name in technique.layer_sparsity():
         module = model.get_submodule(name)
         assert torch.equal(module.weight != 0, module.weight_mask.bool())
 

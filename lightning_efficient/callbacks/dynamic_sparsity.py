@@ -54,8 +54,15 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_efficient import targets
-from lightning_efficient.callbacks.pruning.masks import MASK, add_masks
+from lightning_efficient.callbacks.pruning.masks import (
+    add_masks,
+    layer_sparsity,
+    log_layer_sparsity,
+    multiply_gradients,
+    multiply_weights,
+    select_unmasked,
+    total_sparsity,
+)
 from lightning_efficient.errors import ConfigurationError, check_int, check_patterns
 from lightning_efficient.technique import Technique, check_choice, check_range, check_schedule_reached
 
@@ -224,15 +231,9 @@ class DynamicSparsity(Technique):
 
     # -- surgery ------------------------------------------------------------------------------
     def apply(self, pl_module: nn.Module) -> Any:
-        self._targets = targets.select_modules(
-            pl_module, self.include, self.exclude or None, self.module_types, block_paths=self.block_paths
+        self._targets = select_unmasked(
+            pl_module, self.include, self.exclude, self.module_types, self.block_paths, type(self).__name__
         )
-        taken = [name for name, module in self._targets.items() if MASK in module._buffers]
-        if taken:
-            raise ConfigurationError(
-                f"{taken[0]} already has a pruning mask (MagnitudePruning or PruneAtInit on the same weights); "
-                "DynamicSparsity keeps its own masks: exclude those layers from one of them"
-            )
         shapes = {name: tuple(module.weight.shape) for name, module in self._targets.items()}
         if self.distribution == "erk":
             self.densities, dense = erk_densities(shapes, self.sparsity)
@@ -262,11 +263,6 @@ class DynamicSparsity(Technique):
         return 0 < step <= self.end_step and step % self.update_every == 0 and step > self.last_update
 
     @torch.no_grad()
-    def _apply_masks(self) -> None:
-        modules = list(self._targets.values())
-        torch._foreach_mul_([m.weight.data for m in modules], [m.weight_mask for m in modules])
-
-    @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer | None) -> int:
         """Drop and grow in every target layer (RigL's grow scores must have been kept this step); weights moved."""
         fraction = drop_fraction_at(step, self.drop_fraction, self.end_step, self.drop_schedule)
@@ -291,21 +287,20 @@ class DynamicSparsity(Technique):
         self.last_update = step
         return moved
 
-    @property
     def layer_sparsity(self) -> dict[str, float]:
         """The share of masked weights of each target layer, by name."""
-        return {name: 1.0 - float(m.weight_mask.sum()) / m.weight_mask.numel() for name, m in self._targets.items()}
+        return layer_sparsity(self._targets)
 
     @property
     def current_sparsity(self) -> float:
         """The share of masked weights over all target layers."""
-        masks = [m.weight_mask for m in self._targets.values()]
-        return 1.0 - float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
+        return total_sparsity(self._targets)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_schedule_reached(trainer, "update_every", self.update_every, self.strict_schedule)
-        self._apply_masks()  # the initial masks; after a resume, exact whatever the loaded weights hold
+        # the initial masks; after a resume, exact whatever the loaded weights hold
+        multiply_weights(self._targets.values())
         self._masked_at_step = trainer.global_step
 
     def on_train_batch_start(
@@ -320,9 +315,7 @@ class DynamicSparsity(Technique):
         if self.method == "rigl" and self._is_update_step(trainer.global_step):  # the dense gradient, this step only
             self._grow_scores = {n: m.weight.grad.detach().abs().float() for n, m in self._targets.items()
                                  if m.weight.grad is not None}  # fmt: skip
-        grads = [(m.weight.grad, m.weight_mask) for m in self._targets.values() if m.weight.grad is not None]
-        if grads:
-            torch._foreach_mul_([g for g, _ in grads], [mask for _, mask in grads])
+        multiply_gradients(self._targets.values())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -330,16 +323,13 @@ class DynamicSparsity(Technique):
         if trainer.global_step == self._masked_at_step:
             return  # no optimizer step since the last multiply (gradient accumulation)
         self._masked_at_step = trainer.global_step
-        self._apply_masks()
+        multiply_weights(self._targets.values())
         step = trainer.global_step - 1  # the optimizer step that just ran
         if not self._is_update_step(step):
             return
         optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         moved = self.update(step, optimizer)
-        if trainer.loggers and trainer.is_global_zero:
-            layers = {f"{self.name}/sparsity/{name}": value for name, value in self.layer_sparsity.items()}
-            for logger in trainer.loggers:
-                logger.log_metrics({**layers, f"{self.name}/moved": float(moved)}, step=trainer.global_step)
+        log_layer_sparsity(trainer, self.name, self._targets, moved=float(moved))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "updates": self.updates, "last_update": self.last_update}

@@ -44,10 +44,18 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_efficient import targets
-from lightning_efficient.callbacks.pruning.masks import MASK, _lowest_k, add_masks
+from lightning_efficient.callbacks.pruning.masks import (
+    _lowest_k,
+    add_masks,
+    layer_sparsity,
+    log_layer_sparsity,
+    multiply_gradients,
+    multiply_weights,
+    select_unmasked,
+    total_sparsity,
+)
 from lightning_efficient.callbacks.pruning.schedule import _count
-from lightning_efficient.errors import ConfigurationError, check_patterns
+from lightning_efficient.errors import check_patterns
 from lightning_efficient.technique import Technique, check_choice, check_range
 
 __all__ = ["METHODS", "PruneAtInit", "grasp_scores", "shuffle_masks", "snip_scores"]
@@ -143,15 +151,9 @@ class PruneAtInit(Technique):
         self._targets: dict[str, nn.Module] = {}
 
     def apply(self, pl_module: nn.Module) -> Any:
-        self._targets = targets.select_modules(
-            pl_module, self.include, self.exclude or None, self.module_types, block_paths=self.block_paths
+        self._targets = select_unmasked(
+            pl_module, self.include, self.exclude, self.module_types, self.block_paths, type(self).__name__
         )
-        taken = [name for name, module in self._targets.items() if MASK in module._buffers]
-        if taken:
-            raise ConfigurationError(
-                f"{taken[0]} already has a pruning mask (MagnitudePruning or DynamicSparsity on the same weights): "
-                "exclude those layers from one of them"
-            )
         return add_masks(self._targets.values())
 
     def remove(self, pl_module: nn.Module) -> None:
@@ -217,13 +219,12 @@ class PruneAtInit(Technique):
 
     def layer_sparsity(self) -> dict[str, float]:
         """The share of masked weights of each target layer, by name."""
-        return {name: 1.0 - float(m.weight_mask.sum()) / m.weight_mask.numel() for name, m in self._targets.items()}
+        return layer_sparsity(self._targets)
 
     @property
     def current_sparsity(self) -> float:
         """The share of masked weights over all target layers."""
-        masks = [m.weight_mask for m in self._targets.values()]
-        return 1.0 - float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
+        return total_sparsity(self._targets)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_batch_start(
@@ -238,26 +239,19 @@ class PruneAtInit(Technique):
 
             self.prune(loss_of if needs_loss else _no_loss)
             pl_module.zero_grad(set_to_none=True)
-            if trainer.loggers and trainer.is_global_zero:
-                layers = {f"{self.name}/sparsity/{name}": value for name, value in self.layer_sparsity().items()}
-                for logger in trainer.loggers:
-                    logger.log_metrics(layers, step=trainer.global_step)
+            log_layer_sparsity(trainer, self.name, self._targets)
         self.pruned = self.pruned or trainer.global_step > 0  # a resumed run keeps its checkpoint's masks
         self.log_metrics(pl_module, {"sparsity": self.current_sparsity})
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        grads = [(m.weight.grad, m.weight_mask) for m in self._targets.values() if m.weight.grad is not None]
-        if grads:
-            torch._foreach_mul_([g for g, _ in grads], [mask for _, mask in grads])
+        multiply_gradients(self._targets.values())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        modules = list(self._targets.values())
-        with torch.no_grad():
-            torch._foreach_mul_([m.weight.data for m in modules], [m.weight_mask for m in modules])
+        multiply_weights(self._targets.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "pruned": self.pruned}

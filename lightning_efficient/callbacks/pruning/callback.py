@@ -21,7 +21,16 @@ from torch import nn
 from lightning_efficient import targets
 from lightning_efficient.architectures import block_view
 from lightning_efficient.callbacks.pruning.exporting import export_pruned
-from lightning_efficient.callbacks.pruning.masks import SCOPES, _mask_pairs, _MaskHandle, add_masks, magnitude_masks
+from lightning_efficient.callbacks.pruning.masks import (
+    SCOPES,
+    _mask_pairs,
+    _MaskHandle,
+    add_masks,
+    layer_sparsity,
+    log_layer_sparsity,
+    magnitude_masks,
+    total_sparsity,
+)
 from lightning_efficient.callbacks.pruning.schedule import _count, cubic_sparsity, pruning_steps
 from lightning_efficient.callbacks.pruning.structured import (
     BlockUnits,
@@ -229,7 +238,7 @@ class MagnitudePruning(Technique):
 
     def layer_sparsity(self) -> dict[str, float]:
         """The share of masked weights of each pruned module, by name."""
-        return {name: 1.0 - float(m.weight_mask.sum()) / m.weight_mask.numel() for name, m in self._targets.items()}
+        return layer_sparsity(self._targets)
 
     @property
     def sparsity(self) -> float:
@@ -237,9 +246,7 @@ class MagnitudePruning(Technique):
         return self._stats.get("sparsity", 0.0)
 
     def _update_stats(self) -> None:
-        masks = [m.weight_mask for m in self._targets.values()]
-        total = sum(m.numel() for m in masks)
-        self._stats = {"sparsity": 1.0 - float(sum(m.sum() for m in masks)) / total if total else 0.0}
+        self._stats = {"sparsity": total_sparsity(self._targets)}
         if self._prunes_heads:
             alive = torch.cat([_alive_heads(a) for u in self._units for a in u.attentions])
             self._stats["heads_pruned"] = 1.0 - float(alive.float().mean())
@@ -283,16 +290,10 @@ class MagnitudePruning(Technique):
                         m.weight.copy_(self.rewind_weights[name])
             self.prune_now(pl_module, sparsity)
             self.last_event = step
-            self._log_layers(trainer)
+            log_layer_sparsity(trainer, self.name, self._targets)
         metrics = {"sparsity": self.sparsity, "target_sparsity": self.target_sparsity}
         metrics.update({k: v for k, v in self._stats.items() if k != "sparsity"})
         self.log_metrics(pl_module, metrics)
-
-    def _log_layers(self, trainer: pl.Trainer) -> None:
-        if trainer.loggers and trainer.is_global_zero:
-            layers = {f"{self.name}/sparsity/{name}": value for name, value in self.layer_sparsity().items()}
-            for logger in trainer.loggers:
-                logger.log_metrics(layers, step=trainer.global_step)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

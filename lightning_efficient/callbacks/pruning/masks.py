@@ -17,14 +17,15 @@ Examples:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_efficient import targets
 from lightning_efficient.callbacks.pruning.schedule import _count
-from lightning_efficient.errors import NoTargetModulesError, check_choice
+from lightning_efficient.errors import ConfigurationError, NoTargetModulesError, check_choice
 
 __all__ = [
     "BIAS_MASK",
@@ -32,10 +33,16 @@ __all__ = [
     "SCOPES",
     "add_masks",
     "apply_masks",
+    "layer_sparsity",
+    "log_layer_sparsity",
     "magnitude_masks",
     "mask_gradients",
     "masked_modules",
+    "multiply_gradients",
+    "multiply_weights",
     "remove_masks",
+    "select_unmasked",
+    "total_sparsity",
 ]
 
 #: How weights are ranked: within each layer, or across all target layers.
@@ -172,9 +179,24 @@ def apply_masks(model: nn.Module) -> None:
         >>> apply_masks(layer); (layer.weight[0] == 0).tolist(), (layer.weight[1] != 0).tolist()
         ([True, True], [True, True])
     """
-    params, masks = _mask_pairs(masked_modules(model).values())
+    multiply_weights(masked_modules(model).values())
+
+
+@torch.no_grad()
+def multiply_weights(modules: Iterable[nn.Module]) -> None:
+    """Multiply the weights (and masked biases) of ``modules``, which carry masks, by their masks, in place."""
+    params, masks = _mask_pairs(modules)
     if params:
         torch._foreach_mul_([p.data for p in params], masks)
+
+
+@torch.no_grad()
+def multiply_gradients(modules: Iterable[nn.Module]) -> None:
+    """Multiply the gradients of the masked weights (and biases) of ``modules`` by their masks, in place."""
+    params, masks = _mask_pairs(modules)
+    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
 
 @torch.no_grad()
@@ -188,10 +210,7 @@ def mask_gradients(model: nn.Module) -> None:
         >>> layer.weight.grad.tolist()
         [[1.0, 0.0]]
     """
-    params, masks = _mask_pairs(masked_modules(model).values())
-    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
-    if pairs:
-        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+    multiply_gradients(masked_modules(model).values())
 
 
 @torch.no_grad()
@@ -211,3 +230,49 @@ def remove_masks(model: nn.Module) -> int:
     apply_masks(model)
     _MaskHandle(modules, []).remove()
     return len(modules)
+
+
+def select_unmasked(
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    module_types: Sequence[str],
+    block_paths: Sequence[str] | None,
+    owner: str,
+) -> dict[str, nn.Module]:
+    """A masking technique's targets (:func:`~lightning_efficient.targets.select_modules`), none already masked.
+
+    Raises:
+        ConfigurationError: A target already carries a ``weight_mask`` (another masking technique on the
+            same weights); the message names it and ``owner``.
+        NoTargetModulesError: Nothing matched.
+    """
+    chosen = targets.select_modules(model, include, exclude or None, module_types, block_paths=block_paths)
+    taken = [name for name, module in chosen.items() if MASK in module._buffers]
+    if taken:
+        raise ConfigurationError(
+            f"{taken[0]} already has a pruning mask (MagnitudePruning, DynamicSparsity or PruneAtInit on the same "
+            f"weights); {owner} keeps its own masks: exclude those layers from one of them"
+        )
+    return chosen
+
+
+def layer_sparsity(modules: Mapping[str, nn.Module]) -> dict[str, float]:
+    """The share of masked weights of each masked module, by name."""
+    return {name: 1.0 - float(m.weight_mask.sum()) / m.weight_mask.numel() for name, m in modules.items()}
+
+
+def total_sparsity(modules: Mapping[str, nn.Module]) -> float:
+    """The share of masked weights over all ``modules`` together (0 when there are none)."""
+    masks = [m.weight_mask for m in modules.values()]
+    total = sum(m.numel() for m in masks)
+    return 1.0 - float(sum(m.sum() for m in masks)) / total if total else 0.0
+
+
+def log_layer_sparsity(trainer: Any, prefix: str, modules: Mapping[str, nn.Module], **extra: float) -> None:
+    """Send each module's sparsity to the trainer's loggers as ``<prefix>/sparsity/<name>`` (and ``extra``), rank 0."""
+    if trainer.loggers and trainer.is_global_zero:
+        metrics = {f"{prefix}/sparsity/{name}": value for name, value in layer_sparsity(modules).items()}
+        metrics.update({f"{prefix}/{key}": value for key, value in extra.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
