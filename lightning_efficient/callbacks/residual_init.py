@@ -221,27 +221,25 @@ class _ScaleOutput:
         return self.scale(output)
 
 
-def _projections(view: BlockView) -> tuple[list[torch.Tensor], list[torch.Tensor], list[nn.Linear]]:
-    """The block's query/key weights, its value and output weights, and the Linears whose bias starts at 0."""
-    query_key, value_output, linears = [], [], []
+def _projections(view: BlockView) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The block's query/key weights, its value and output weights, and the biases of all of them."""
+    query_key, value_output, biases = [], [], []
     for attention in view.attentions:
         if attention.fused:
             q, k, v = getattr(attention.module, attention.layout.in_proj).chunk(3)  # views of the fused weight
             query_key += [q, k]
             value_output.append(v)
-            in_bias = getattr(attention.module, "in_proj_bias", None)
-            if in_bias is not None:
-                in_bias.data.zero_()
+            biases.append(getattr(attention.module, "in_proj_bias", None))
         else:
             query_key += [attention.projections[0].weight, attention.projections[1].weight]
             value_output.append(attention.projections[2].weight)
-            linears += attention.projections
+            biases += [linear.bias for linear in attention.projections]
         value_output.append(attention.output.weight)
-        linears.append(attention.output)
+        biases.append(attention.output.bias)
     if view.ffn is not None:
         value_output += [view.ffn.first.weight, view.ffn.second.weight]
-        linears += [view.ffn.first, view.ffn.second]
-    return query_key, value_output, linears
+        biases += [view.ffn.first.bias, view.ffn.second.bias]
+    return query_key, value_output, [bias for bias in biases if bias is not None]
 
 
 class _Surgery:
@@ -415,14 +413,13 @@ class ResidualInit(Technique):
     @staticmethod
     @torch.no_grad()
     def _t_fixup(view: BlockView, factor: float) -> None:
-        query_key, value_output, linears = _projections(view)
+        query_key, value_output, biases = _projections(view)
         for weight in query_key + value_output:
             nn.init.xavier_uniform_(weight, gain=1.0)
         for weight in value_output:
             weight.mul_(factor)
-        for linear in linears:
-            if linear.bias is not None:
-                linear.bias.zero_()
+        for bias in biases:
+            bias.zero_()
 
     @torch.no_grad()
     def _t_fixup_embeddings(self, pl_module: nn.Module, factor: float) -> None:
