@@ -61,6 +61,7 @@ __all__ = [
     "read_metadata",
     "read_tokenizer",
     "record_structure",
+    "recorded_structure",
     "trained_with_pruning",
     "write_metadata",
     "write_tokenizer",
@@ -256,6 +257,11 @@ def record_structure(checkpoint: MutableMapping[str, Any], technique: str, struc
     write_metadata(checkpoint).setdefault(STRUCTURE_FIELD, {})[technique] = dict(structure)
 
 
+def recorded_structure(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The model surgery recorded in ``checkpoint`` (technique name -> :meth:`Technique.surgery`), empty when none."""
+    return dict((read_metadata(checkpoint) or {}).get(STRUCTURE_FIELD) or {})
+
+
 def check_structure(
     checkpoint: Mapping[str, Any], ours: Mapping[str, Mapping[str, Any]], name: str = "being loaded"
 ) -> None:
@@ -275,10 +281,9 @@ def check_structure(
         ...
         lightning_efficient.errors.CheckpointMismatchError: checkpoint 'last.ckpt' was trained with ResidualInit(scheme='rezero'), which changes the model's blocks: add it to the run's trainer.callbacks
     """
-    metadata = read_metadata(checkpoint)
-    if metadata is None:
+    if read_metadata(checkpoint) is None:
         return
-    theirs = metadata.get(STRUCTURE_FIELD) or {}
+    theirs = recorded_structure(checkpoint)
     for technique in sorted(set(theirs) | set(ours)):
         recorded, wanted = theirs.get(technique), ours.get(technique)
         if recorded == wanted:

@@ -21,12 +21,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_efficient.checkpoint import (
-    STRUCTURE_FIELD,
     check_module,
     check_pruning_masks,
     check_structure,
     read_metadata,
     read_tokenizer,
+    recorded_structure,
     write_metadata,
     write_tokenizer,
 )
@@ -408,8 +408,8 @@ class EfficientModule(pl.LightningModule):
         from lightning_efficient.technique import Technique
 
         callbacks = self._trainer.callbacks if self._trainer is not None else []
-        techniques = [cb for cb in callbacks if isinstance(cb, Technique) and cb.surgery() is not None]
-        return {technique.name: technique.surgery() for technique in techniques}
+        surgeries = {cb.name: cb.surgery() for cb in callbacks if isinstance(cb, Technique)}
+        return {name: surgery for name, surgery in surgeries.items() if surgery is not None}
 
     def _checkpoint_name(self) -> str:
         path = self._trainer.ckpt_path if self._trainer is not None else None
@@ -542,7 +542,7 @@ def _check_shape(source: PretrainedSource, ours: dict[str, Any]) -> None:
 
 def _refuse_changed_blocks(source: PretrainedSource) -> None:
     """Fail when a technique changed the blocks of the checkpoint's model (its surgery comes after this constructor)."""
-    recorded = (read_metadata(source.checkpoint) or {}).get(STRUCTURE_FIELD)
+    recorded = recorded_structure(source.checkpoint)
     if recorded:
         names = ", ".join(entry["technique"] for entry in recorded.values())
         raise CheckpointMismatchError(
