@@ -100,6 +100,11 @@ def main() -> None:
         error = str(err)
     save(out, "nan", trainer, {"steps": trainer.global_step, "training_steps": model.steps, "error": error})
 
+    # Both ranks leave the process group together: without it, the rank that exits last could abort at
+    # interpreter exit ("terminate called without an active exception") while gloo still held its peer.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
