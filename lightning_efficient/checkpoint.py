@@ -228,11 +228,12 @@ def trained_with_pruning(checkpoint: Mapping[str, Any]) -> bool:
 
 
 def pruning_hint(name: str) -> str:
-    """What to do with a pruned checkpoint (``name``) loaded into a run without MagnitudePruning."""
+    """What to do with a masked checkpoint (``name``) loaded into a run without the technique that masked it."""
     return (
-        f"checkpoint {name!r} was trained with MagnitudePruning (it holds the pruning masks): "
-        "add configs/techniques/pruning_gradual.yaml or pruning_structured.yaml (the one it was trained with) "
-        "to the run, MagnitudePruning to the Trainer's callbacks in Python, or export it with export_pruned"
+        f"checkpoint {name!r} was trained with MagnitudePruning or sparse training (it holds weight masks): "
+        "add the technique it was trained with to the run (its fragment: configs/techniques/pruning_gradual.yaml, "
+        "pruning_structured.yaml, rigl.yaml, set.yaml, snip.yaml or lottery_ticket.yaml; in Python, its callback), "
+        "or export it with export_pruned"
     )
 
 
@@ -246,7 +247,7 @@ def check_pruning_masks(checkpoint: Mapping[str, Any], model_keys: Iterable[str]
         >>> check_pruning_masks({"state_dict": {"fc.weight": 0, "fc.weight_mask": 1}}, ["fc.weight"], "last.ckpt")
         Traceback (most recent call last):
         ...
-        lightning_efficient.errors.CheckpointMismatchError: checkpoint 'last.ckpt' was trained with MagnitudePruning (it holds the pruning masks): add configs/techniques/pruning_gradual.yaml or pruning_structured.yaml (the one it was trained with) to the run, MagnitudePruning to the Trainer's callbacks in Python, or export it with export_pruned
+        lightning_efficient.errors.CheckpointMismatchError: checkpoint 'last.ckpt' was trained with MagnitudePruning or sparse training (it holds weight masks): add the technique it was trained with to the run (its fragment: configs/techniques/pruning_gradual.yaml, pruning_structured.yaml, rigl.yaml, set.yaml, snip.yaml or lottery_ticket.yaml; in Python, its callback), or export it with export_pruned
     """
     if set(pruning_mask_keys(checkpoint)) - set(model_keys):
         raise CheckpointMismatchError(pruning_hint(name))

@@ -54,7 +54,6 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from lightning_efficient import compare
-from lightning_efficient.callbacks import MagnitudePruning
 from lightning_efficient.checkpoint import (
     DISTRIBUTED_METADATA,
     checkpoint_module_class,
@@ -66,6 +65,7 @@ from lightning_efficient.checkpoint import (
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError, did_you_mean
 from lightning_efficient.import_noise import hide_log_lines
 from lightning_efficient.models.pretrained import tokenizer_source
+from lightning_efficient.technique import Technique
 
 __all__ = [
     "HARMLESS_CLI_LOG_LINES",
@@ -223,7 +223,8 @@ def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbac
 
     Raises:
         CheckpointMismatchError: Nothing is at ``ckpt_path``; another model type wrote it; it was
-            trained with MagnitudePruning and this run has none.
+            trained with MagnitudePruning or sparse training (it holds weight masks) and this run has no
+            technique that masks weights.
         CorruptCheckpointError: The file is truncated or not a checkpoint; a folder is not a distributed checkpoint.
 
     Examples:
@@ -245,8 +246,8 @@ def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbac
             f"checkpoint {ckpt_path!r} was written by {written_by}, but this run's model is {expected}; "
             f"use a {written_by} config with it, or a {expected} checkpoint"
         )
-    pruning = any(issubclass(cls, MagnitudePruning) for cls in _configured_classes(callbacks))
-    if trained_with_pruning(checkpoint) and not pruning:
+    masking = any(issubclass(cls, Technique) and cls.masks_weights for cls in _configured_classes(callbacks))
+    if trained_with_pruning(checkpoint) and not masking:
         raise CheckpointMismatchError(pruning_hint(ckpt_path))
 
 

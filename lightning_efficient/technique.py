@@ -238,6 +238,8 @@ class Technique(Callback):
             decisions). The contract suite runs such techniques on 2 processes.
         keep_after_fit: Keep the surgery after ``fit`` (e.g. pruning masks, which are the
             product) instead of undoing it at ``teardown``.
+        masks_weights: Whether it adds the pruning package's mask buffers (``weight_mask``), so
+            its checkpoints load only into a run that has it (or after ``export_pruned``).
     """
 
     name: ClassVar[str] = "technique"
@@ -246,6 +248,7 @@ class Technique(Callback):
     conflicts_with: ClassVar[tuple[str, ...]] = ()
     distributed_safe: ClassVar[bool] = False
     keep_after_fit: ClassVar[bool] = False
+    masks_weights: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._handles: list[Any] = []

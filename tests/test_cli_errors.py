@@ -28,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "bert/tiny_mlm.yaml")
 #: A tiny BertMLM trained 2 steps with MagnitudePruning (see tests/fixtures/README.md).
 PRUNED = Path(__file__).parent / "fixtures" / "bert_tiny_mlm_v0.1.0.ckpt"
-PRUNING_HINT = "was trained with MagnitudePruning"
+PRUNING_HINT = "was trained with MagnitudePruning or sparse training"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

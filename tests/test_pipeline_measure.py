@@ -39,6 +39,11 @@ PRUNING = {
     },
 }
 QAT = {"class_path": "lightning_efficient.callbacks.QuantizationAwareTraining", "init_args": {"embeddings": True}}
+#: Sparse training: 60% of the blocks' Linear weights masked before step 1.
+SPARSE = {
+    "class_path": "lightning_efficient.callbacks.PruneAtInit",
+    "init_args": {"method": "magnitude", "sparsity": 0.6},
+}
 HELD_QAT = {**QAT, "init_args": {**QAT["init_args"], "freeze_step": 5}}  # weight scales held from step 5
 #: The technique callbacks of each run.
 TECHNIQUES: dict[str, list[dict[str, Any]]] = {
@@ -46,6 +51,7 @@ TECHNIQUES: dict[str, list[dict[str, Any]]] = {
     "pruned": [PRUNING],
     "qat": [QAT],
     "both": [PRUNING, HELD_QAT],
+    "sparse": [SPARSE],
 }
 
 
@@ -129,6 +135,18 @@ def test_dense_classifier_is_measured_as_the_validate_run_sees_it(
     assert sum(p.numel() for p in reloaded.parameters()) == parameters
     lines = printed.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("BertClassifier: ") and MEASURES_FILE in lines[0]
+
+
+def test_a_sparse_trained_model_keeps_its_shapes_with_its_masked_weights_zero(
+    runs: dict[str, tuple[Path, Path]], dense: tuple[dict, Path, str], tmp_path: Path
+) -> None:
+    config, checkpoint = runs["sparse"]
+    measures = measure_checkpoint(config, checkpoint, tmp_path, batch_sizes=(1,), repeats=1, threads=1)
+    assert measures["exported"] == ["sparse"] and measures["params"] == dense[0]["params"]
+    masks = [v for k, v in torch.load(checkpoint, weights_only=True)["state_dict"].items() if k.endswith("weight_mask")]
+    masked = sum(int((m == 0).sum()) for m in masks)
+    assert masked == round(0.6 * sum(m.numel() for m in masks))
+    assert measures["nonzero_params"] <= measures["params"] - masked  # every masked weight saved as an exact zero
 
 
 def test_structured_pruning_exports_a_smaller_model_with_the_masked_models_metrics(

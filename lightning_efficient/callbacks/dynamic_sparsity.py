@@ -185,6 +185,7 @@ class DynamicSparsity(Technique):
     conflicts_with = ("pruning", "progressive_stacking")
     distributed_safe = True
     keep_after_fit = True
+    masks_weights = True
 
     def __init__(
         self,

@@ -125,6 +125,7 @@ class PruneAtInit(Technique):
     conflicts_with = ("pruning", "dynamic_sparsity", "progressive_stacking")
     distributed_safe = True
     keep_after_fit = True
+    masks_weights = True
 
     def __init__(
         self,

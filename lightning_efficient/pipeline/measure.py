@@ -9,8 +9,8 @@ final checkpoint, and
 2. loads the checkpoint's weights (pruning masks are multiplied into their weights and dropped);
 3. exports what the run trained for: with a structured ``MagnitudePruning`` (``heads``, ``neurons``,
    ``heads_and_neurons``) :func:`~lightning_efficient.callbacks.export_pruned` slices the pruned units out
-   (``"pruned"``: a smaller dense model); unstructured pruning stays dense with its zero weights
-   (``"sparse"``); with ``QuantizationAwareTraining``
+   (``"pruned"``: a smaller dense model); unstructured pruning, and the masks of sparse training
+   (``DynamicSparsity``, ``PruneAtInit``, ``LotteryTicket``), stay dense with their zero weights (``"sparse"``); with ``QuantizationAwareTraining``
    :func:`~lightning_efficient.callbacks.quantization.export_quantized` converts it into torchao's int8
    model with the callback's settings and the held weight scales of the checkpoint (``"int8"``);
 4. saves it into the output directory (``save_pretrained``, or
@@ -160,6 +160,7 @@ def measure_checkpoint(
     qat = _quantization_callback(callbacks)
 
     state = load_checkpoint(checkpoint)
+    masked = any(key.endswith(PRUNING_MASK_SUFFIXES) for key in state.get("state_dict") or {})
     _load_weights(module, state, checkpoint)
     module.eval()
     held = _held_scales(qat, state) if qat is not None else {}
@@ -172,6 +173,8 @@ def measure_checkpoint(
             export_pruned(module, shrink=True, block_paths=pruning.block_paths)
             held = _follow_pruning(held, before, module)
             exported.append("pruned")
+    elif masked:
+        exported.append("sparse")  # sparse training (DynamicSparsity, PruneAtInit, LotteryTicket): masks in the weights
     report = None
     if qat is not None:
         report = _export_int8(module, qat, held, checkpoint)

@@ -89,6 +89,7 @@ class MagnitudePruning(Technique):
     conflicts_with = ("progressive_stacking",)
     distributed_safe = True
     keep_after_fit = True
+    masks_weights = True
 
     def __init__(
         self,
