@@ -236,6 +236,12 @@ CASES: list[TechniqueCase] = [
         interrupt_at=(1, 4),  # after the scoring step (the masks come from the checkpoint), at an epoch end
     ),
     TechniqueCase(
+        id="lottery_ticket",  # the dense round: keeps every weight of step 1 for the rounds after it
+        build=lambda: callbacks.LotteryTicket(rewind_step=1),
+        yaml=(TECHNIQUE_CONFIGS / "lottery_ticket.yaml").read_text(),
+        interrupt_at=(1, 4),  # before the rewind step (taken after the resume), after it (restored from the checkpoint)
+    ),
+    TechniqueCase(
         id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)
         build=lambda: callbacks.ResidualInit(scheme="rezero"),
         yaml=(TECHNIQUE_CONFIGS / "residual_init_rezero.yaml").read_text(),

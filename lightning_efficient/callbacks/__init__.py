@@ -14,6 +14,7 @@ from lightning_efficient.callbacks.distillation import Distillation
 from lightning_efficient.callbacks.dynamic_sparsity import DynamicSparsity
 from lightning_efficient.callbacks.importance_sampling import ImportanceSampling, importance_weighted_loss
 from lightning_efficient.callbacks.layer_drop import LayerDrop
+from lightning_efficient.callbacks.lottery_ticket import LotteryTicket
 from lightning_efficient.callbacks.lr_scaling import LRScaling
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
 from lightning_efficient.callbacks.prune_at_init import PruneAtInit
@@ -30,6 +31,7 @@ __all__ = [
     "ImportanceSampling",
     "LRScaling",
     "LayerDrop",
+    "LotteryTicket",
     "MagnitudePruning",
     "ProgressiveStacking",
     "PruneAtInit",

@@ -19,8 +19,9 @@ stage's overrides and sweep choices are set, then:
   (``seconds``) or ``trainer.max_steps`` (``steps``);
 - ``from:`` wires the source's final checkpoint in, as the stage's kind says (:data:`STAGE_KINDS`):
   ``fit`` starts the model from it (``model.init_args.pretrained``, with the source's shape),
-  ``distil`` makes it the :class:`~lightning_efficient.callbacks.Distillation` teacher, ``validate``,
-  ``test`` and ``predict`` load it (``ckpt_path``).
+  ``distil`` makes it the :class:`~lightning_efficient.callbacks.Distillation` teacher, ``ticket``
+  makes it the :class:`~lightning_efficient.callbacks.LotteryTicket`'s ticket (the next round of a
+  lottery-ticket experiment, the source's shape), ``validate``, ``test`` and ``predict`` load it (``ckpt_path``).
 
 Stage kinds are open: :func:`register_stage_kind` adds one.
 """
@@ -68,6 +69,7 @@ _MONITOR = "lightning_efficient.EfficiencyMonitor"
 _LAST = "lightning_efficient.LastCheckpoint"
 _BUDGET = "lightning_efficient.FlopBudget"
 _DISTILLATION = "lightning_efficient.callbacks.Distillation"
+_LOTTERY_TICKET = "lightning_efficient.callbacks.LotteryTicket"
 
 
 # -- config paths -----------------------------------------------------------------------------------
@@ -220,13 +222,23 @@ def _ensure_callback(
 
 
 # -- stage kinds ------------------------------------------------------------------------------------
-def _start_model(config: dict[str, Any], checkpoint: str, source: dict[str, Any]) -> None:
-    """A fit from a source: the model starts from its checkpoint, with its shape unless the stage sets one."""
+def _take_shape(config: dict[str, Any], source: dict[str, Any]) -> None:
     for key in SHAPE_KEYS:
         value = get_value(source, key)
         if value is not None:
             set_value(config, key, value)
+
+
+def _start_model(config: dict[str, Any], checkpoint: str, source: dict[str, Any]) -> None:
+    """A fit from a source: the model starts from its checkpoint, with its shape unless the stage sets one."""
+    _take_shape(config, source)
     set_value(config, "model.init_args.pretrained", checkpoint)
+
+
+def _next_round(config: dict[str, Any], checkpoint: str, source: dict[str, Any]) -> None:
+    """A lottery-ticket round: the source's checkpoint is the LotteryTicket's ticket; the model keeps the source's shape."""
+    _take_shape(config, source)
+    _ensure_callback(config, _LOTTERY_TICKET)["init_args"]["ticket"] = checkpoint
 
 
 def _load_checkpoint(config: dict[str, Any], checkpoint: str, source: dict[str, Any]) -> None:
@@ -272,6 +284,7 @@ def register_stage_kind(kind: StageKind) -> StageKind:
 for _kind in (
     StageKind("fit", "fit", trains=True, measured=True, start_from=_start_model, shape_from_source=True),
     StageKind("distil", "fit", trains=True, measured=True, start_from=_teacher),
+    StageKind("ticket", "fit", trains=True, measured=True, start_from=_next_round, shape_from_source=True),
     StageKind("validate", "validate", trains=False, measured=False, start_from=_load_checkpoint),
     StageKind("test", "test", trains=False, measured=False, start_from=_load_checkpoint),
     StageKind("predict", "predict", trains=False, measured=False, start_from=_load_checkpoint),
@@ -471,7 +484,7 @@ def _check_start(plan: StagePlan, source: StagePlan) -> None:
                 f"{where}: its model {ours.__name__} cannot start from {source.name!r}, a {theirs.__name__} "
                 f"checkpoint; it starts from {' or '.join(accepted) or 'no checkpoint of ours'}"
             )
-    elif plan.kind.start_from is _load_checkpoint and ours is not theirs:
+    elif plan.kind.start_from in (_load_checkpoint, _next_round) and ours is not theirs:
         raise ConfigurationError(
             f"{where}: its model {ours.__name__} cannot load {source.name!r}, a {theirs.__name__} checkpoint; "
             f"give it {source.run.stage.name}'s config (or leave config out)"
