@@ -63,9 +63,11 @@ def test_grasp_scores_are_minus_weight_times_the_hessian_gradient_product():
     flat = sum((g * g.detach()).sum() for g in gradients)
     hessian_gradient = torch.autograd.grad(flat, params)
     expected = [-(w.detach() * hg) for w, hg in zip(params, hessian_gradient)]
+    before = [p.detach().clone() for p in params]
     scores = technique.scores(loss_of(model, x, y))  # a finite difference of two gradients
     for name, want in zip(technique._targets, expected):
         torch.testing.assert_close(-scores[name], want, rtol=0.05, atol=1e-4)  # lowest score pruned = highest -w Hg
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # scoring leaves the weights bit for bit
 
 
 def test_shuffle_keeps_each_layers_count_and_moves_the_mask():

@@ -190,13 +190,16 @@ class PruneAtInit(Technique):
         weight_norm = torch.sqrt(sum(w.detach().float().pow(2).sum() for w in weights.values()))
         gradient_norm = torch.sqrt(sum(g.float().pow(2).sum() for g in gradients.values()))
         eps = float(1e-3 * weight_norm / gradient_norm.clamp_min(1e-12))
+        original = {name: weight.detach().clone() for name, weight in weights.items()}
         self._shift(gradients, eps)  # H g ~ (g(w + eps g) - g(w - eps g)) / (2 eps), a central difference
         try:
             ahead = self._gradients(loss_of)
             self._shift(gradients, -2 * eps)
             behind = self._gradients(loss_of)
-        finally:
-            self._shift(gradients, eps)
+        finally:  # the weights back bit for bit (shifting back by +eps g would leave rounding errors)
+            with torch.no_grad():
+                for name, weight in weights.items():
+                    weight.copy_(original[name])
         hessian_gradient = {name: (ahead[name] - behind[name]) / (2 * eps) for name in gradients}
         return {name: -score for name, score in grasp_scores(weights, hessian_gradient).items()}  # lowest pruned
 
