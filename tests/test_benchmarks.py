@@ -208,6 +208,23 @@ SCRIPTS = {
         ],
         {"resume", "overhead", "accuracy", "passed", "lightning_loses"},
     ),
+    "sparse_training": (
+        [
+            "--train-steps",
+            "4",
+            "--classify-steps",
+            "2",
+            "--val-batches",
+            "1",
+            "--sparsities",
+            "0.5",
+            "--overhead-update-every",
+            "2",
+            "--inference-repeats",
+            "1",
+        ],
+        {"parts", "mlm", "classify", "overhead", "inference", "lottery"},
+    ),
     "token_dropping": (
         ["--train-steps", "4", "--val-every", "2", "--val-batches", "1"],
         {"timing", "final", "verdicts", "flops_ratio", "layers"},
