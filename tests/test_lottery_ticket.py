@@ -81,7 +81,9 @@ def test_a_round_prunes_the_trained_weights_globally_rewinds_the_survivors_and_k
         checkpoint["state_dict"],
     )
     technique, module = LotteryTicket(sparsity=0.6, ticket=path), model(seed=5)
-    fit(module, 3, technique)
+    logged = fit(module, 3, technique).callback_metrics
+    assert logged["lottery_ticket/round"] == 1
+    assert float(logged["lottery_ticket/theoretical_flops_fraction"]) == pytest.approx(0.4, abs=1e-3)
 
     names = list(technique._targets)
     magnitudes = torch.cat([trained[f"{n}.weight"].abs().flatten() for n in names])

@@ -100,8 +100,12 @@ def test_masks_are_set_before_step_one_and_stay_fixed_through_training(method):
         def on_train_batch_end(self, trainer, *args):
             seen.append({n: m.weight_mask.clone() for n, m in technique._targets.items()})
 
-    quiet_trainer(max_steps=3, callbacks=[technique, Watch()], limit_val_batches=0).fit(model, data)
+    trainer = quiet_trainer(max_steps=3, callbacks=[technique, Watch()], limit_val_batches=0)
+    trainer.fit(model, data)
     assert technique.current_sparsity == pytest.approx(0.8, abs=1e-3)
+    logged = trainer.callback_metrics  # the last step's: the sparsity of the masks that ran, not of the init
+    assert float(logged["prune_at_init/sparsity"]) == pytest.approx(0.8, abs=1e-3)
+    assert float(logged["prune_at_init/theoretical_flops_fraction"]) == pytest.approx(0.2, abs=1e-3)
     assert all(torch.equal(seen[0][n], later[n]) for later in seen[1:] for n in later)
     for name, module in technique._targets.items():
         assert torch.all(module.weight[~module.weight_mask.bool()] == 0), name

@@ -229,6 +229,7 @@ class DynamicSparsity(Technique):
         self._targets: dict[str, nn.Module] = {}
         self._grow_scores: dict[str, torch.Tensor] = {}
         self._masked_at_step = -1
+        self._sparsity: float | None = None  # logged every step; masks change only at updates
 
     # -- surgery ------------------------------------------------------------------------------
     def apply(self, pl_module: nn.Module) -> Any:
@@ -284,6 +285,7 @@ class DynamicSparsity(Technique):
                 _reset_moments(optimizer, module.weight, grown)
             moved += int(grown.sum())
         self._grow_scores = {}
+        self._sparsity = None
         self.updates += 1
         self.last_update = step
         return moved
@@ -303,12 +305,14 @@ class DynamicSparsity(Technique):
         # the initial masks; after a resume, exact whatever the loaded weights hold
         multiply_weights(self._targets.values())
         self._masked_at_step = trainer.global_step
+        self._sparsity = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        sparsity = self.current_sparsity
-        self.log_metrics(pl_module, {"sparsity": sparsity, "theoretical_flops_fraction": 1.0 - sparsity})
+        if self._sparsity is None:
+            self._sparsity = self.current_sparsity
+        self.log_metrics(pl_module, {"sparsity": self._sparsity, "theoretical_flops_fraction": 1.0 - self._sparsity})
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

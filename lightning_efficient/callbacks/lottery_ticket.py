@@ -102,8 +102,9 @@ class LotteryTicket(Technique):
         module_types: Class names of the modules pruned (their ``weight``).
         block_paths: Attribute paths of the block lists, for models the block locator does not know.
 
-    Logged every step: ``lottery_ticket/sparsity`` and ``lottery_ticket/round`` (0 for the dense
-    round); once per pruned round, the sparsity of each layer as ``lottery_ticket/sparsity/<layer>``.
+    Logged every step: ``lottery_ticket/sparsity``, ``lottery_ticket/theoretical_flops_fraction`` (the
+    share of the target layers' multiply-adds a sparse kernel would do; the monitor's FLOPs stay dense)
+    and ``lottery_ticket/round`` (0 for the dense round); once per pruned round, the sparsity of each layer as ``lottery_ticket/sparsity/<layer>``.
 
     Raises:
         ConfigurationError: Before step 1: ``sparsity > 0`` without a ticket, a ticket that is not
@@ -154,6 +155,7 @@ class LotteryTicket(Technique):
         self.rewind_weights: dict[str, torch.Tensor] = {}
         self.initial_fingerprint: float | None = None  # of the dense round's initial target weights
         self._targets: dict[str, nn.Module] = {}
+        self._sparsity = 0.0  # logged every step; the masks are set before step 1
 
     @property
     def _step_to_keep(self) -> int:
@@ -244,6 +246,7 @@ class LotteryTicket(Technique):
             if self.round == 0:  # a fresh round; a resumed one has its round, masks and weights from its checkpoint
                 self.start_from_ticket(pl_module, _read_ticket(self.ticket))
                 log_layer_sparsity(trainer, self.name, self._targets)
+            self._sparsity = self.current_sparsity
             return
         total = trainer.estimated_stepping_batches
         if not self.rewind_weights and math.isfinite(total) and self._step_to_keep >= total:
@@ -260,7 +263,8 @@ class LotteryTicket(Technique):
         if self.ticket is None and trainer.global_step == self._step_to_keep and not self.rewind_weights:
             self.rewind_step = self._step_to_keep
             self.rewind_weights = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
-        self.log_metrics(pl_module, {"sparsity": self.current_sparsity, "round": float(self.round)})
+        metrics = {"sparsity": self._sparsity, "theoretical_flops_fraction": 1.0 - self._sparsity}
+        self.log_metrics(pl_module, {**metrics, "round": float(self.round)})
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -116,7 +116,8 @@ class PruneAtInit(Technique):
         seed: Seed of the generator of ``random`` and ``shuffle``.
         block_paths: Attribute paths of the block lists, for models the block locator does not know.
 
-    Logged every step: ``prune_at_init/sparsity``; once, the sparsity of each layer as
+    Logged every step: ``prune_at_init/sparsity`` and ``prune_at_init/theoretical_flops_fraction`` (the share
+    of the target layers' multiply-adds a sparse kernel would do; the monitor's FLOPs stay dense); once, the sparsity of each layer as
     ``prune_at_init/sparsity/<layer>``.
     """
 
@@ -150,6 +151,7 @@ class PruneAtInit(Technique):
         self.generator = torch.Generator().manual_seed(seed)
         self.pruned = False
         self._targets: dict[str, nn.Module] = {}
+        self._sparsity: float | None = None  # logged every step; the masks change once
 
     def apply(self, pl_module: nn.Module) -> Any:
         self._targets = select_unmasked(
@@ -220,6 +222,7 @@ class PruneAtInit(Technique):
             module.weight_mask.copy_(masks[name])
             module.weight.mul_(module.weight_mask)
         self.pruned = True
+        self._sparsity = None
 
     def layer_sparsity(self) -> dict[str, float]:
         """The share of masked weights of each target layer, by name."""
@@ -245,7 +248,9 @@ class PruneAtInit(Technique):
             pl_module.zero_grad(set_to_none=True)
             log_layer_sparsity(trainer, self.name, self._targets)
         self.pruned = self.pruned or trainer.global_step > 0  # a resumed run keeps its checkpoint's masks
-        self.log_metrics(pl_module, {"sparsity": self.current_sparsity})
+        if self._sparsity is None or batch_idx == 0:  # (a new fit may have loaded other masks)
+            self._sparsity = self.current_sparsity
+        self.log_metrics(pl_module, {"sparsity": self._sparsity, "theoretical_flops_fraction": 1.0 - self._sparsity})
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
