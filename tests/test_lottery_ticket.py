@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_efficient import BertMLM, LastCheckpoint, MLMDataModule, RandomStates
-from lightning_efficient.callbacks import LotteryTicket, PruneAtInit
+from lightning_efficient.callbacks import LotteryTicket, PruneAtInit, export_pruned
 from lightning_efficient.callbacks.lottery_ticket import round_sparsities
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.pipeline.spec import load_pipeline
@@ -205,3 +205,21 @@ def test_the_pipeline_runs_each_round_from_the_previous_rounds_checkpoint(tmp_pa
     assert get_value(plans["reinit"].config, key)["start"] == "reinit"
     assert plans["reinit"].config["seed_everything"] != plans["dense"].config["seed_everything"]
     assert round_sparsities(0.8, 2) == [0.5528, 0.8]  # what the file's comment says it uses
+
+
+def test_a_ticket_exports_like_a_pruned_model(dense_ticket):
+    path, _ = dense_ticket
+    technique, module = LotteryTicket(sparsity=0.7, ticket=path), model()
+    technique.attach(module)
+    technique.start_from_ticket(module, torch.load(path, weights_only=True))
+    kept = {name: target.weight_mask.bool().clone() for name, target in technique._targets.items()}
+    with torch.no_grad():  # training moves the weights; the masks stay: export multiplies them in
+        for target in technique._targets.values():
+            target.weight.add_(1.0)
+    report = export_pruned(module, shrink=False)
+    assert report["masked_modules"] == len(kept)
+    assert not any(key.endswith("_mask") for key in module.state_dict())
+    modules = dict(module.named_modules())
+    zeros = sum(int((modules[name].weight == 0).sum()) for name in kept)
+    assert zeros == sum(int((~mask).sum()) for mask in kept.values())
+    assert zeros == pytest.approx(0.7 * sum(mask.numel() for mask in kept.values()), abs=1)
