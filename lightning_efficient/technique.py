@@ -160,7 +160,9 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
                 )
 
 
-def check_schedule_reached(trainer: pl.Trainer, name: str, step: int | None, strict: bool) -> None:
+def check_schedule_reached(
+    trainer: pl.Trainer, name: str, step: int | None, strict: bool, relaxed_by: str | None = "strict_schedule"
+) -> None:
     """Fail or warn, before training, when the run ends before optimizer step ``step`` of a technique's schedule.
 
     Args:
@@ -170,6 +172,8 @@ def check_schedule_reached(trainer: pl.Trainer, name: str, step: int | None, str
         step: The step the schedule needs; None (not set) and 0 (where every run starts) are always reached.
         strict: Raise instead of warning (the technique's ``strict_schedule``; a run that stops early on
             purpose, to continue in a later fit, sets it False).
+        relaxed_by: The technique's argument that turns the error into a warning, named in the error;
+            None for a step that every run must reach.
 
     Raises:
         ConfigurationError: ``strict`` and the run has no optimizer step ``step``.
@@ -192,7 +196,8 @@ def check_schedule_reached(trainer: pl.Trainer, name: str, step: int | None, str
         f"lower {name} or raise max_steps"
     )
     if strict:
-        raise ConfigurationError(message + " (or strict_schedule=False to reach it in a later fit)")
+        later = f" (or {relaxed_by}=False to reach it in a later fit)" if relaxed_by else ""
+        raise ConfigurationError(message + later)
     warnings.warn(message, UserWarning, stacklevel=3)
 
 

@@ -34,7 +34,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from lightning_efficient.callbacks.pruning.masks import (
     total_sparsity,
 )
 from lightning_efficient.errors import ConfigurationError, check_int, check_patterns
-from lightning_efficient.technique import Technique, check_choice, check_range
+from lightning_efficient.technique import Technique, check_choice, check_range, check_schedule_reached
 
 __all__ = ["STARTS", "LotteryTicket", "round_sparsities"]
 
@@ -248,12 +247,8 @@ class LotteryTicket(Technique):
                 log_layer_sparsity(trainer, self.name, self._targets)
             self._sparsity = self.current_sparsity
             return
-        total = trainer.estimated_stepping_batches
-        if not self.rewind_weights and math.isfinite(total) and self._step_to_keep >= total:
-            raise ConfigurationError(
-                f"rewind_step={self._step_to_keep} is never reached: the run has {int(total)} optimizer steps; "
-                "lower rewind_step or raise max_steps"
-            )
+        if not self.rewind_weights:
+            check_schedule_reached(trainer, "rewind_step", self._step_to_keep, strict=True, relaxed_by=None)
         if trainer.global_step == 0 and self.initial_fingerprint is None:
             self.initial_fingerprint = _fingerprint({n: m.weight for n, m in self._targets.items()})
 

@@ -73,7 +73,7 @@ from transformers.utils import logging as transformers_logging
 
 from lightning_efficient.atomic_write import FILE_MODE, write_atomically
 from lightning_efficient.callbacks import MagnitudePruning, export_pruned
-from lightning_efficient.checkpoint import PRUNING_MASK_SUFFIXES, load_checkpoint
+from lightning_efficient.checkpoint import PRUNING_MASK_SUFFIXES, load_checkpoint, pruning_mask_keys
 from lightning_efficient.cli import TRACEBACK_ENV, EfficientCLI, exit_on_user_error, hide_harmless_noise
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.exported import load_pruned
@@ -160,7 +160,7 @@ def measure_checkpoint(
     qat = _quantization_callback(callbacks)
 
     state = load_checkpoint(checkpoint)
-    masked = any(key.endswith(PRUNING_MASK_SUFFIXES) for key in state.get("state_dict") or {})
+    masked = bool(pruning_mask_keys(state))
     _load_weights(module, state, checkpoint)
     module.eval()
     held = _held_scales(qat, state) if qat is not None else {}

@@ -251,8 +251,8 @@ def select_unmasked(
     taken = [name for name, module in chosen.items() if MASK in module._buffers]
     if taken:
         raise ConfigurationError(
-            f"{taken[0]} already has a pruning mask (MagnitudePruning, DynamicSparsity or PruneAtInit on the same "
-            f"weights); {owner} keeps its own masks: exclude those layers from one of them"
+            f"{taken[0]} already has a pruning mask (MagnitudePruning, DynamicSparsity, PruneAtInit or LotteryTicket "
+            f"on the same weights); {owner} keeps its own masks: exclude those layers from one of them"
         )
     return chosen
 
