@@ -122,7 +122,7 @@ class PruneAtInit(Technique):
     """
 
     name = "prune_at_init"
-    hooks = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+    hooks = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
     conflicts_with = ("pruning", "dynamic_sparsity", "progressive_stacking")
     distributed_safe = True
     keep_after_fit = True
@@ -234,6 +234,9 @@ class PruneAtInit(Technique):
         return total_sparsity(self._targets)
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sparsity = None  # the masks of this fit (a resume loaded its checkpoint's)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -248,7 +251,7 @@ class PruneAtInit(Technique):
             pl_module.zero_grad(set_to_none=True)
             log_layer_sparsity(trainer, self.name, self._targets)
         self.pruned = self.pruned or trainer.global_step > 0  # a resumed run keeps its checkpoint's masks
-        if self._sparsity is None or batch_idx == 0:  # (a new fit may have loaded other masks)
+        if self._sparsity is None:
             self._sparsity = self.current_sparsity
         self.log_metrics(pl_module, {"sparsity": self._sparsity, "theoretical_flops_fraction": 1.0 - self._sparsity})
 
