@@ -12,6 +12,9 @@ their own once, with :func:`register_architecture`, and every technique works on
 block class is also found by :func:`~lightning_efficient.blocks.find_block_stacks` wherever a
 ``nn.ModuleList`` holds it.
 
+A layer wrapped by a peft adapter (:class:`~lightning_efficient.callbacks.ParameterEfficientTuning`) is seen
+as the layer it adapts, so techniques that read the table work on a model with adapters.
+
 Known today: HF BERT and the encoders that share its block layout (``BertLayer``, ``RobertaLayer``,
 ``XLMRobertaLayer``, ``CamembertLayer``, ``ElectraLayer``), DistilBERT (``TransformerBlock``), ViT
 (``ViTLayer``, transformers 4 and 5), Marian and BART (encoder and decoder layers),
@@ -335,10 +338,13 @@ def _join(*parts: str) -> str:
 
 
 def _get(module: nn.Module, path: str) -> Any:
+    """The submodule at ``path``; a layer that a peft adapter wraps gives the layer it adapts (its ``base_layer``)."""
     for name in path.split(".") if path else ():
         module = getattr(module, name, None)
         if module is None:
             return None
+    if hasattr(module, "adapter_layer_names") and hasattr(module, "get_base_layer"):
+        return module.get_base_layer()
     return module
 
 

@@ -13,6 +13,8 @@ Rules:
 - Without ``include``, the candidates are the modules inside the Transformer blocks
   (:func:`~lightning_efficient.blocks.find_block_stacks`): not the embeddings, not the task heads.
   With ``include``, the whole model is searched.
+- The layers a peft adapter adds (``lora_A``, ``lora_B``, ...) are never candidates; the layer it adapts
+  is, as ``<name>.base_layer`` (so pruning or quantizing a model with adapters acts on the base).
 - Every ``include`` pattern must match a candidate, and every ``exclude`` pattern one of the
   included names: a typo is an error, never a silent no-op. Selecting nothing is an error too.
 
@@ -121,6 +123,17 @@ def _check_types(types: Sequence[str | type]) -> tuple[str | type, ...]:
     return tuple(types)
 
 
+def _adapter_parts(model: nn.Module) -> list[str]:
+    """Name prefixes of the modules a peft adapter added (every child of an adapter layer but ``base_layer``)."""
+    return [
+        f"{name}.{child}."
+        for name, module in model.named_modules()
+        if hasattr(module, "adapter_layer_names") and hasattr(module, "base_layer")
+        for child in dict(module.named_children())
+        if child != "base_layer"
+    ]
+
+
 def select_blocks(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -186,6 +199,8 @@ def select_modules(
             for name, m in block.named_modules()
             if is_of_type(m, types)
         }
+    inside = _adapter_parts(model)
+    candidates = {name: m for name, m in candidates.items() if not any(name.startswith(p) for p in inside)}
     what = f"{'/'.join(t if isinstance(t, str) else t.__name__ for t in types)} module"
     names = match_names(candidates, include, exclude, what, type(model).__name__)
     return {name: candidates[name] for name in names}

@@ -355,6 +355,17 @@ class Technique(Callback):
         """
         return None
 
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], name: str) -> None:
+        """Refuse a checkpoint this technique cannot continue from, before its weights load (default: accept).
+
+        Our LightningModules call it for every technique of the run from ``on_load_checkpoint``, in every
+        stage (fit, validate, test, predict), after the :meth:`surgery` check. ``name`` is the checkpoint's
+        path, for the message.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint does not fit (the message names both sides).
+        """
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

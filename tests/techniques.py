@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import peft
 import torch
 from torch import nn
 
@@ -240,6 +241,15 @@ CASES: list[TechniqueCase] = [
         build=lambda: callbacks.LotteryTicket(rewind_step=1),
         yaml=(TECHNIQUE_CONFIGS / "lottery_ticket.yaml").read_text(),
         interrupt_at=(1, 4),  # before the rewind step (taken after the resume), after it (restored from the checkpoint)
+    ),
+    TechniqueCase(
+        id="parameter_efficient",  # LoRA r=4 on query/value, the base frozen; full checkpoints (see below)
+        build=lambda: callbacks.ParameterEfficientTuning(
+            peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), adapter_only=False
+        ),  # the resumed runs build their model with another seed: an adapter-only checkpoint would (rightly) be
+        # refused there for its other base; tests/test_parameter_efficient.py resumes adapter-only from a pretrained base
+        yaml=(TECHNIQUE_CONFIGS / "lora.yaml").read_text(),
+        interrupt_at=(3, 4),  # mid-epoch, epoch end: the adapters are weights, restored with the model
     ),
     TechniqueCase(
         id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)

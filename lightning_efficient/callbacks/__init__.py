@@ -16,6 +16,7 @@ from lightning_efficient.callbacks.importance_sampling import ImportanceSampling
 from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.lottery_ticket import LotteryTicket
 from lightning_efficient.callbacks.lr_scaling import LRScaling
+from lightning_efficient.callbacks.parameter_efficient import ParameterEfficientTuning
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
 from lightning_efficient.callbacks.prune_at_init import PruneAtInit
 from lightning_efficient.callbacks.pruning import MagnitudePruning, export_pruned, load_pruned
@@ -33,6 +34,7 @@ __all__ = [
     "LayerDrop",
     "LotteryTicket",
     "MagnitudePruning",
+    "ParameterEfficientTuning",
     "ProgressiveStacking",
     "PruneAtInit",
     "QuantizationAwareTraining",

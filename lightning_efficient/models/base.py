@@ -390,6 +390,8 @@ class EfficientModule(pl.LightningModule):
             return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
         check_module(checkpoint, type(self).__name__)
         check_structure(checkpoint, self._technique_structures(), self._checkpoint_name())
+        for technique in self._techniques():
+            technique.check_checkpoint(checkpoint, self._checkpoint_name())
         if self._trainer is not None and self.strict_loading:  # masks without MagnitudePruning: say what to add
             check_pruning_masks(checkpoint, self.state_dict(), str(self.trainer.ckpt_path))
         tokenizer = read_tokenizer(checkpoint)
@@ -403,12 +405,16 @@ class EfficientModule(pl.LightningModule):
                 restore_random_states(meta["rng"])
             warn_if_epoch_was_cut_short(checkpoint)
 
-    def _technique_structures(self) -> dict[str, dict[str, Any]]:
-        """The model surgery of the run's techniques (:meth:`~lightning_efficient.technique.Technique.surgery`)."""
+    def _techniques(self) -> list[Any]:
+        """The run's techniques (``Technique`` callbacks of the trainer), none without a trainer."""
         from lightning_efficient.technique import Technique
 
         callbacks = self._trainer.callbacks if self._trainer is not None else []
-        surgeries = {cb.name: cb.surgery() for cb in callbacks if isinstance(cb, Technique)}
+        return [cb for cb in callbacks if isinstance(cb, Technique)]
+
+    def _technique_structures(self) -> dict[str, dict[str, Any]]:
+        """The model surgery of the run's techniques (:meth:`~lightning_efficient.technique.Technique.surgery`)."""
+        surgeries = {technique.name: technique.surgery() for technique in self._techniques()}
         return {name: surgery for name, surgery in surgeries.items() if surgery is not None}
 
     def _checkpoint_name(self) -> str:
