@@ -42,12 +42,14 @@ from lightning_efficient.atomic_write import write_atomically
 from lightning_efficient.errors import CheckpointMismatchError, CorruptCheckpointError, DataError
 
 __all__ = [
+    "ADAPTER_FIELD",
     "CHECKPOINT_KEY",
     "DISTRIBUTED_METADATA",
     "PRUNING_MASK_SUFFIXES",
     "PRUNING_STATE_KEY",
     "STRUCTURE_FIELD",
     "AtomicCheckpointIO",
+    "adapter_record",
     "check_module",
     "check_pruning_masks",
     "check_structure",
@@ -66,6 +68,9 @@ __all__ = [
     "write_metadata",
     "write_tokenizer",
 ]
+
+#: Our metadata's field describing the adapters of a ParameterEfficientTuning run (base hash and source, adapter-only).
+ADAPTER_FIELD = "adapter"
 
 #: Key of the dict that our LightningModules add to every checkpoint (module name, tokenizer, records).
 CHECKPOINT_KEY = "lightning_efficient"
@@ -207,6 +212,19 @@ def checkpoint_module_class(checkpoint: Mapping[str, Any] | str | Path) -> str |
     """
     metadata = read_metadata(checkpoint) if isinstance(checkpoint, Mapping) else read_checkpoint_metadata(checkpoint)
     return (metadata or {}).get("module")
+
+
+def adapter_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What a ParameterEfficientTuning run recorded about its base (:data:`ADAPTER_FIELD`); empty for other checkpoints.
+
+    Keys: ``base_sha256``, ``base`` (where the base came from), ``adapter_only`` (the base's weights left out),
+    ``train_modules``.
+
+    Examples:
+        >>> adapter_record({CHECKPOINT_KEY: {"adapter": {"adapter_only": True}}}), adapter_record({})
+        ({'adapter_only': True}, {})
+    """
+    return dict((read_metadata(checkpoint) or {}).get(ADAPTER_FIELD) or {})
 
 
 def pruning_mask_keys(checkpoint: Mapping[str, Any]) -> list[str]:

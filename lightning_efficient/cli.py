@@ -463,6 +463,26 @@ class SummaryWithoutZeroFlops(ModelSummary):
         rank_zero_info("\n" + table.rpartition("\n")[0])  # its last line is the FLOPs total
 
 
+def _adapter_technique(adapter: str, callbacks: list[Any]) -> Any:
+    """The run's ParameterEfficientTuning set to apply ``adapter`` (``--adapter``), or one built from the checkpoint.
+
+    Raises:
+        ConfigurationError: The configured technique already names another ``adapter``.
+    """
+    from lightning_efficient.callbacks.parameter_efficient import ParameterEfficientTuning
+
+    configured = [cb for cb in callbacks if isinstance(cb, ParameterEfficientTuning)]
+    if not configured:
+        return ParameterEfficientTuning.from_checkpoint(adapter)
+    technique = configured[0]
+    if technique.adapter and technique.adapter != adapter:
+        raise ConfigurationError(
+            f"--adapter {adapter!r} and ParameterEfficientTuning(adapter={technique.adapter!r}) disagree; give one"
+        )
+    technique.adapter = adapter
+    return technique
+
+
 class EfficientCLI(LightningCLI):
     """LightningCLI with data-derived model arguments and checkpoint-aware tokenizers (see module doc)."""
 
@@ -501,6 +521,16 @@ class EfficientCLI(LightningCLI):
             return {"optimizer": optimizer, "lr_scheduler": lightning_module.lr_scheduler_config(optimizer)}
         return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """``--adapter <adapter checkpoint>``: apply a ParameterEfficientTuning adapter to the run's base (any subcommand)."""
+        parser.add_argument(
+            "--adapter",
+            type=str | None,
+            default=None,
+            help="an adapter checkpoint of ParameterEfficientTuning (adapter_only): applied to the model's base, "
+            "which the config builds (model.init_args.pretrained)",
+        )
+
     def _subcommand_config(self) -> Any:
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
@@ -523,6 +553,8 @@ class EfficientCLI(LightningCLI):
             return
         if self.config.get("subcommand") == "fit":
             check_callback_sources((config.get("trainer") or {}).get("callbacks"))
+        if config.get("adapter") and not Path(config["adapter"]).is_file():
+            raise CheckpointMismatchError(f"--adapter {config['adapter']!r} does not exist")
         ckpt_path = config.get("ckpt_path")
         if ckpt_path:
             model = config.get("model")
@@ -575,8 +607,11 @@ class EfficientCLI(LightningCLI):
         if wants_summary and not config.get("barebones") and not any(isinstance(c, ModelSummary) for c in given):
             added.append(SummaryWithoutZeroFlops())
             kwargs["enable_model_summary"] = False  # Lightning adds no default beside ours, and says nothing about it
+        adapter = self._subcommand_config().get("adapter")
+        if adapter:
+            added.append(_adapter_technique(str(adapter), given))
         if added:
-            kwargs["callbacks"] = [*given, *added]
+            kwargs["callbacks"] = [*given, *[a for a in added if all(a is not g for g in given)]]
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:

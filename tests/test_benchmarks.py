@@ -353,3 +353,31 @@ def test_initialization_translation_script_smoke_run(harness, user_files, tmp_pa
         assert math.isfinite(numbers["test_loss"]) and 0 <= numbers["bleu"] <= 100
     assert result["pass"] is None  # 3 steps: BLEU below 1, so no verdict
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_adapters_script_smoke_run(harness, user_files, tmp_path):
+    """Every part at the smallest settings: LoRA's checkpoint reloads, a merge keeps a pruned base's zeros exactly."""
+    args = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0", "--pretrain-steps", "2",
+            "--finetune-steps", "2", "--vit-pretrain-steps", "2", "--vit-steps", "2", "--image-batch-size", "8",
+            "--latency-rounds", "1", "--latency-steps", "1", "--latency-warmup", "0",
+            "--classify-files", user_files["jsonl"], "--text-column", "sentence", "--label-column", "category",
+            "--no-label-map", "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("adapters", args)
+    assert result["parts"] == ["pretrain", "bert", "vit", "pruned", "int8"]
+    for task in ("bert", "vit"):
+        full, lora = result[task]["runs"]["full fine-tuning"], result[task]["runs"]["LoRA r=8"]
+        assert lora["trainable_parameters"] < full["trainable_parameters"]
+        assert lora["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+        assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+        assert result[task]["reloaded_accuracy"] == lora["accuracy"]  # the adapter-only checkpoint is the whole model
+    pruned = result["pruned"]
+    assert pruned["zeros_kept"] and pruned["sparsity_after_merge"] == pruned["sparsity_before"]
+    assert pruned["sparsity_before"]["adapted"] == pytest.approx(0.5, abs=0.01)
+    assert pruned["sparsity_after_dense_merge"]["adapted"] < pruned["sparsity_before"]["adapted"]  # the dense update
+    assert result["int8"]["accuracy"].keys() == {
+        "int8 base + adapter (unmerged)", "int8, merged and re-quantized", "fp32, merged"
+    }  # fmt: skip
+    assert set(result["int8"]["latency"]) == {"batch_1", "batch_32"}
+    assert {"bert/accuracy", "vit/checkpoint", "pruned/zeros_kept", "int8/latency"} <= set(result["verdicts"])
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))

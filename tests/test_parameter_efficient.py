@@ -125,6 +125,15 @@ def test_adapter_only_checkpoint_holds_no_base_tensor_and_resumes_exactly(
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+def test_a_weights_only_checkpoint_is_adapter_only_too(lora_run: tuple, tmp_path: Path) -> None:
+    model, trainer, _, _ = lora_run  # Lightning skips the callbacks' on_save_checkpoint for these: our module calls it
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "weights.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert checkpoint["lightning_efficient"]["adapter"]["adapter_only"]
+    assert "parameter_efficient" in checkpoint["lightning_efficient"]["structure"]
+
+
 def test_a_checkpoint_for_another_base_is_refused_naming_both(lora_run: tuple, mlm_data: Any, tmp_path: Path) -> None:
     _, _, root, _ = lora_run
     pl.seed_everything(1, verbose=False)
@@ -135,6 +144,14 @@ def test_a_checkpoint_for_another_base_is_refused_naming_both(lora_run: tuple, m
     with pytest.raises(CheckpointMismatchError, match="trained on base .*mlm.ckpt.* this run's base is .*other.ckpt"):
         fine_tune(str(tmp_path / "other.ckpt"), tmp_path, 1, ParameterEfficientTuning(peft.LoraConfig(r=4)),
                   str(root / "step=2.ckpt"), stage="validate")  # fmt: skip
+
+
+def test_an_adapter_checkpoint_as_pretrained_points_to_its_base_and_adapter(lora_run: tuple, pretrained: str) -> None:
+    _, _, root, _ = lora_run
+    with pytest.raises(
+        CheckpointMismatchError, match=f"is an adapter checkpoint.*pretrained='{pretrained}'.*--adapter"
+    ):
+        classifier(str(root / "step=2.ckpt"))
 
 
 def test_a_missing_adapter_weight_still_fails_the_load(lora_run: tuple, pretrained: str, tmp_path: Path) -> None:
@@ -315,6 +332,27 @@ def test_the_selector_never_offers_adapter_layers() -> None:
     assert "model.bert.encoder.layer.0.attention.self.query.base_layer" in names
 
 
+def test_a_lora_student_distils_under_bf16_with_activation_checkpointing_and_layer_drop(
+    pretrained: str, tmp_path: Path
+) -> None:
+    from lightning_efficient.callbacks import ActivationCheckpointing, Distillation, LayerDrop
+
+    pl.seed_everything(0, verbose=False)
+    dm = classifier_data(pretrained)
+    teacher = classifier(pretrained)  # any classifier of the task will do as the teacher here
+    student = classifier(pretrained)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    lora = ParameterEfficientTuning(peft.LoraConfig(r=4))
+    callbacks = [lora, Distillation(teacher=teacher, loss="kl", temperature=2.0, alpha=0.5),
+                 ActivationCheckpointing(), LayerDrop(drop_rate=0.3, seed=1)]  # fmt: skip
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, precision="bf16-mixed", callbacks=callbacks)
+    trainer.fit(student, dm)
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+    changed = {k for k, v in student.state_dict().items() if k in start and not torch.equal(v, start[k])}
+    assert changed and all(k.startswith(("model.classifier.", "model.bert.pooler.")) for k in changed), changed
+    assert any(".lora_B." in n and p.abs().sum() > 0 for n, p in student.named_parameters())
+
+
 def test_detach_restores_the_model_and_requires_grad() -> None:
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=300, num_labels=3, preset="tiny").eval()
@@ -391,3 +429,95 @@ def test_a_task_type_of_another_task_is_refused() -> None:
 def test_a_missing_adapter_source_fails_before_anything_is_built() -> None:
     with pytest.raises(ConfigurationError, match="adapter='nowhere.ckpt' does not exist"):
         ParameterEfficientTuning.check_sources({"adapter": "nowhere.ckpt"})
+
+
+# -- the command line -----------------------------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("fragment", ["lora", "dora", "ia3", "lora_int8_base"])
+def test_each_fragment_builds_its_adapter_through_the_cli(
+    fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_efficient.cli import EfficientCLI
+
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "vit" / "tiny_fashion.yaml"
+    cli = EfficientCLI(args=["-c", str(config), "-c", str(CONFIGS / "techniques" / f"{fragment}.yaml")], run=False)
+    (technique,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ParameterEfficientTuning)]
+    expected = {
+        "lora": peft.LoraConfig,
+        "dora": peft.LoraConfig,
+        "ia3": peft.IA3Config,
+        "lora_int8_base": peft.LoraConfig,
+    }
+    assert type(technique.peft_config) is expected[fragment]
+    assert technique.int8_base == (fragment == "lora_int8_base")
+    assert getattr(technique.peft_config, "use_dora", False) == (fragment == "dora")
+    technique.attach(cli.model)  # the ViT's layers: 2 blocks x the fragment's parts
+    assert len(adapter_layers(cli.model)) == cli.model.model.config.num_hidden_layers * len(technique.targets)
+
+
+def test_fit_then_predict_with_the_adapter_on_its_base_and_refuse_another_base(
+    pretrained: str, mlm_data: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning_efficient.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = str(CONFIGS / "bert" / "tiny_classify_prose.yaml")
+    shape = ["--model.init_args.max_length", "64", "--data.init_args.max_length", "64"]
+    main(["fit", "-c", config, "-c", str(CONFIGS / "techniques" / "lora.yaml"), "--model.init_args.pretrained",
+          pretrained, *shape, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])  # fmt: skip
+    adapter = tmp_path / "runs/bert_tiny_classify_prose/checkpoints/last.ckpt"
+    assert torch.load(adapter, weights_only=True)["lightning_efficient"]["adapter"]["adapter_only"]
+    assert (tmp_path / "runs/bert_tiny_classify_prose/adapter/adapter_config.json").is_file()  # the fragment's peft_dir
+    predictions = tmp_path / "runs/bert_tiny_classify_prose/predictions.jsonl"
+    main(["predict", "-c", config, "--model.init_args.pretrained", pretrained, *shape, "--adapter", str(adapter),
+          "--trainer.limit_predict_batches", "1"])  # fmt: skip
+    rows = [line for line in predictions.read_text().splitlines()]
+    assert len(rows) == 32  # one batch
+    pl.seed_everything(1, verbose=False)  # another base of the same shape
+    other = BertMLM(vocab_size=mlm_data.vocab_size, preset="tiny", max_length=64)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(other, mlm_data)
+    trainer.save_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", config, "--model.init_args.pretrained", str(tmp_path / "other.ckpt"), *shape,
+              "--adapter", str(adapter), "--trainer.limit_predict_batches", "1"])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[0]  # then the --traceback hint
+    assert error.startswith("error: adapter checkpoint") and "was trained on base" in error
+    assert f"base {pretrained} (sha256" in error and "this run's base is " + str(tmp_path / "other.ckpt") in error
+
+
+# -- a user's own module ---------------------------------------------------------------------------
+def own_fit(root: Path, seed: int, ckpt_path: str | None = None) -> tuple[nn.Module, ParameterEfficientTuning]:
+    from own_block import OwnModel
+
+    pl.seed_everything(seed, verbose=False)
+    model = OwnModel()
+    technique = ParameterEfficientTuning(peft.LoraConfig(r=2, lora_alpha=4))
+    every_step = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer(max_steps=4, enable_checkpointing=True, callbacks=[technique, every_step])
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model, technique
+
+
+def test_a_users_registered_block_gets_adapters_and_resumes_adapter_only(tmp_path: Path) -> None:
+    from own_block import OwnModel, registered_own_block
+
+    with registered_own_block():
+        pl.seed_everything(0, verbose=False)
+        start = OwnModel().state_dict()
+        model, _ = own_fit(tmp_path / "full", seed=0)
+        assert sorted(adapter_layers(model)) == [f"blocks.{i}.{p}" for i in range(3) for p in ("wq", "wv")]
+        changed = {k for k, v in model.state_dict().items() if k in start and not torch.equal(v, start[k])}
+        assert not changed, "the frozen base of a user's module moved"  # (wq/wv now live under base_layer)
+        saved = torch.load(tmp_path / "full" / "step=2.ckpt", weights_only=True)["state_dict"]
+        assert all(".lora_" in key for key in saved) and len(saved) == 12
+        # the last checkpoint into a fresh process's model (a plain DataLoader cannot resume mid-epoch; ours can)
+        resumed, _ = own_fit(tmp_path / "resumed", seed=0, ckpt_path=str(tmp_path / "full" / "step=4.ckpt"))
+        for name, value in model.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], value), name
+        with pytest.raises(CheckpointMismatchError, match="weights of their own.*weights of its own"):
+            own_fit(tmp_path / "other", seed=1, ckpt_path=str(tmp_path / "full" / "step=2.ckpt"))

@@ -60,13 +60,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lightning_efficient.architectures import architecture_of, block_view
-from lightning_efficient.checkpoint import load_checkpoint, read_metadata, recorded_structure, write_metadata
+from lightning_efficient.checkpoint import (
+    ADAPTER_FIELD,
+    adapter_record,
+    load_checkpoint,
+    recorded_structure,
+    write_metadata,
+)
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, check_patterns
 from lightning_efficient.targets import match_names, select_blocks, select_modules
 from lightning_efficient.technique import Technique, check_choice
 
 __all__ = [
-    "ADAPTER_FIELD",
     "TARGET_PARTS",
     "ParameterEfficientTuning",
     "adapter_layers",
@@ -76,8 +81,6 @@ __all__ = [
 
 #: The words of ``targets``: parts of every block, found through the architecture table.
 TARGET_PARTS = ("query", "key", "value", "output", "ffn_first", "ffn_second")
-#: Our metadata's field describing an adapter checkpoint (base hash and source, adapter-only or not).
-ADAPTER_FIELD = "adapter"
 #: Which model tasks (``EfficientModule.task``) each peft ``task_type`` fits.
 PEFT_TASKS = {
     "SEQ_CLS": ("sequence_classification", "image_classification"),
@@ -221,6 +224,8 @@ class ParameterEfficientTuning(Technique):
             row) before the adapters are added: QLoRA-style, for memory; LoRA only. Not undone by removal.
         adapter: Start from the adapter weights of an adapter checkpoint of ours (``.ckpt``) or of a
             :meth:`save_pretrained` directory, on this run's base (checked by its hash for a checkpoint).
+        peft_dir: When a fit ends, write the adapters there in peft's format (:meth:`save_pretrained`); a
+            relative path is taken from ``trainer.default_root_dir`` (the run's directory). None: not written.
         block_paths: Attribute paths of the block lists, for models the block locator does not know.
 
     Attributes:
@@ -233,7 +238,7 @@ class ParameterEfficientTuning(Technique):
     """
 
     name = "parameter_efficient"
-    hooks = ("on_train_start", "on_save_checkpoint", "on_load_checkpoint")
+    hooks = ("on_train_start", "on_fit_end", "on_save_checkpoint", "on_load_checkpoint")
     conflicts_with = ("progressive_stacking", "qat")
     distributed_safe = True
     keep_after_fit = True
@@ -248,6 +253,7 @@ class ParameterEfficientTuning(Technique):
         adapter_only: bool = True,
         int8_base: bool = False,
         adapter: str | None = None,
+        peft_dir: str | None = None,
         block_paths: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -290,13 +296,37 @@ class ParameterEfficientTuning(Technique):
                 "int8_base=True with use_dora=True is not supported by peft on CPU; use plain LoRA"
             )
         self.adapter = str(adapter) if adapter else None
+        self.peft_dir = str(peft_dir) if peft_dir else None
         self.block_paths = list(block_paths) if block_paths else None
         self.trainable_parameters = 0
         self.base_sha256: str | None = None
+        self._base_source: str | None = None
         self.merged = False
         self._resolved: peft.PeftConfig | None = None
         self._requires_grad: dict[str, bool] = {}
         self._masks: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> ParameterEfficientTuning:
+        """The technique that trained the adapter checkpoint at ``path``, set to apply it (``adapter=path``).
+
+        What ``lightning-efficient predict --adapter <ckpt>`` adds to a run: the peft config (its resolved
+        ``target_modules``) and ``int8_base`` as recorded in the checkpoint.
+
+        Raises:
+            DataError: Nothing is at ``path``.
+            CheckpointMismatchError: The checkpoint was not trained with ParameterEfficientTuning.
+        """
+        checkpoint = load_checkpoint(path, mmap=True)
+        recorded = recorded_structure(checkpoint).get(cls.name)
+        if recorded is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {str(path)!r} holds no adapter: it was not trained with ParameterEfficientTuning"
+            )
+        config = peft.PeftConfig.from_peft_type(**recorded["peft_config"])
+        train_modules = adapter_record(checkpoint).get("train_modules", "auto")
+        arguments = {"int8_base": recorded.get("int8_base", False), "train_modules": train_modules, **overrides}
+        return cls(config, adapter=str(path), **arguments)
 
     @staticmethod
     def check_sources(init_args: Mapping[str, Any]) -> None:
@@ -372,22 +402,28 @@ class ParameterEfficientTuning(Technique):
             )
 
     # -- surgery --------------------------------------------------------------------------------
-    def apply(self, pl_module: nn.Module) -> None:
+    def apply(self, pl_module: nn.Module) -> Any:
+        """Inject the adapters (the base fingerprinted first, quantized for ``int8_base``); freeze all else but the head.
+
+        Returns:
+            The handle of the ``load_state_dict`` hook that accepts adapter-only state dicts.
+        """
         self._check_task(pl_module)
         root, prefix = _adapter_root(pl_module)
         config = copy.deepcopy(self.peft_config)
         config.modules_to_save = None  # the head trains in place (train_modules), without peft's copy
         if config.target_modules is None:
             names = self._target_names(pl_module)
-            config.target_modules = [name[len(prefix) :] for name in names]
+            config.target_modules = {name[len(prefix) :] for name in names}  # a set, as peft keeps a list it is given
             if isinstance(config, peft.IA3Config) and config.feedforward_modules is None:
                 ffn = {id(module) for module in self._ffn_second_layers(pl_module)}  # IA3 scales their input
                 modules = dict(pl_module.named_modules())
-                config.feedforward_modules = [n[len(prefix) :] for n in names if id(modules[n]) in ffn]
+                config.feedforward_modules = {n[len(prefix) :] for n in names if id(modules[n]) in ffn}
         train = set(self._train_names(pl_module))
         self._requires_grad = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         frozen = [(n, p) for n, p in pl_module.named_parameters() if n not in train]
         self.base_sha256 = base_fingerprint(frozen)
+        self._base_source = getattr(pl_module, "initialised_from", None)
         if self.int8_base:
             self._quantize_base(pl_module)
         try:
@@ -437,9 +473,12 @@ class ParameterEfficientTuning(Technique):
     def surgery(self) -> dict[str, Any] | None:
         config = self._resolved or self.peft_config
         plain = plain_peft_config(config)
+        targets = plain.get("target_modules")
+        where = f"{len(targets)} layers" if isinstance(targets, list) else repr(targets)
+        rank = f"r={plain['r']}" if "r" in plain else ""
         return {
-            "technique": f"ParameterEfficientTuning({type(config).__name__}(r={plain.get('r')}), "
-            f"targets={plain.get('target_modules')}, int8_base={self.int8_base})",
+            "technique": f"ParameterEfficientTuning({type(config).__name__}({rank}) on {where}"
+            f"{', int8 base' if self.int8_base else ''})",
             "peft_config": plain,
             "int8_base": self.int8_base,
         }
@@ -465,8 +504,9 @@ class ParameterEfficientTuning(Technique):
             **{
                 ADAPTER_FIELD: {
                     "base_sha256": self.base_sha256,
-                    "base": getattr(pl_module, "initialised_from", None),
+                    "base": self._base_source,
                     "adapter_only": bool(dropped),
+                    "train_modules": _plain_train_modules(self.train_modules),
                 }
             },
         )
@@ -477,12 +517,12 @@ class ParameterEfficientTuning(Technique):
         Raises:
             CheckpointMismatchError: The recorded base hash differs from :attr:`base_sha256`; names both bases.
         """
-        record = (read_metadata(checkpoint) or {}).get(ADAPTER_FIELD) or {}
+        record = adapter_record(checkpoint)
         if not record.get("adapter_only") or self.base_sha256 is None:
             return  # a full checkpoint carries its base
         if record.get("base_sha256") != self.base_sha256:
             theirs = record.get("base") or "weights of their own (no pretrained=)"
-            ours = getattr(self._applied_to, "initialised_from", None) or "weights of its own (no pretrained=)"
+            ours = self._base_source or "weights of its own (no pretrained=)"
             raise CheckpointMismatchError(
                 f"adapter checkpoint {name!r} was trained on base {theirs} (sha256 {str(record.get('base_sha256'))[:12]}), "
                 f"but this run's base is {ours} (sha256 {self.base_sha256[:12]}): start the run from the base it "
@@ -668,8 +708,22 @@ class ParameterEfficientTuning(Technique):
         self._masks = {}
         self.merged = False
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the adapters in peft's format to ``peft_dir`` (rank 0), when it is set."""
+        if self.peft_dir and trainer.is_global_zero and self._applied_to is pl_module and not self.merged:
+            directory = self.save_pretrained(pl_module, Path(trainer.default_root_dir) / self.peft_dir)
+            rank_zero_info(f"ParameterEfficientTuning: adapters in peft's format in {directory}")
+
     # -- reporting ------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say what trains (one info line, and the logged counts); warn when the frozen base was never trained."""
+        if hasattr(pl_module, "initialised_from") and pl_module.initialised_from is None and not self.adapter:
+            warnings.warn(
+                f"ParameterEfficientTuning: {type(pl_module).__name__} was built without pretrained weights, so the "
+                "frozen base is its random initialisation; set model.pretrained to fine-tune trained weights",
+                UserWarning,
+                stacklevel=2,
+            )
         total = sum(p.numel() for p in pl_module.parameters())
         fraction = self.trainable_parameters / max(total, 1)
         config = self._resolved
@@ -696,6 +750,10 @@ def _with_adapter_name(key: str) -> str:
     if parts[-1] in ("ia3_l", "lora_magnitude_vector", "hada_t1", "hada_t2"):
         return ".".join([*parts, "default"])
     return key
+
+
+def _plain_train_modules(train_modules: str | Sequence[str]) -> str | list[str]:
+    return train_modules if isinstance(train_modules, str) else list(train_modules)
 
 
 def _adapter_parameter_names(model: nn.Module) -> set[str]:

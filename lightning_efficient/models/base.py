@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_efficient.checkpoint import (
+    adapter_record,
     check_module,
     check_pruning_masks,
     check_structure,
@@ -356,6 +357,9 @@ class EfficientModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "callbacks" not in checkpoint:  # weights_only: Lightning skips the callbacks' on_save_checkpoint, yet
+            for technique in self._techniques():  # their records belong here (surgery, an adapter-only dropped base)
+                technique.on_save_checkpoint(self.trainer, self, checkpoint)
         write_metadata(checkpoint, module=type(self).__name__, rng=capture_random_states())
         write_metadata(checkpoint, initialised_from=self.initialised_from)
         if self.tokenizer is not None:
@@ -549,6 +553,13 @@ def _check_shape(source: PretrainedSource, ours: dict[str, Any]) -> None:
 def _refuse_changed_blocks(source: PretrainedSource) -> None:
     """Fail when a technique changed the blocks of the checkpoint's model (its surgery comes after this constructor)."""
     recorded = recorded_structure(source.checkpoint)
+    adapter = adapter_record(source.checkpoint)
+    if adapter:
+        base = adapter.get("base") or "its base"
+        raise CheckpointMismatchError(
+            f"pretrained {source.name!r} is an adapter checkpoint (ParameterEfficientTuning): start from its base "
+            f"(pretrained={base!r}) and apply the adapter with --adapter (or ParameterEfficientTuning(adapter=...))"
+        )
     if recorded:
         names = ", ".join(entry["technique"] for entry in recorded.values())
         raise CheckpointMismatchError(
