@@ -46,7 +46,9 @@ part trains first when it is needed and was not given.
    (``keep_zeros=True``), accuracy unmerged against merged, and what a dense merge
    (``keep_zeros=False``, on a second copy with the adapter applied from ``save_pretrained``) does to
    sparsity and accuracy. Claims: the merge keeps exactly the base's zeros (PASS/FAIL); the merged
-   model's accuracy is within 1 point of the unmerged one's.
+   model's accuracy is within 1 point of the unmerged one's (the masked merge drops the update at the
+   pruned weights, so it is another model). Then LoRA with ``sparse_update=True`` (the update masked
+   while training) on a third copy: the merge keeps the zeros and gives the trained model's accuracy.
 
 5. ``int8``: LoRA on an int8 base (``int8_base=True``: torchao int8 weight-only block Linears, frozen;
    QLoRA-style) trained for ``--finetune-steps``. Then three models on the CPU: (a) the int8 base with
@@ -163,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     group.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (scale alpha / r)")
     group.add_argument("--lora-dropout", type=float, default=0.1)
+    group.add_argument("--lora-targets", nargs="+", default=["query", "value"],
+                       help="ParameterEfficientTuning's targets: parts of every block, or 'linear'")  # fmt: skip
     group = parser.add_argument_group("parts 2, 4, 5: Brown prose")
     group.add_argument("--finetune-steps", type=int, default=400, help="steps of every BERT fine-tuning run")
     group.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning's peak LR")
@@ -207,13 +211,14 @@ def verdict(holds: bool, claim: str, details: str, kind: str = "claim") -> dict[
 
 
 def lora(args: argparse.Namespace, **options: Any) -> ParameterEfficientTuning:
-    """A fresh ParameterEfficientTuning with the options' LoRA (query and value; the head trains)."""
+    """A fresh ParameterEfficientTuning: the options' LoRA on ``--lora-targets``; the head trains."""
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    return ParameterEfficientTuning(peft_config=config, **options)
+    return ParameterEfficientTuning(peft_config=config, targets=args.lora_targets, **options)
 
 
 def lora_name(args: argparse.Namespace) -> str:
-    return f"LoRA r={args.lora_r}"
+    targets = "" if args.lora_targets == ["query", "value"] else f" on {'/'.join(args.lora_targets)}"
+    return f"LoRA r={args.lora_r}{targets}"
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -642,6 +647,15 @@ def pruned_part(context: Context) -> dict[str, Any]:
     dense_all = zero_masks(dense_linears)
     dense_accuracy = accuracy(dense_model, validation)
 
+    # sparse_update=True on a third copy: the update masked while training, so the merge is the trained model.
+    sparse_model, sparse_linears = pruned_classifier(context, args.prune_sparsity)
+    sparse_technique = lora(args, sparse_update=True)
+    sparse_run = finetune(f"{lora_name(args)}, sparse_update=True, on the pruned base", lambda: sparse_model,
+                          sparse_technique, context.text_train, validation, args.finetune_steps)  # fmt: skip
+    sparse_technique.merge(sparse_model)
+    sparse_merged_accuracy = accuracy(sparse_model, validation)
+    sparse_kept = same_zeros(before_all, zero_masks(sparse_linears))
+
     numbers = {
         "sparsity_before": {"adapted": sparsity(before_adapted), "block_linears": sparsity(before_all)},
         "sparsity_after_merge": {"adapted": sparsity(after_adapted), "block_linears": sparsity(after_all)},
@@ -655,6 +669,13 @@ def pruned_part(context: Context) -> dict[str, Any]:
         "adapted_layers": len(adapted),
         "zeros_kept": kept,
         "second_copy_same_zeros": dense_base_same,
+        "sparse_update": {
+            "accuracy_unmerged": sparse_run.accuracy,
+            "accuracy_merged": sparse_merged_accuracy,
+            "zeros_kept": sparse_kept,
+            "seconds_per_step": sparse_run.seconds / args.finetune_steps,
+            "plain_seconds_per_step": run.seconds / args.finetune_steps,
+        },
     }
     rows = [
         ["unmerged (adapters on the pruned base)", f"{sparsity(before_adapted):.4f}", f"{sparsity(before_all):.4f}",
@@ -663,13 +684,20 @@ def pruned_part(context: Context) -> dict[str, Any]:
          f"{merged_accuracy:.4f}"],
         ["merged, keep_zeros=False (dense update)", f"{sparsity(dense_adapted):.4f}", f"{sparsity(dense_all):.4f}",
          f"{dense_accuracy:.4f}"],
+        ["sparse_update=True, unmerged", f"{sparsity(before_adapted):.4f}", f"{sparsity(before_all):.4f}",
+         f"{sparse_run.accuracy:.4f}"],
+        ["sparse_update=True, merged", f"{sparsity(before_adapted):.4f}" if sparse_kept else "changed",
+         f"{sparsity(zero_masks(sparse_linears)):.4f}", f"{sparse_merged_accuracy:.4f}"],
     ]  # fmt: skip
     print_rows(["", f"sparsity, {len(adapted)} adapted layers", "sparsity, all block Linears", "val/accuracy"], rows)
     print(f"max |logit difference| merged vs unmerged on one validation batch: "
           f"{numbers['max_logit_difference_merged']:.2e}; the adapter applied again from save_pretrained: val/accuracy "
           f"{reapplied_accuracy:.4f}")  # fmt: skip
+    print(f"training step, from the runs (not interleaved): plain LoRA {run.seconds / args.finetune_steps:.3f} s, "
+          f"sparse_update {sparse_run.seconds / args.finetune_steps:.3f} s")  # fmt: skip
     print()
     points = 100 * (merged_accuracy - run.accuracy)
+    sparse_points = 100 * (sparse_merged_accuracy - sparse_run.accuracy)
     verdicts = {
         "zeros_kept": verdict(
             kept,
@@ -682,6 +710,12 @@ def pruned_part(context: Context) -> dict[str, Any]:
             abs(points) <= ACCURACY_POINTS,
             f"pruned: the merged model's accuracy within {ACCURACY_POINTS:g} point of the unmerged one's",
             f"{merged_accuracy:.4f} vs {run.accuracy:.4f}: {points:+.2f} points; dense merge {dense_accuracy:.4f}",
+        ),
+        "sparse_update": verdict(
+            sparse_kept and abs(sparse_points) <= ACCURACY_POINTS,
+            "pruned: with sparse_update=True the merge keeps the zeros and the trained model's accuracy",
+            f"{sparse_merged_accuracy:.4f} merged vs {sparse_run.accuracy:.4f} trained ({sparse_points:+.2f} points); "
+            f"zero positions {'identical' if sparse_kept else 'changed'}",
         ),
     }
     return {**numbers, "steps": args.finetune_steps, "sparsity": args.prune_sparsity, "verdicts": verdicts}

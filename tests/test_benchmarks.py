@@ -375,6 +375,8 @@ def test_adapters_script_smoke_run(harness, user_files, tmp_path):
     assert pruned["zeros_kept"] and pruned["sparsity_after_merge"] == pruned["sparsity_before"]
     assert pruned["sparsity_before"]["adapted"] == pytest.approx(0.5, abs=0.01)
     assert pruned["sparsity_after_dense_merge"]["adapted"] < pruned["sparsity_before"]["adapted"]  # the dense update
+    assert pruned["sparse_update"]["zeros_kept"]
+    assert pruned["sparse_update"]["accuracy_merged"] == pruned["sparse_update"]["accuracy_unmerged"]
     assert result["int8"]["accuracy"].keys() == {
         "int8 base + adapter (unmerged)", "int8, merged and re-quantized", "fp32, merged"
     }  # fmt: skip

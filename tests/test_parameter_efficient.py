@@ -283,6 +283,39 @@ def test_a_masked_merge_keeps_a_pruned_base_exactly_sparse() -> None:
     torch.testing.assert_close(model.get_submodule(names[0]).weight, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("sparse_update", [False, True])
+def test_sparse_update_trains_what_the_masked_merge_gives(sparse_update: bool) -> None:
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=300, num_labels=3, preset="tiny").eval()
+    names = [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
+    zeros = zero_half(model, names)
+    technique = ParameterEfficientTuning(peft.LoraConfig(r=4, lora_alpha=8), sparse_update=sparse_update)
+    technique.attach(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_()
+    batch = tiny_batch()
+    model.train()
+    model(**batch).sum().backward()  # the adapters learn through the masked update too
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_" in n)
+    unmerged = model.eval()(**batch)
+    technique.merge(model)
+    assert all(torch.equal(model.get_submodule(name).weight == 0, zeros[name]) for name in names)
+    difference = (model(**batch) - unmerged).abs().max()
+    if sparse_update:  # the merged model is the trained one
+        assert difference < 1e-5
+    else:  # the update at the pruned weights is dropped by the merge: another model
+        assert difference > 1e-3
+
+
+def test_sparse_update_is_plain_lora_only() -> None:
+    with pytest.raises(ConfigurationError, match="sparse_update=True masks LoRA's update.*use_dora=True"):
+        ParameterEfficientTuning(peft.LoraConfig(use_dora=True), sparse_update=True)
+    with pytest.raises(ConfigurationError, match="IA3Config has no such update"):
+        ParameterEfficientTuning(peft.IA3Config(), sparse_update=True)
+
+
 def test_the_pruning_masks_decide_a_masked_merge() -> None:
     from lightning_efficient.callbacks.pruning.masks import add_masks
 

@@ -55,6 +55,7 @@ from typing import Any
 import lightning.pytorch as pl
 import peft
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -67,7 +68,12 @@ from lightning_efficient.checkpoint import (
     recorded_structure,
     write_metadata,
 )
-from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, DataError, check_patterns
+from lightning_efficient.errors import (
+    CheckpointMismatchError,
+    ConfigurationError,
+    DataError,
+    check_patterns,
+)
 from lightning_efficient.targets import match_names, select_blocks, select_modules
 from lightning_efficient.technique import Technique, check_choice
 
@@ -224,6 +230,11 @@ class ParameterEfficientTuning(Technique):
             row) before the adapters are added: QLoRA-style, for memory; LoRA only. Not undone by removal.
         adapter: Start from the adapter weights of an adapter checkpoint of ours (``.ckpt``) or of a
             :meth:`save_pretrained` directory, on this run's base (checked by its hash for a checkpoint).
+        sparse_update: Train LoRA's update masked by the base's mask (the pruning masks, else the base's zero
+            weights), ``W x + (M * B A) x``, so a pruned base stays pruned and :meth:`merge` gives exactly the trained
+            model; each adapted layer then also multiplies by the dense update (as a full fine-tune's layer does).
+            Plain LoRA only. Without it a merge into a pruned base still keeps its zeros, but drops the update
+            there, so the merged model differs from the trained one (``benchmarks/adapters.py`` measures it).
         peft_dir: When a fit ends, write the adapters there in peft's format (:meth:`save_pretrained`); a
             relative path is taken from ``trainer.default_root_dir`` (the run's directory). None: not written.
         block_paths: Attribute paths of the block lists, for models the block locator does not know.
@@ -254,6 +265,7 @@ class ParameterEfficientTuning(Technique):
         int8_base: bool = False,
         adapter: str | None = None,
         peft_dir: str | None = None,
+        sparse_update: bool = False,
         block_paths: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -297,6 +309,13 @@ class ParameterEfficientTuning(Technique):
             )
         self.adapter = str(adapter) if adapter else None
         self.peft_dir = str(peft_dir) if peft_dir else None
+        self.sparse_update = bool(sparse_update)
+        if self.sparse_update and (type(self.peft_config) is not peft.LoraConfig or self.peft_config.use_dora):
+            raise ConfigurationError(
+                f"sparse_update=True masks LoRA's update B A; {type(self.peft_config).__name__}"
+                f"{' with use_dora=True' if getattr(self.peft_config, 'use_dora', False) else ''} has no such update: "
+                "use a plain LoraConfig"
+            )
         self.block_paths = list(block_paths) if block_paths else None
         self.trainable_parameters = 0
         self.base_sha256: str | None = None
@@ -325,7 +344,12 @@ class ParameterEfficientTuning(Technique):
             )
         config = peft.PeftConfig.from_peft_type(**recorded["peft_config"])
         train_modules = adapter_record(checkpoint).get("train_modules", "auto")
-        arguments = {"int8_base": recorded.get("int8_base", False), "train_modules": train_modules, **overrides}
+        arguments = {
+            "int8_base": recorded.get("int8_base", False),
+            "sparse_update": recorded.get("sparse_update", False),
+            "train_modules": train_modules,
+            **overrides,
+        }
         return cls(config, adapter=str(path), **arguments)
 
     @staticmethod
@@ -406,7 +430,8 @@ class ParameterEfficientTuning(Technique):
         """Inject the adapters (the base fingerprinted first, quantized for ``int8_base``); freeze all else but the head.
 
         Returns:
-            The handle of the ``load_state_dict`` hook that accepts adapter-only state dicts.
+            The handles of the ``load_state_dict`` hook that accepts adapter-only state dicts and, with
+            ``sparse_update``, of the layers' masked-update hooks.
         """
         self._check_task(pl_module)
         root, prefix = _adapter_root(pl_module)
@@ -442,7 +467,12 @@ class ParameterEfficientTuning(Technique):
         self._masks = {}
         if self.adapter:
             self.load_adapter(pl_module, self.adapter)
-        return pl_module.register_load_state_dict_post_hook(self._accept_missing_base)
+        handles = [pl_module.register_load_state_dict_post_hook(self._accept_missing_base)]
+        if self.sparse_update:
+            for layer in adapter_layers(pl_module).values():
+                layer._active_adapter = []  # peft's own update off: the hook adds the masked one
+                handles.append(layer.register_forward_hook(_add_masked_update))
+        return handles
 
     def _quantize_base(self, pl_module: nn.Module) -> None:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -481,6 +511,7 @@ class ParameterEfficientTuning(Technique):
             f"{', int8 base' if self.int8_base else ''})",
             "peft_config": plain,
             "int8_base": self.int8_base,
+            "sparse_update": self.sparse_update,
         }
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -593,7 +624,8 @@ class ParameterEfficientTuning(Technique):
 
         ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it on the transformers base
         model (``pl_module.model``); the head trained through ``train_modules`` is saved as peft's
-        ``modules_to_save``.
+        ``modules_to_save``. peft's format has no mask: a ``sparse_update`` adapter loaded by peft applies
+        its update densely (a warning says so).
 
         Raises:
             ConfigurationError: The adapters are not applied to ``pl_module``, or are merged.
@@ -601,6 +633,13 @@ class ParameterEfficientTuning(Technique):
         from safetensors.torch import save_file
 
         self._require_applied(pl_module, "save_pretrained")
+        if self.sparse_update:
+            warnings.warn(
+                "save_pretrained: peft's format has no mask, so PeftModel applies this sparse_update adapter densely "
+                "(another model); ParameterEfficientTuning(adapter=...) applies it masked, or export the merged model",
+                UserWarning,
+                stacklevel=2,
+            )
         root, prefix = _adapter_root(pl_module)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -656,6 +695,7 @@ class ParameterEfficientTuning(Technique):
             if self.int8_base:
                 self._merge_int8(layer, base, mask)
             else:
+                layer._active_adapter = ["default"]  # (sparse_update turned peft's own update off)
                 layer.merge(safe_merge=True)
             if mask is not None:
                 if not self.int8_base:  # (an int8 merge masks before quantizing again)
@@ -705,6 +745,8 @@ class ParameterEfficientTuning(Technique):
             if name in self._masks:
                 base = layer.get_base_layer()
                 base.weight.data.mul_(self._masks[name].to(base.weight.dtype))
+            if self.sparse_update:
+                layer._active_adapter = []
         self._masks = {}
         self.merged = False
 
@@ -750,6 +792,20 @@ def _with_adapter_name(key: str) -> str:
     if parts[-1] in ("ia3_l", "lora_magnitude_vector", "hada_t1", "hada_t2"):
         return ".".join([*parts, "default"])
     return key
+
+
+def _add_masked_update(layer: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a LoRA layer under ``sparse_update``: its base's output plus ``(M * B A) x`` (scaled).
+
+    ``M`` is read from the base at every call (:func:`_layer_mask`), so masks that a pruning technique changes
+    during the run are followed. A merged layer's base already holds the update.
+    """
+    if layer.merged:
+        return output
+    delta = layer.get_delta_weight("default")
+    mask = _layer_mask(layer.get_base_layer())
+    inputs = layer.lora_dropout["default"](args[0].to(delta.dtype))
+    return output + F.linear(inputs, delta * mask.to(delta.dtype)).to(output.dtype)
 
 
 def _plain_train_modules(train_modules: str | Sequence[str]) -> str | list[str]:
