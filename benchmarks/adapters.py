@@ -112,6 +112,7 @@ from benchmarks.harness import (
     harness_arguments,
     interleave,
     report,
+    run_parts,
     setup,
     write_json,
 )
@@ -838,14 +839,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="adapters_"))
     root.mkdir(parents=True, exist_ok=True)
     context = Context(args, root)
-    result: dict[str, Any] = {"parts": args.parts, "seconds": {}, "verdicts": {}}
-    for name in args.parts:
-        start = time.perf_counter()
-        result[name] = PARTS[name][1](context)
-        result["seconds"][name] = time.perf_counter() - start
-        for key, entry in result[name].get("verdicts", {}).items():
-            result["verdicts"][f"{name}/{key}"] = entry
-        print(f"part {PARTS[name][0]} ({name}) took {result['seconds'][name]:.0f} s")
+    result = run_parts(PARTS, args.parts, context)
+    result["verdicts"] = {
+        f"{name}/{key}": entry for name in args.parts for key, entry in result[name].get("verdicts", {}).items()
+    }
     if "pretrain" not in args.parts and "pretraining" in vars(context):  # trained for a later part
         result["pretrain"] = context.pretraining
     print_summary(result["verdicts"])

@@ -364,3 +364,20 @@ def write_json(path: Path | None, data: dict[str, Any]) -> dict[str, Any]:
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"numbers written to {path}")
     return data
+
+
+def run_parts(
+    parts: dict[str, tuple[str, Callable[[Any], dict[str, Any]]]], names: list[str], context: Any
+) -> dict[str, Any]:
+    """Run a script's parts ``names`` in order, each ``parts[name] = (number, function(context) -> result)``.
+
+    Returns:
+        ``{"parts": names, "seconds": {name: duration}, name: result, ...}``; each part's time is printed.
+    """
+    result: dict[str, Any] = {"parts": names, "seconds": {}}
+    for name in names:
+        start = time.perf_counter()
+        result[name] = parts[name][1](context)
+        result["seconds"][name] = time.perf_counter() - start
+        print(f"part {parts[name][0]} ({name}) took {result['seconds'][name]:.0f} s")
+    return result

@@ -114,6 +114,7 @@ from benchmarks.harness import (
     harness_arguments,
     interleave,
     report,
+    run_parts,
     setup,
     write_json,
 )
@@ -625,13 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the selected parts; their results by part name, with each part's duration, also in ``--json``."""
     args = setup(parse_args(argv))
     context = Context(args, Path(tempfile.mkdtemp(prefix="sparse_training_")))
-    result: dict[str, Any] = {"parts": args.parts, "seconds": {}}
-    for name in args.parts:
-        start = time.perf_counter()
-        result[name] = PARTS[name][1](context)
-        result["seconds"][name] = time.perf_counter() - start
-        print(f"part {PARTS[name][0]} ({name}) took {result['seconds'][name]:.0f} s")
-    return write_json(args.json, result)
+    return write_json(args.json, run_parts(PARTS, args.parts, context))
 
 
 if __name__ == "__main__":
