@@ -464,7 +464,10 @@ class SummaryWithoutZeroFlops(ModelSummary):
 
 
 def _adapter_technique(adapter: str, callbacks: list[Any]) -> Any:
-    """The run's ParameterEfficientTuning set to apply ``adapter`` (``--adapter``), or one built from the checkpoint.
+    """``--adapter``: set the run's ParameterEfficientTuning to apply ``adapter``, or build one from the checkpoint.
+
+    Returns:
+        The technique to add to the callbacks, or None when the configured one now applies ``adapter``.
 
     Raises:
         ConfigurationError: The configured technique already names another ``adapter``.
@@ -480,7 +483,7 @@ def _adapter_technique(adapter: str, callbacks: list[Any]) -> Any:
             f"--adapter {adapter!r} and ParameterEfficientTuning(adapter={technique.adapter!r}) disagree; give one"
         )
     technique.adapter = adapter
-    return technique
+    return None
 
 
 class EfficientCLI(LightningCLI):
@@ -608,10 +611,11 @@ class EfficientCLI(LightningCLI):
             added.append(SummaryWithoutZeroFlops())
             kwargs["enable_model_summary"] = False  # Lightning adds no default beside ours, and says nothing about it
         adapter = self._subcommand_config().get("adapter")
-        if adapter:
-            added.append(_adapter_technique(str(adapter), given))
+        technique = _adapter_technique(str(adapter), given) if adapter else None
+        if technique is not None:
+            added.append(technique)
         if added:
-            kwargs["callbacks"] = [*given, *[a for a in added if all(a is not g for g in given)]]
+            kwargs["callbacks"] = [*given, *added]
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:

@@ -259,17 +259,32 @@ def zero_half(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return zeros
 
 
-def test_a_masked_merge_keeps_a_pruned_base_exactly_sparse() -> None:
-    torch.manual_seed(0)
-    model = BertClassifier(vocab_size=300, num_labels=3, preset="tiny").eval()
-    names = [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
-    zeros = zero_half(model, names)
-    technique = ParameterEfficientTuning(peft.LoraConfig(r=4, lora_alpha=8))
-    technique.attach(model)
+def random_lora_b(model: nn.Module) -> None:
+    """Every ``lora_B`` random (peft starts it at zero: the update would be nothing to merge)."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".lora_B." in name:
                 parameter.normal_()
+
+
+#: The query and value projections of the tiny BERT's 3 blocks (the default targets).
+QUERY_VALUE = [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
+
+
+def lora_on_pruned_base(**kwargs: Any) -> tuple[BertClassifier, ParameterEfficientTuning, dict[str, torch.Tensor]]:
+    """A tiny classifier with half of each query/value weight zeroed, then LoRA r=4 (alpha 8) with random ``lora_B``."""
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=300, num_labels=3, preset="tiny").eval()
+    zeros = zero_half(model, QUERY_VALUE)
+    technique = ParameterEfficientTuning(peft.LoraConfig(r=4, lora_alpha=8), **kwargs)
+    technique.attach(model)
+    random_lora_b(model)
+    return model, technique, zeros
+
+
+def test_a_masked_merge_keeps_a_pruned_base_exactly_sparse() -> None:
+    model, technique, zeros = lora_on_pruned_base()
+    names = QUERY_VALUE
     layer = model.get_submodule(names[0])
     expected = (
         layer.base_layer.weight
@@ -285,16 +300,8 @@ def test_a_masked_merge_keeps_a_pruned_base_exactly_sparse() -> None:
 
 @pytest.mark.parametrize("sparse_update", [False, True])
 def test_sparse_update_trains_what_the_masked_merge_gives(sparse_update: bool) -> None:
-    torch.manual_seed(0)
-    model = BertClassifier(vocab_size=300, num_labels=3, preset="tiny").eval()
-    names = [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
-    zeros = zero_half(model, names)
-    technique = ParameterEfficientTuning(peft.LoraConfig(r=4, lora_alpha=8), sparse_update=sparse_update)
-    technique.attach(model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_B." in name:
-                parameter.normal_()
+    model, technique, zeros = lora_on_pruned_base(sparse_update=sparse_update)
+    names = QUERY_VALUE
     batch = tiny_batch()
     model.train()
     model(**batch).sum().backward()  # the adapters learn through the masked update too
@@ -326,10 +333,7 @@ def test_the_pruning_masks_decide_a_masked_merge() -> None:
     query.weight_mask[:, ::2] = 0  # masked, though the weight there is not zero (yet)
     technique = ParameterEfficientTuning(peft.LoraConfig(r=2))
     technique.attach(model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_B." in name:
-                parameter.normal_()
+    random_lora_b(model)
     technique.merge(model)
     assert (query.weight[:, ::2] == 0).all() and (query.weight[:, 1::2] != 0).all()
 
@@ -554,3 +558,14 @@ def test_a_users_registered_block_gets_adapters_and_resumes_adapter_only(tmp_pat
             assert torch.equal(resumed.state_dict()[name], value), name
         with pytest.raises(CheckpointMismatchError, match="weights of their own.*weights of its own"):
             own_fit(tmp_path / "other", seed=1, ckpt_path=str(tmp_path / "full" / "step=2.ckpt"))
+
+
+def test_adapter_flag_sets_a_configured_technique_or_refuses_a_disagreeing_one() -> None:
+    from lightning_efficient.cli import _adapter_technique
+
+    configured = ParameterEfficientTuning()
+    assert _adapter_technique("a.ckpt", [configured]) is None and configured.adapter == "a.ckpt"
+    with pytest.raises(
+        ConfigurationError, match="--adapter 'b.ckpt' and ParameterEfficientTuning\\(adapter='a.ckpt'\\)"
+    ):
+        _adapter_technique("b.ckpt", [configured])
