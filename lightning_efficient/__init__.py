@@ -19,6 +19,7 @@ hide_import_noise()  # before transformers imports torchao (see import_noise)
 from lightning_efficient.blocks import BlockStack, find_block_stacks
 from lightning_efficient.callbacks import (
     ActivationCheckpointing,
+    AutoProg,
     Distillation,
     DynamicSparsity,
     ImportanceSampling,
@@ -27,6 +28,7 @@ from lightning_efficient.callbacks import (
     LRScaling,
     MagnitudePruning,
     ParameterEfficientTuning,
+    ProgressiveResizing,
     ProgressiveStacking,
     PruneAtInit,
     QuantizationAwareTraining,
@@ -76,6 +78,7 @@ __all__ = [
     "PRESETS",
     "ActivationCheckpointing",
     "AtomicCheckpointIO",
+    "AutoProg",
     "BertClassifier",
     "BertMLM",
     "BiLSTMClassifier",
@@ -104,6 +107,7 @@ __all__ = [
     "NonFiniteLossGuard",
     "ParameterEfficientTuning",
     "PosLexicon",
+    "ProgressiveResizing",
     "ProgressiveStacking",
     "PruneAtInit",
     "QuantizationAwareTraining",

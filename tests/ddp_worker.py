@@ -26,7 +26,8 @@ class BatchHash(Callback):
         self.hash = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.hash = hash((self.hash, tuple(batch["input_ids"].flatten().tolist())))
+        inputs = batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]
+        self.hash = hash((self.hash, tuple(inputs.flatten().tolist())))
 
 
 def main() -> None:
@@ -38,9 +39,9 @@ def main() -> None:
 
 
 def run(case: TechniqueCase, files: dict[str, str], out: Path) -> None:
-    """Train the tiny BERT with the row's technique for 3 steps on 2 ranks; save this rank's results."""
+    """Train the row's tiny base-family model with its technique for 3 steps on 2 ranks; save this rank's results."""
     pl.seed_everything(0, verbose=False)
-    model, dm = tiny_family("bert", files)
+    model, dm = tiny_family(case.base_family, files)
     technique, batches = case.build(), BatchHash()
     trainer = quiet_trainer(
         accelerator="cpu", devices=2, strategy=case.extra.get("ddp_strategy", "ddp"), max_steps=3, limit_val_batches=0,

@@ -102,6 +102,8 @@ class TechniqueCase:
             (``trainer: {callbacks+: [...]}``): the content of its ``configs/techniques/`` file.
         families: Model families it must fit on (``bert``, ``mt``, ``vit``).
         resume_family: The family the interrupt/resume runs use.
+        (The pairwise, precision, copy and DDP tests run on :attr:`base_family`: BERT, or the first of
+        ``families`` for a technique that acts on what only another family has, e.g. image sizes.)
         interrupt_at: Optimizer steps after which a run is interrupted and resumed: include a
             mid-epoch step and each schedule transition (the suite's epochs are 4 steps long).
         steps: Length of the uninterrupted run.
@@ -120,6 +122,17 @@ class TechniqueCase:
     unsupported: Callable[[], pl.LightningModule] | None = BlocklessModule
     expected_error: type[Exception] = ValueError
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_family(self) -> str:
+        """The family of the pairwise, precision, copy and DDP tests: ``bert`` when the row runs on it."""
+        return "bert" if "bert" in self.families else self.families[0]
+
+
+def common_family(a: TechniqueCase, b: TechniqueCase) -> str | None:
+    """The family two rows are tested together on: ``bert`` when both run on it, else one both run on, or None."""
+    shared = [family for family in FAMILIES if family in a.families and family in b.families]
+    return "bert" if "bert" in shared else (shared[-1] if shared else None)
 
 
 def noise_yaml(class_path: str, std: float, start_step: int) -> str:
@@ -168,8 +181,10 @@ CASES: list[TechniqueCase] = [
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
     TechniqueCase(
-        id="progressive_stacking",  # 2 of the tiny models' 3 blocks, the third grown at step 2
-        build=lambda: callbacks.ProgressiveStacking(stages={0: 2, 2: 3}, rule="interleave"),
+        id="progressive_stacking",  # 2 of the tiny models' 3 blocks, the third grown at step 2 from a moving average (MoGrow)
+        build=lambda: callbacks.ProgressiveStacking(
+            stages={0: 2, 2: 3}, rule="interleave", init="momentum", ema_decay=0.9
+        ),
         yaml=(TECHNIQUE_CONFIGS / "progressive_stacking.yaml").read_text(),
         interrupt_at=(1, 2, 3, 6),  # before the growth, right before it (it runs at step 2's batch), after it
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
@@ -250,6 +265,27 @@ CASES: list[TechniqueCase] = [
         # refused there for its other base; tests/test_parameter_efficient.py resumes adapter-only from a pretrained base
         yaml=(TECHNIQUE_CONFIGS / "lora.yaml").read_text(),
         interrupt_at=(3, 4),  # mid-epoch, epoch end: the adapters are weights, restored with the model
+    ),
+    TechniqueCase(
+        id="progressive_resizing",  # tiny ViT (28x28, patches of 4): 16x16 at steps 0-2, 20x20 at 3-4, then 28x28
+        build=lambda: callbacks.ProgressiveResizing(schedule=[(0, 16), (3, 20), (5, 28)]),
+        yaml=(TECHNIQUE_CONFIGS / "progressive_resizing.yaml").read_text(),
+        families=("vit",),  # image sizes: ViT only
+        resume_family="vit",
+        interrupt_at=(2, 3, 5),  # mid-epoch right before a growth, after it, after the last
+        expected_error=ConfigurationError,
+    ),
+    TechniqueCase(
+        id="autoprog",  # 2 blocks at 20x20 (steps 0-1); search of 2-3 blocks x 20/28 (steps 2-5); choice at 6; full at 7
+        build=lambda: callbacks.AutoProg(
+            stages=[0, 2, 7], image_sizes=[20, 28], depths=[2, 3], search_steps=1, tolerance=0.05, ema_decay=0.9
+        ),
+        yaml=(TECHNIQUE_CONFIGS / "autoprog.yaml").read_text(),
+        families=("vit",),
+        resume_family="vit",
+        interrupt_at=(1, 3, 6),  # before the search (growth next), mid-search, at the choice
+        expected_error=ConfigurationError,
+        extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
     TechniqueCase(
         id="residual_init",  # ReZero: block norms removed, a scalar per branch from 0 (blocks start as the identity)

@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from techniques import CASES, TechniqueCase, tiny_family
+from techniques import CASES, FAMILIES, TechniqueCase, common_family, tiny_family
 
-from lightning_efficient import BertMLM, ConfigurationError, Technique
+from lightning_efficient import BertMLM, ConfigurationError, Technique, ViTClassifier
 from lightning_efficient.technique import check_composition, check_plain_state
 from lightning_efficient.testing import quiet_trainer
 
@@ -188,11 +188,12 @@ def test_every_exported_technique_has_a_row() -> None:
     )
 
 
-def test_rows_have_unique_ids_and_run_on_bert() -> None:
-    """The pairwise, precision, copy and DDP tests run on the tiny BERT."""
+def test_rows_have_unique_ids_and_a_base_family() -> None:
+    """The pairwise, precision, copy and DDP tests run on the tiny BERT, or on the tiny ViT for image-only rows."""
     assert len(ROWS) == len(CASES), "two rows share an id"
-    assert all("bert" in case.families and case.resume_family in case.families for case in CASES)
+    assert all(case.base_family in ("bert", "vit") and case.resume_family in case.families for case in CASES)
     assert all(partner in ROWS for partner in FIXED_PAIR_PARTNERS)
+    assert all(set(ROWS[partner].families) == set(FAMILIES) for partner in FIXED_PAIR_PARTNERS)
 
 
 # -- per row -----------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_copies_and_pickles(case: TechniqueCase, user_files: dict[str, str], tmp
     for clone in (copy.deepcopy(technique), pickle.loads(pickle.dumps(technique))):
         assert type(clone) is type(technique)
         assert_same(clone.state_dict(), technique.state_dict(), "fresh copy")
-    _, (trained,) = fit([case], "bert", user_files, tmp_path, steps=2)
+    _, (trained,) = fit([case], case.base_family, user_files, tmp_path, steps=2)
     for clone in (copy.deepcopy(trained), pickle.loads(pickle.dumps(trained))):
         assert_same(clone.state_dict(), trained.state_dict(), "copy after fit")
 
@@ -268,7 +269,8 @@ def test_instantiates_from_yaml_through_the_cli(
 
 
 # -- pairs -------------------------------------------------------------------------------------
-ALL_PAIRS = list(itertools.combinations(CASES, 2))
+# Pairs are tested on a family both rows run on; a bert-only row and an image-only row never share a model.
+ALL_PAIRS = [pair for pair in itertools.combinations(CASES, 2) if common_family(*pair) is not None]
 FIXED_PAIRS = [pair for pair in ALL_PAIRS if {pair[0].id, pair[1].id} & set(FIXED_PAIR_PARTNERS)]
 
 
@@ -282,12 +284,13 @@ def test_fixed_pairs_compose_and_resume(
 ) -> None:
     """Every row with each of ``FIXED_PAIR_PARTNERS`` trains and resumes exactly (or is refused clearly)."""
     a, b = (case.build() for case in pair)
+    family = common_family(*pair)
     if conflict(a, b):
         with pytest.raises(ConfigurationError, match=f"{a.name}|{b.name}") as error:
-            fit(list(pair), "bert", user_files, tmp_path, steps=1)
+            fit(list(pair), family, user_files, tmp_path, steps=1)
         assert a.name in str(error.value) and b.name in str(error.value)
         return
-    check_resume(in_order(*pair), "bert", user_files, tmp_path, steps=6, interrupt_at=(3,))
+    check_resume(in_order(*pair), family, user_files, tmp_path, steps=6, interrupt_at=(3,))
 
 
 def tiny_bert_batch() -> tuple[BertMLM, dict[str, torch.Tensor]]:
@@ -301,6 +304,20 @@ def tiny_bert_batch() -> tuple[BertMLM, dict[str, torch.Tensor]]:
     labels[0, [2, 5, 7]] = input_ids[0, [2, 5, 7]]
     labels[1, [1, 4]] = input_ids[1, [1, 4]]
     return model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tiny_vit_batch() -> tuple[ViTClassifier, dict[str, torch.Tensor]]:
+    """A tiny ViT (28x28, patches of 4) and a batch of 3 images with labels, no data module."""
+    torch.manual_seed(0)
+    model = ViTClassifier(num_labels=7, preset="tiny")
+    return model, {"pixel_values": torch.randn(3, 1, 28, 28), "labels": torch.tensor([0, 3, 6])}
+
+
+def logits_and_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training path's logits and their targets: BERT's head on the masked positions, or ViT's classes."""
+    if isinstance(model, BertMLM):
+        return model.masked_logits(**batch)
+    return model(batch["pixel_values"]), batch["labels"]
 
 
 def structure(model: torch.nn.Module) -> list[tuple[str, str, int, int, bool]]:
@@ -332,14 +349,14 @@ def test_every_pair_composes(pair: tuple[TechniqueCase, TechniqueCase]) -> None:
             check_composition([second, first])
     check_composition([first, second])
 
-    model, batch = tiny_bert_batch()
-    reference, targets = model.eval().masked_logits(**batch)  # the training path: head on the masked positions
+    model, batch = tiny_bert_batch() if common_family(*pair) == "bert" else tiny_vit_batch()
+    reference, targets = logits_and_targets(model.eval(), batch)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     plain = structure(model)
     first.attach(model)
     second.attach(model)
     assert first.is_applied and second.is_applied
-    logits, _ = model.train().masked_logits(**batch)
+    logits, _ = logits_and_targets(model.train(), batch)
     assert logits.shape == reference.shape and torch.isfinite(logits).all()
     torch.nn.functional.cross_entropy(logits.float(), targets).backward()
     second.detach(model)
@@ -347,7 +364,7 @@ def test_every_pair_composes(pair: tuple[TechniqueCase, TechniqueCase]) -> None:
     assert not first.is_applied and not second.is_applied
     assert structure(model) == plain, "hooks, wrappers or modules left after detaching both"
     assert_same(model.state_dict(), before, "model after detaching both")
-    assert torch.equal(model.eval().masked_logits(**batch)[0], reference), "outputs differ after detaching both"
+    assert torch.equal(logits_and_targets(model.eval(), batch)[0], reference), "outputs differ after detaching both"
 
 
 # -- distributed -------------------------------------------------------------------------------
@@ -423,7 +440,7 @@ def test_bf16_mixed_resumes_and_stays_finite(case: TechniqueCase, user_files: di
     exactly, with finite losses, weights and technique state.
     """
     full, (technique,) = check_resume(
-        [case], "bert", user_files, tmp_path, steps=6, interrupt_at=(3,), precision="bf16-mixed"
+        [case], case.base_family, user_files, tmp_path, steps=6, interrupt_at=(3,), precision="bf16-mixed"
     )
     _assert_finite(full, technique, steps=6)
 
@@ -442,7 +459,7 @@ def test_fp16_overflow_steps_are_skipped_cleanly(
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-16)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    recorder, (technique,) = fit([case], "bert", user_files, tmp_path, steps=4, plugins=[plugin])
+    recorder, (technique,) = fit([case], case.base_family, user_files, tmp_path, steps=4, plugins=[plugin])
     _assert_finite(recorder, technique, steps=4)
     assert scaler.get_scale() < 2.0**40, "no overflow step: the test did not exercise skipping"
     final, initial = recorder.final["weights"], recorder.start  # the weights as training started (surgery applied)

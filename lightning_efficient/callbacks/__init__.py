@@ -10,6 +10,7 @@ Examples:
 """
 
 from lightning_efficient.callbacks.activation_checkpointing import ActivationCheckpointing
+from lightning_efficient.callbacks.autoprog import AutoProg
 from lightning_efficient.callbacks.distillation import Distillation
 from lightning_efficient.callbacks.dynamic_sparsity import DynamicSparsity
 from lightning_efficient.callbacks.importance_sampling import ImportanceSampling, importance_weighted_loss
@@ -17,6 +18,7 @@ from lightning_efficient.callbacks.layer_drop import LayerDrop
 from lightning_efficient.callbacks.lottery_ticket import LotteryTicket
 from lightning_efficient.callbacks.lr_scaling import LRScaling
 from lightning_efficient.callbacks.parameter_efficient import ParameterEfficientTuning
+from lightning_efficient.callbacks.progressive_resizing import ProgressiveResizing
 from lightning_efficient.callbacks.progressive_stacking import ProgressiveStacking
 from lightning_efficient.callbacks.prune_at_init import PruneAtInit
 from lightning_efficient.callbacks.pruning import MagnitudePruning, export_pruned, load_pruned
@@ -27,6 +29,7 @@ from lightning_efficient.callbacks.trust_ratio import TrustRatioMonitor
 
 __all__ = [
     "ActivationCheckpointing",
+    "AutoProg",
     "Distillation",
     "DynamicSparsity",
     "ImportanceSampling",
@@ -35,6 +38,7 @@ __all__ = [
     "LotteryTicket",
     "MagnitudePruning",
     "ParameterEfficientTuning",
+    "ProgressiveResizing",
     "ProgressiveStacking",
     "PruneAtInit",
     "QuantizationAwareTraining",

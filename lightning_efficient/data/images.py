@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lightning_efficient.data.base import EfficientDataModule
 from lightning_efficient.data.files import embedded_path, read_column, read_numbered_records, split_indices
@@ -100,6 +101,8 @@ class ImageClassificationDataModule(EfficientDataModule):
         batch_size: Images per batch.
         num_workers: DataLoader worker processes.
         seed: Seed of the validation split.
+        resize_to: Side to resize every image to once, at ``setup`` (bilinear; e.g. 64 to give a ViT
+            with patches of 4 a grid of 16x16 from 28x28 Fashion-MNIST); None keeps the files' size.
 
     Examples:
         >>> dm = ImageClassificationDataModule(batch_size=8)
@@ -117,10 +120,14 @@ class ImageClassificationDataModule(EfficientDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        resize_to: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if not 0.0 < val_fraction < 0.5:
             raise ConfigurationError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
+        if resize_to is not None and (isinstance(resize_to, bool) or not isinstance(resize_to, int) or resize_to < 1):
+            raise ConfigurationError(f"resize_to={resize_to!r} must be an image side >= 1 in pixels, or None")
+        self.resize_to = resize_to
         self.train_file = train_file or embedded_path("fashion_mnist_12k.npz")
         self.test_file = test_file
         self.label_column = label_column
@@ -163,8 +170,8 @@ class ImageClassificationDataModule(EfficientDataModule):
 
     @property
     def image_size(self) -> int:
-        """Side of the square images in pixels."""
-        return int(self._load()["train"][0].shape[-1])
+        """Side of the square images in pixels (``resize_to`` when given)."""
+        return self.resize_to or int(self._load()["train"][0].shape[-1])
 
     model_argument_names = ("num_labels", "image_size", "label_names")
 
@@ -202,7 +209,11 @@ class ImageClassificationDataModule(EfficientDataModule):
         train, val = split_indices(len(pixels), [self.val_fraction], self.seed)
 
         def normalise(x: torch.Tensor) -> torch.Tensor:
-            return ((x - mean) / std).unsqueeze(1)  # (N, 1, H, W)
+            x = ((x - mean) / std).unsqueeze(1)  # (N, 1, H, W)
+            if self.resize_to and self.resize_to != x.shape[-1]:
+                size, shrink = (self.resize_to, self.resize_to), self.resize_to < x.shape[-1]
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+            return x
 
         self.splits = {
             "train": (normalise(pixels[train]), label_ids[train]),

@@ -24,7 +24,22 @@ from lightning_efficient.losses import cross_entropy_gradient_norms
 from lightning_efficient.models.base import EfficientModule, class_names
 from lightning_efficient.models.presets import resolve_size
 
-__all__ = ["ViTClassifier"]
+__all__ = ["ViTClassifier", "resize_images"]
+
+
+def resize_images(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images ``(B, C, H, W)`` resized to ``size``: bilinear, antialiased when shrinking (as torchvision's ``Resize``).
+
+    Returned as they are when they already have that size.
+
+    Examples:
+        >>> resize_images(torch.ones(2, 1, 28, 28), (16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    if tuple(pixel_values.shape[-2:]) == tuple(size):
+        return pixel_values
+    shrink = size[0] < pixel_values.shape[-2] or size[1] < pixel_values.shape[-1]
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 class ViTClassifier(EfficientModule):
@@ -119,6 +134,9 @@ class ViTClassifier(EfficientModule):
         side = self.model.config.image_size  # ViT's image processor resizes to the same size
         #: ``(height, width)`` of the images the model takes (``forward`` resizes the data's to it).
         self.model_image_size: tuple[int, int] = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
+        #: ``(height, width)`` the training forward resizes to instead, or None: ``model_image_size``.
+        #: :class:`~lightning_efficient.callbacks.ProgressiveResizing` sets it; evaluation keeps the model's size.
+        self.train_image_size: tuple[int, int] | None = None
         self.val_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
@@ -128,7 +146,7 @@ class ViTClassifier(EfficientModule):
     def count_batch(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """``(images, images x (patches + 1))``: the tokens the encoder processes, [CLS] included."""
         images = batch["pixel_values"].shape[0]
-        height, width = self.model_image_size
+        height, width = self.train_image_size or self.model_image_size
         patch = self.model.config.patch_size
         return images, images * ((height // patch) * (width // patch) + 1)
 
@@ -136,11 +154,14 @@ class ViTClassifier(EfficientModule):
         """The data's images ``(B, C, H, W)`` as the model takes them: resized (bilinear) and grey repeated to RGB.
 
         Unchanged when they already fit (our own models). The data module's standardisation stands in
-        for the image processor's normalisation (both give inputs of mean ~0 and spread ~1).
+        for the image processor's normalisation (both give inputs of mean ~0 and spread ~1). In training,
+        resized to ``train_image_size`` when it is set (antialiased when shrinking).
         """
         channels = self.model.config.num_channels
         if pixel_values.shape[1] == 1 and channels > 1:
             pixel_values = pixel_values.expand(-1, channels, -1, -1)  # (B, 3, H, W), no copy
+        if self.training and self.train_image_size:
+            return resize_images(pixel_values, self.train_image_size)
         if tuple(pixel_values.shape[-2:]) != self.model_image_size:
             pixel_values = F.interpolate(pixel_values, size=self.model_image_size, mode="bilinear", align_corners=False)
         return pixel_values
