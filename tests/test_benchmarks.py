@@ -383,3 +383,40 @@ def test_adapters_script_smoke_run(harness, user_files, tmp_path):
     assert set(result["int8"]["latency"]) == {"batch_1", "batch_32"}
     assert {"bert/accuracy", "vit/checkpoint", "pruned/zeros_kept", "int8/latency"} <= set(result["verdicts"])
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_vit_progressive_script_smoke_run(harness, tmp_path):
+    """Every part at the smallest settings: the ratios are real numbers, the counted FLOPs match the analytic ones."""
+    args = ["--threads", "1", "--train-steps", "28", "--val-every", "2", "--val-batches", "1", "--batch-size", "8",
+            "--hidden-size", "32", "--ffn-size", "37", "--num-layers", "2", "--image-size", "32", "--search-steps", "1",
+            "--mogrow-steps", "6", "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("vit_progressive", args)
+    assert result["parts"] == ["resolution", "native", "mogrow", "flops"]
+    resolution = result["resolution"]
+    assert set(resolution["runs"]) == {"baseline", "progressive_resizing", "autoprog", "progressive_resizing_equal_time",
+                                       "autoprog_equal_time"}  # fmt: skip
+    for name in ("progressive_resizing", "autoprog"):
+        numbers = resolution["results"][name]
+        for key in ("wall_clock_ratio", "throughput_ratio", "flops_ratio"):
+            assert math.isfinite(numbers[key]) and numbers[key] > 0
+        assert numbers["flops_ratio"] < 1  # smaller images (and, for AutoProg, fewer blocks) part of the run
+        equal = numbers["equal_time"]
+        assert equal["steps"] == resolution["runs"][f"{name}_equal_time"]["steps"] >= 1
+        assert math.isfinite(equal["time_ratio"]) and equal["time_ratio"] > 0
+        assert isinstance(result["verdicts"][f"{name}/time_to_target"], bool)
+        assert isinstance(result["verdicts"][f"{name}/equal_time_accuracy"], bool)
+    choices = resolution["autoprog_choices"]["autoprog"]
+    assert choices and all(0 <= entry["chosen"] < len(entry["candidates"]) for entry in choices)
+    native = result["native"]["results"]
+    assert all(math.isfinite(native[key]) and native[key] > 0 for key in ("wall_clock_ratio", "throughput_ratio"))
+    mogrow = result["mogrow"]
+    assert set(mogrow["runs"]) == {"copy", "momentum"}
+    copy, momentum = mogrow["runs"]["copy"], mogrow["runs"]["momentum"]
+    for key in ("loss", "accuracy"):  # the inits differ only from the growth on
+        assert copy["val_before_growth"][key] == momentum["val_before_growth"][key]
+    assert copy["loss_before_growth"] == momentum["loss_before_growth"]
+    assert math.isfinite(momentum["loss_first_step_after_growth"]) and math.isfinite(momentum["loss_mean_after_growth"])
+    sides = result["flops"]["sides"]
+    assert set(sides) == {"16", "24", "32"} and all(numbers["ratio"] == 1.0 for numbers in sides.values())
+    assert result["flops"]["exact"]
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
