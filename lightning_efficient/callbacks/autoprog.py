@@ -26,6 +26,9 @@ What this callback does, with ``stages = [s_0 = 0, s_1, ..., s_K]``:
   (:func:`candidate_cost`). The stage then trains it.
 - **From ``s_K`` the full model trains at the full size** (AutoProg's last stage is the full network).
 
+A short search favours the candidate the last stage trained: the others have just been grown or
+interpolated. Give ``search_steps`` room (AutoProg searches for epochs) when the choice matters.
+
 Which candidates were scored and chosen is logged (rank zero, INFO) and kept in :attr:`AutoProg.choices`
 and in checkpoints; resume is exact anywhere, mid-search included.
 

@@ -32,10 +32,12 @@ Which models: any model holding embeddings in transformers' ViT-family layout, a
 ``interpolate_pos_encoding`` (``ViTEmbeddings``; DeiT's and others that share it). A model without
 one is refused at ``setup``.
 
-Patch-size growth (FlexiViT's re-sampled patch embedding) is not offered: it changes the token count
-exactly as the resolution does, and would need a patched ``forward`` of transformers' patch embeddings
-(its stride is fixed in a ``Conv2d``), where resolution growth goes through transformers' own
-supported path.
+Patch-size growth (FlexiViT's pseudo-inverse resize of the patch embedding) is not offered. At a
+fixed image size, patches of side ``k * p`` with the resized kernel give the same token grid as side
+``size / k`` with patches of ``p``, and FlexiViT builds the resized kernel so that the two embeddings
+agree on images the resize maps between: the variant would change only the downsampling filter, at
+the price of a patched ``forward`` for transformers' patch embedding (its stride is fixed in a
+``Conv2d``), where resolution growth uses transformers' own supported path.
 
 Examples:
     >>> import lightning.pytorch as pl
