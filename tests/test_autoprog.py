@@ -140,9 +140,9 @@ def test_momentum_growth_starts_new_blocks_from_the_moving_average(tmp_path) -> 
     ("arguments", "message"),
     [
         ({"stages": [0, 10]}, "at least 3 starts"),
-        ({"stages": [5, 10, 20]}, "must start at 0"),
-        ({"stages": [0, 20, 10]}, "must increase: 10 comes after 20"),
-        ({"stages": [0, 0.5, 1.5]}, "a fraction in"),
+        ({"stages": [5, 10, 20]}, "must start at step 0"),
+        ({"stages": [0, 20, 10]}, "start 10 comes after 20"),
+        ({"stages": [0, 0.5, 1.5]}, "fraction 1.5 must lie in"),
         ({"image_sizes": [28], "depths": None}, "no candidates"),
         ({"image_sizes": [28], "depths": [3]}, "no candidates"),
         ({"image_sizes": [28, 20]}, "must increase"),

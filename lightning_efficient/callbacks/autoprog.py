@@ -63,7 +63,7 @@ from lightning_efficient.blocks import (
     passthrough_output,
     wrap_forward,
 )
-from lightning_efficient.callbacks.progressive_resizing import ImageResolution, resolve_schedule
+from lightning_efficient.callbacks.progressive_resizing import ImageResolution, resolve_schedule, validate_starts
 from lightning_efficient.callbacks.progressive_stacking import INITS, RULES, BlockEMA, grow_blocks, growth_sources
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.technique import Technique, check_choice, check_range, check_unused_parameters_allowed
@@ -100,23 +100,6 @@ def choose_candidate(scores: Sequence[float], costs: Sequence[float], largest: i
     bound = scores[largest] * (1.0 + tolerance)
     within = [i for i, score in enumerate(scores) if score <= bound]
     return min(within, key=lambda i: (costs[i], scores[i]))
-
-
-def _stage_starts(stages: Sequence[int | float]) -> list[int | float]:
-    """Check stage starts: steps (``int``) or fractions (``float`` in ``[0, 1)``), from 0, increasing."""
-    for start in stages:
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ConfigurationError(f"stages: start {start!r} must be an optimizer step (int) or a fraction (float)")
-        if start < 0 or (isinstance(start, float) and start >= 1.0):
-            raise ConfigurationError(
-                f"stages: start {start} must be a step >= 0 or a fraction in [0, 1) of the run's steps"
-            )
-    if stages[0] != 0:
-        raise ConfigurationError(f"stages={list(stages)} must start at 0")
-    for previous, start in itertools.pairwise(stages):
-        if type(start) is type(previous) and start <= previous:
-            raise ConfigurationError(f"stages={list(stages)} must increase: {start} comes after {previous}")
-    return list(stages)
 
 
 def _increasing(name: str, values: Sequence[int]) -> list[int]:
@@ -191,7 +174,7 @@ class AutoProg(Technique):
                 f"autoprog has no candidates: image_sizes={self.image_sizes} and depths={self.depths} leave one "
                 "size; give at least two sides or two depths"
             )
-        self.stages = _stage_starts(stages)
+        self.stages = validate_starts(stages, "stages")
         if isinstance(search_steps, bool) or not isinstance(search_steps, int) or search_steps < 1:
             raise ConfigurationError(f"search_steps={search_steps!r} must be an integer >= 1")
         self.search_steps = search_steps

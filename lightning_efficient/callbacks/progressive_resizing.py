@@ -53,6 +53,7 @@ Examples:
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -71,21 +72,56 @@ __all__ = [
     "interpolatable_embeddings",
     "resolve_schedule",
     "validate_schedule",
+    "validate_starts",
 ]
 
 EVAL_SIZES = ("full", "current")
+
+
+def validate_starts(starts: Sequence[int | float], name: str) -> list[int | float]:
+    """Check the starts of a schedule's stages: optimizer steps (``int``) or fractions of the run (``float``).
+
+    Raises:
+        ConfigurationError: A start that is neither, a negative step, a fraction outside ``[0, 1)``, a first
+            start other than 0, or starts of one kind that do not increase (steps and fractions are
+            compared once the run's length is known, by :func:`resolve_schedule`). ``name`` is the argument,
+            for the message.
+
+    Examples:
+        >>> validate_starts([0, 0.25, 0.5], "stages")
+        [0, 0.25, 0.5]
+        >>> validate_starts([0, 20, 10], "stages")
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: stages: start 10 comes after 20; starts must increase
+    """
+    for start in starts:
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise ConfigurationError(f"{name}: start {start!r} must be an optimizer step (int) or a fraction (float)")
+        if isinstance(start, float) and not 0.0 <= start < 1.0:
+            raise ConfigurationError(
+                f"{name}: fraction {start} must lie in [0, 1) (a share of the run's steps); give a step as an int"
+            )
+        if start < 0:
+            raise ConfigurationError(f"{name}: step {start} is negative; steps are optimizer steps >= 0")
+    if starts[0] != 0:
+        raise ConfigurationError(f"{name}={list(starts)} must start at step 0")
+    for previous, start in itertools.pairwise(starts):
+        if type(start) is type(previous) and start <= previous:
+            raise ConfigurationError(f"{name}: start {start} comes after {previous}; starts must increase")
+    return list(starts)
 
 
 def validate_schedule(schedule: Sequence[Sequence[int | float]]) -> list[tuple[int | float, int]]:
     """Check a resizing schedule ``[(step or fraction, side), ...]``; return it as a list of pairs.
 
     A step is an optimizer step (an ``int``); a fraction (a ``float`` in ``[0, 1)``) is a share of the
-    run's optimizer steps. The first entry starts at 0; starts and sides must increase.
+    run's optimizer steps. The first entry starts at 0; starts and sides must increase
+    (:func:`validate_starts`).
 
     Raises:
-        ConfigurationError: An empty schedule, an entry that is not a pair, a side below 1, a start
-            below 0 or a fraction at or past 1, a first start other than 0, starts or sides that do not
-            increase.
+        ConfigurationError: An empty schedule, an entry that is not a pair, a side below 1, bad starts,
+            sides that do not increase.
 
     Examples:
         >>> validate_schedule([(0, 16), (0.5, 28)])
@@ -106,24 +142,13 @@ def validate_schedule(schedule: Sequence[Sequence[int | float]]) -> list[tuple[i
         start, side = entry
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
             raise ConfigurationError(f"schedule: side {side!r} at {start!r} must be an integer >= 1")
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ConfigurationError(f"schedule: start {start!r} must be an optimizer step (int) or a fraction (float)")
-        if isinstance(start, float) and not 0.0 <= start < 1.0:
-            raise ConfigurationError(
-                f"schedule: fraction {start} must lie in [0, 1) (a share of the run's steps); give a step as an int"
-            )
-        if start < 0:
-            raise ConfigurationError(f"schedule: step {start} is negative; steps are optimizer steps >= 0")
         pairs.append((start, side))
-    if pairs[0][0] != 0:
-        raise ConfigurationError(f"schedule={schedule!r} must start at step 0, e.g. [[0, 16], ...]")
-    for (start, side), (previous_start, previous_side) in zip(pairs[1:], pairs):
+    validate_starts([start for start, _ in pairs], "schedule")
+    for (previous_start, previous_side), (start, side) in itertools.pairwise(pairs):
         if side <= previous_side:
             raise ConfigurationError(
                 f"schedule: side {side} at {start} does not grow from {previous_side}; sides must increase"
             )
-        if type(start) is type(previous_start) and start <= previous_start:
-            raise ConfigurationError(f"schedule: start {start} comes after {previous_start}; starts must increase")
     return pairs
 
 
