@@ -172,9 +172,12 @@ def test_bad_arguments_are_refused(arguments: dict[str, Any], message: str) -> N
 def test_arguments_that_do_not_fit_the_model_or_run_stop_before_step_1(arguments: dict, message: str, tmp_path) -> None:
     auto = AutoProg(**{"stages": STAGES, "image_sizes": [20, 28], "depths": [2, 3], "search_steps": 1, **arguments})
     trainer = quiet_trainer(max_steps=10, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[auto])
+    model = ViTClassifier(num_labels=10, preset="tiny")
     with pytest.raises(ConfigurationError, match=message):
-        trainer.fit(ViTClassifier(num_labels=10, preset="tiny"), ImageClassificationDataModule(batch_size=8))
+        trainer.fit(model, ImageClassificationDataModule(batch_size=8))
     assert trainer.global_step == 0
+    if "depths" in arguments or "image_sizes" in arguments:  # refused in the surgery: nothing was left on the model
+        assert not model.model.vit.embeddings._forward_pre_hooks and not auto.is_applied
 
 
 def test_a_checkpoint_of_the_other_init_is_refused() -> None:

@@ -63,7 +63,12 @@ from lightning_efficient.blocks import (
     passthrough_output,
     wrap_forward,
 )
-from lightning_efficient.callbacks.progressive_resizing import ImageResolution, resolve_schedule, validate_starts
+from lightning_efficient.callbacks.progressive_resizing import (
+    ImageResolution,
+    interpolatable_embeddings,
+    resolve_schedule,
+    validate_starts,
+)
 from lightning_efficient.callbacks.progressive_stacking import INITS, RULES, BlockEMA, grow_blocks, growth_sources
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.technique import Technique, check_choice, check_range, check_unused_parameters_allowed
@@ -214,25 +219,21 @@ class AutoProg(Technique):
         depths = [d for d in self.depths if d >= self.depth] if self.depths else [self.depth]
         return [(d, s) for d in depths for s in self.image_sizes if s >= self.side]
 
-    def search_length(self) -> int:
-        """Optimizer steps of a search from the current size: candidates x ``search_steps``."""
-        return len(self.candidates()) * self.search_steps
-
     # -- surgery ----------------------------------------------------------------------------------
     def apply(self, pl_module: nn.Module) -> list[Any]:
-        handles = self.resolution.attach(pl_module)
-        self._cost_shape = self._shape(pl_module)
         stacks = find_block_stacks(pl_module)
-        self._model_depth = len(stacks[0])
-        if self.depths is None:
-            return handles
-        for stack in stacks:
+        for stack in stacks if self.depths is not None else []:  # checked before any hook goes on
             if len(stack) != self.depths[-1]:
                 relation = "is past" if self.depths[-1] > len(stack) else "stops short of"
                 raise ConfigurationError(
                     f"{self.name}: the largest depth {self.depths[-1]} {relation} the {len(stack)} blocks of "
                     f"{stack.path}; make the last depth {len(stack)}"
                 )
+        handles = self.resolution.attach(pl_module)
+        self._cost_shape = self._shape(pl_module)
+        self._model_depth = len(stacks[0])
+        if self.depths is None:
+            return handles
         self._stacks = [stack.blocks for stack in stacks]
         if self.ema is not None:
             self.ema.reset(self._stacks, self.depth)
@@ -244,8 +245,6 @@ class AutoProg(Technique):
 
     def _shape(self, pl_module: nn.Module) -> tuple[int, int, int]:
         """Patch size, hidden size and FFN width of the model, for :func:`candidate_cost`."""
-        from lightning_efficient.callbacks.progressive_resizing import interpolatable_embeddings
-
         embeddings = interpolatable_embeddings(pl_module)[0]
         patch = embeddings.patch_embeddings.patch_size
         patch = int(patch[0] if isinstance(patch, Sequence) else patch)
