@@ -15,7 +15,7 @@ What this callback does, with ``stages = [s_0 = 0, s_1, ..., s_K]``:
 - **At each boundary ``s_1 .. s_{K-1}`` a search runs**, as ordinary training steps (so the
   :class:`~lightning_efficient.monitor.EfficiencyMonitor` counts its FLOPs and wall-clock: no hidden
   cost). The stacks first grow to the largest candidate depth, new blocks copied from the trained ones
-  (:func:`~lightning_efficient.callbacks.progressive_stacking.grow_blocks`, from their moving average
+  (:func:`~lightning_efficient.callbacks.progressive_stacking.grow_stacks`, from their moving average
   with ``init="momentum"``), which makes the supernet. The candidates are every ``(depth, side)`` of
   ``depths x image_sizes`` at least as large as the current one. For ``search_steps`` rounds, each
   candidate trains one step in turn (round robin, one-shot from the shared weights: a candidate of
@@ -51,7 +51,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -69,7 +68,7 @@ from lightning_efficient.callbacks.progressive_resizing import (
     resolve_schedule,
     validate_starts,
 )
-from lightning_efficient.callbacks.progressive_stacking import INITS, RULES, BlockEMA, grow_blocks, growth_sources
+from lightning_efficient.callbacks.progressive_stacking import INITS, RULES, BlockEMA, grow_stacks, growth_optimizer
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
 from lightning_efficient.technique import Technique, check_choice, check_range, check_unused_parameters_allowed
 
@@ -201,12 +200,11 @@ class AutoProg(Technique):
     def _reset_progress(self) -> None:
         self.depth = self.depths[0] if self.depths else 0  # 0: every block (the depth is not grown)
         self.side = self.image_sizes[0]
-        self.grown = self.depth  # blocks per stack holding trained or grown weights
         self.stage = 0  # stages begun
         self.search: dict[str, Any] | None = None  # the running search: start, candidates, losses
         self.choices = []
         self._steps: list[int] | None = None
-        self._last_update = -1
+        self._step_at_batch_start: int | None = None
 
     # -- candidates -------------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, int]]:
@@ -257,23 +255,10 @@ class AutoProg(Technique):
             return forward(*args, **kwargs)
         return passthrough_output(block, block_hidden_states(args, kwargs))
 
-    @torch.no_grad()
-    def _grow(self, new_depth: int, optimizer: torch.optim.Optimizer | None) -> None:
-        """Grow every stack from the current depth to ``new_depth`` blocks, doubling at most per copy.
-
-        Blocks past the current depth (a larger candidate's, trained only in the last search) are
-        copied again from the trained ones.
-        """
-        self.grown = self.depth
-        while self.grown < new_depth:
-            target = min(new_depth, 2 * self.grown)
-            sources = growth_sources(self.grown, target, self.rule)
-            for index, blocks in enumerate(self._stacks):
-                copy_from = self.ema.averages(index) if self.ema is not None else None
-                grow_blocks(blocks, self.grown, target, self.rule, optimizer, copy_from=copy_from)
-                if self.ema is not None:
-                    self.ema.grown(index, sources)
-            self.grown = target
+    @property
+    def grown(self) -> int:
+        """Blocks per stack holding trained or grown weights: the largest candidate's during a search (0: all)."""
+        return max(depth for depth, _ in self.search["candidates"]) if self.search else self.depth
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -305,16 +290,16 @@ class AutoProg(Technique):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        self._step_at_batch_start = step
         if self.stage < len(self._steps) and step >= self._steps[self.stage]:
             if self.stage == len(self._steps) - 1:  # the last stage: the full model
                 self.search = None
                 if self.depths is not None:
-                    self._grow(self.depths[-1], optimizer)
+                    self._grow(trainer, self.depths[-1])
                     self.depth = self.depths[-1]
                 self.side = self.image_sizes[-1]
             elif self.stage > 0:
-                self._start_search(step, optimizer)
+                self._start_search(trainer, step)
             self.stage += 1
         self._index = None
         if self.search is not None:
@@ -329,10 +314,18 @@ class AutoProg(Technique):
         metrics = {"depth": float(self.depth or self._model_depth), "image_size": float(self.side)}
         self.log_metrics(pl_module, {**metrics, "searching": float(self.search is not None)})
 
-    def _start_search(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+    def _grow(self, trainer: pl.Trainer, new_depth: int) -> None:
+        """Grow every stack from the current depth to ``new_depth`` blocks (MoGrow with ``init="momentum"``).
+
+        Blocks past the current depth (a larger candidate's, trained only in the last search) are
+        copied again from the trained ones.
+        """
+        grow_stacks(self._stacks, self.depth, new_depth, self.rule, growth_optimizer(trainer, self.name), self.ema)
+
+    def _start_search(self, trainer: pl.Trainer, step: int) -> None:
         candidates = self.candidates()
         if self.depths is not None:
-            self._grow(max(depth for depth, _ in candidates), optimizer)
+            self._grow(trainer, max(depth for depth, _ in candidates))
         self.search = {"start": step, "candidates": [list(c) for c in candidates], "losses": [[] for _ in candidates]}
 
     def _finish_search(self, trainer: pl.Trainer, step: int) -> None:
@@ -361,11 +354,10 @@ class AutoProg(Technique):
         if self.search is not None and self._index is not None:  # the mean over ranks: every rank chooses alike
             loss = trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean")
             self.search["losses"][self._index].append(float(loss))
-        step = trainer.global_step  # advanced when this batch stepped the optimizer
+        # once per optimizer step: a batch that only accumulated gradients left global_step where it was
         growing = self.stage < len(self._steps)  # the average is read only by a growth still to come
-        if self.ema is not None and growing and step != self._last_update:
+        if self.ema is not None and growing and self._step_at_batch_start not in (None, trainer.global_step):
             self.ema.update(self._stacks, self.depth)
-            self._last_update = step
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._steps is not None and self.stage < len(self._steps):
@@ -380,11 +372,9 @@ class AutoProg(Technique):
             "stage_steps": self._steps,
             "depth": self.depth,
             "side": self.side,
-            "grown": self.grown,
             "stage": self.stage,
             "search": self.search,
             "choices": self.choices,
-            "last_update": self._last_update,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -398,9 +388,8 @@ class AutoProg(Technique):
             )
         self._steps = state_dict["stage_steps"]
         self.depth, self.side = int(state_dict["depth"]), int(state_dict["side"])
-        self.grown, self.stage = int(state_dict["grown"]), int(state_dict["stage"])
+        self.stage = int(state_dict["stage"])
         self.search = state_dict["search"]
         self.choices = list(state_dict["choices"])
-        self._last_update = int(state_dict["last_update"])
         if self.ema is not None:
             self.ema.load_state_dict(state_dict["ema"])

@@ -61,8 +61,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_efficient.data.images import resize_images
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError
-from lightning_efficient.models.vit import resize_images
 from lightning_efficient.technique import Technique, check_choice
 
 __all__ = [

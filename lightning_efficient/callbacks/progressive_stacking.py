@@ -69,6 +69,8 @@ __all__ = [
     "BlockEMA",
     "ProgressiveStacking",
     "grow_blocks",
+    "grow_stacks",
+    "growth_optimizer",
     "growth_sources",
     "validate_stages",
 ]
@@ -221,6 +223,46 @@ def grow_blocks(
                 optimizer.state.pop(param, None)
             else:
                 optimizer.state[param] = state
+
+
+def grow_stacks(
+    stacks: Sequence[Sequence[nn.Module]],
+    depth: int,
+    new_depth: int,
+    rule: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: BlockEMA | None = None,
+) -> None:
+    """Grow every stack from ``depth`` to ``new_depth`` blocks with :func:`grow_blocks`, doubling at most per copy.
+
+    With ``ema`` (MoGrow), copies start from its averages, which then follow the growth
+    (:meth:`BlockEMA.grown`).
+
+    Examples:
+        >>> stack = nn.ModuleList(nn.Linear(2, 2) for _ in range(4))
+        >>> grow_stacks([stack], 1, 4, "stack")  # 1 -> 2 -> 4
+        >>> all(torch.equal(block.weight, stack[0].weight) for block in stack)
+        True
+    """
+    while depth < new_depth:
+        target = min(new_depth, 2 * depth)
+        for index, blocks in enumerate(stacks):
+            copy_from = ema.averages(index) if ema is not None else None
+            grow_blocks(blocks, depth, target, rule, optimizer, copy_from=copy_from)
+            if ema is not None:
+                ema.grown(index, growth_sources(depth, target, rule))
+        depth = target
+
+
+def growth_optimizer(trainer: pl.Trainer, name: str) -> torch.optim.Optimizer | None:
+    """The optimizer whose state a growth moves: the trainer's only one, or None before there is one.
+
+    Raises:
+        ConfigurationError: The module has several optimizers (which one holds a block's state is unknown).
+    """
+    if len(trainer.optimizers) > 1:
+        raise ConfigurationError(f"{name} supports one optimizer; the module has {len(trainer.optimizers)}")
+    return trainer.optimizers[0] if trainer.optimizers else None
 
 
 def _check_copy_from(
@@ -450,9 +492,10 @@ class ProgressiveStacking(Technique):
     With ``init="momentum"`` the average covers every parameter of the active blocks (positions
     ``0 .. depth - 1`` of every stack). It starts at the weights when training starts (or comes from
     the checkpoint on a resume) and is updated once per optimizer step (not per micro-batch under
-    gradient accumulation), after the step, until the last growth (nothing reads it after). At a growth each copy takes its source's average, the
-    originals keep their current weights, and each position's average becomes its source's (a moved
-    block keeps its own; a copy averages on from the one it started at). Cost: one fp32 copy of the
+    gradient accumulation), after the step, until the last growth (nothing reads it after). At a
+    growth each copy takes its source's average, the originals keep their current weights, and each
+    position's average becomes its source's (a moved block keeps its own; a copy averages on from the
+    one it started at). Cost: one fp32 copy of the
     active blocks' parameters, ``4 * sum(numel of the active blocks' parameters)`` bytes (at the full
     depth 4 bytes per block parameter: ~340 MB for BERT-base's 85M block parameters), on their device
     and in every checkpoint; and per optimizer step one ``lerp`` over them (about 2 FLOPs and 12 bytes
@@ -558,16 +601,7 @@ class ProgressiveStacking(Technique):
         self._step_at_batch_start = trainer.global_step
         target = self.depth_at(trainer.global_step)
         if target > self.depth:
-            optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
-            if optimizer is None and trainer.optimizers:
-                raise ConfigurationError(
-                    f"{self.name} supports one optimizer; the module has {len(trainer.optimizers)}"
-                )
-            for index, blocks in enumerate(self._stacks):
-                copy_from = self.ema.averages(index) if self.ema is not None else None
-                grow_blocks(blocks, self.depth, target, self.rule, optimizer, copy_from=copy_from)
-                if self.ema is not None:
-                    self.ema.grown(index, growth_sources(self.depth, target, self.rule))
+            grow_stacks(self._stacks, self.depth, target, self.rule, growth_optimizer(trainer, self.name), self.ema)
             self.depth = target
         self.log_metrics(pl_module, {"depth": float(self.depth)})
 

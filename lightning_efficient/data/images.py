@@ -18,12 +18,27 @@ from lightning_efficient.data.base import EfficientDataModule
 from lightning_efficient.data.files import embedded_path, read_column, read_numbered_records, split_indices
 from lightning_efficient.errors import ConfigurationError, DataError
 
-__all__ = ["FASHION_MNIST_LABELS", "ImageClassificationDataModule"]
+__all__ = ["FASHION_MNIST_LABELS", "ImageClassificationDataModule", "resize_images"]
 
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 _NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def resize_images(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images ``(B, C, H, W)`` resized to ``size``: bilinear, antialiased when shrinking (as torchvision's ``Resize``).
+
+    Returned as they are when they already have that size.
+
+    Examples:
+        >>> resize_images(torch.ones(2, 1, 28, 28), (16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    if tuple(pixel_values.shape[-2:]) == tuple(size):
+        return pixel_values
+    shrink = size[0] < pixel_values.shape[-2] or size[1] < pixel_values.shape[-1]
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -210,10 +225,7 @@ class ImageClassificationDataModule(EfficientDataModule):
 
         def normalise(x: torch.Tensor) -> torch.Tensor:
             x = ((x - mean) / std).unsqueeze(1)  # (N, 1, H, W)
-            if self.resize_to and self.resize_to != x.shape[-1]:
-                size, shrink = (self.resize_to, self.resize_to), self.resize_to < x.shape[-1]
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-            return x
+            return resize_images(x, (self.resize_to, self.resize_to)) if self.resize_to else x
 
         self.splits = {
             "train": (normalise(pixels[train]), label_ids[train]),

@@ -19,27 +19,13 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ViTConfig, ViTForImageClassification
 
+from lightning_efficient.data.images import resize_images
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.losses import cross_entropy_gradient_norms
 from lightning_efficient.models.base import EfficientModule, class_names
 from lightning_efficient.models.presets import resolve_size
 
-__all__ = ["ViTClassifier", "resize_images"]
-
-
-def resize_images(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Images ``(B, C, H, W)`` resized to ``size``: bilinear, antialiased when shrinking (as torchvision's ``Resize``).
-
-    Returned as they are when they already have that size.
-
-    Examples:
-        >>> resize_images(torch.ones(2, 1, 28, 28), (16, 16)).shape
-        torch.Size([2, 1, 16, 16])
-    """
-    if tuple(pixel_values.shape[-2:]) == tuple(size):
-        return pixel_values
-    shrink = size[0] < pixel_values.shape[-2] or size[1] < pixel_values.shape[-1]
-    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+__all__ = ["ViTClassifier"]
 
 
 class ViTClassifier(EfficientModule):
