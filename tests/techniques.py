@@ -109,6 +109,12 @@ class TechniqueCase:
         steps: Length of the uninterrupted run.
         unsupported: Builds a model the technique must refuse (None: it works on any model).
         expected_error: The error type raised on ``unsupported``.
+        strategies: The sharded strategies the technique is declared to compose with, of ``tp``
+            (:class:`~lightning_efficient.strategies.TensorParallelStrategy`), ``fsdp``
+            (:class:`~lightning_efficient.strategies.FullyShardedStrategy`) and ``2d`` (both at once);
+            ``test_fully_sharded.py`` checks the declaration against the strategies' ``composes_with``
+            and trains the ``fsdp`` and ``2d`` rows there against DDP on gloo (DDP itself:
+            ``Technique.distributed_safe``).
         extra: Anything else a test needs: ``ddp_strategy`` (the DDP strategy string, default ``"ddp"``).
     """
 
@@ -121,6 +127,7 @@ class TechniqueCase:
     steps: int = 8
     unsupported: Callable[[], pl.LightningModule] | None = BlocklessModule
     expected_error: type[Exception] = ValueError
+    strategies: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -166,6 +173,7 @@ CASES: list[TechniqueCase] = [
         yaml=(TECHNIQUE_CONFIGS / "lr_scaling.yaml").read_text(),
         interrupt_at=(2, 3, 6),  # mid-warmup, at its end, mid-epoch after it
         unsupported=None,
+        strategies=("tp", "fsdp", "2d"),
     ),
     TechniqueCase(
         id="trust_ratio",  # reports after optimizer steps 2, 4, 6, 8
@@ -173,11 +181,13 @@ CASES: list[TechniqueCase] = [
         yaml=(TECHNIQUE_CONFIGS / "trust_ratio_monitor.yaml").read_text(),
         interrupt_at=(3, 4, 6),  # between reports (mid-epoch), right after one (epoch end)
         unsupported=None,
+        strategies=("tp", "fsdp", "2d"),
     ),
     TechniqueCase(
         id="layer_drop",  # PLD: theta falls from 1 towards 0.6 (gamma 0.3), rescaled residuals
         build=lambda: callbacks.LayerDrop(drop_rate=0.4, schedule="progressive", gamma=0.3, rescale=True, seed=5),
         yaml=(TECHNIQUE_CONFIGS / "layer_drop.yaml").read_text(),
+        strategies=("fsdp",),  # skipped blocks are skipped on every rank; tensor parallelism is not verified
         extra={"ddp_strategy": "ddp_find_unused_parameters_true"},
     ),
     TechniqueCase(
@@ -193,6 +203,7 @@ CASES: list[TechniqueCase] = [
         id="activation_checkpointing",  # blocks 0 and 2 of each stack recomputed, block 1 not
         build=lambda: callbacks.ActivationCheckpointing(every=2),
         yaml=(TECHNIQUE_CONFIGS / "activation_checkpointing.yaml").read_text(),
+        strategies=("tp", "fsdp", "2d"),
     ),
     TechniqueCase(
         id="pruning",  # gradual unstructured, global ranking: events at steps 2, 4, 6 raise the sparsity to 0.2, 0.64, 0.7

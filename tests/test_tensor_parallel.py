@@ -246,8 +246,10 @@ def test_world_size_must_factor_into_dp_times_tp() -> None:
         parallel_sizes(2, data_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ConfigurationError, match="world size 3 does not factor"):  # at Trainer(...): no process started
         pl.Trainer(accelerator="cpu", devices=3, strategy=TensorParallelStrategy(tensor_parallel_size=2), logger=False)
-    with pytest.raises(ConfigurationError, match="data_parallel_size=2: 2D .* is not supported yet"):
-        pl.Trainer(accelerator="cpu", devices=2, strategy=TensorParallelStrategy(tensor_parallel_size=1), logger=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=TensorParallelStrategy(tensor_parallel_size=1), logger=False
+    )
+    assert trainer.strategy._sizes() == (2, 1), "2D is supported (test_fully_sharded.py trains it)"
     with pytest.raises(ConfigurationError, match="tensor_parallel_size=0 must be a positive integer"):
         TensorParallelStrategy(tensor_parallel_size=0)
 

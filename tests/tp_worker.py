@@ -23,13 +23,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from own_block import OwnBlock, OwnModel, registered_own_block
-from techniques import tiny_family
+from techniques import CASES, tiny_family
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_efficient import LAMB, ActivationCheckpointing, LayerDrop, Lion, TrustRatioMonitor
+from lightning_efficient import LAMB, Lion
 from lightning_efficient.data.translation import TranslationDataModule
-from lightning_efficient.strategies import TensorParallelStrategy, clip_grad_norm_
+from lightning_efficient.strategies import FullyShardedStrategy, TensorParallelStrategy, clip_grad_norm_
 from lightning_efficient.testing import quiet_trainer
 
 warnings.filterwarnings("ignore")
@@ -91,10 +91,25 @@ class Record(Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
+#: The contract rows' techniques, by row id.
+ROWS = {case.id: case.build for case in CASES}
+
+
+def _strategy(run: dict[str, Any], devices: int) -> Any:
+    kind, kwargs = run.get("kind", "tp"), run.get("strategy", {})
+    if devices == 1:
+        return "auto"
+    if kind == "ddp":
+        return "ddp_find_unused_parameters_true" if kwargs.get("find_unused_parameters") else "ddp"
+    return {"tp": TensorParallelStrategy, "fsdp": FullyShardedStrategy}[kind](**kwargs)
+
+
 def train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int) -> dict[str, Any]:
     """One run: ``family``, ``steps``, ``clip`` (gradient_clip_val or None), ``save_at`` (a step to
-    checkpoint at), ``resume`` (a checkpoint path), ``strategy`` (TensorParallelStrategy kwargs),
-    ``techniques`` (names), ``optimizer`` (``lamb``/``lion``), ``shape`` (model overrides);
+    checkpoint at), ``resume`` (a checkpoint path), ``kind`` (``tp``: TensorParallelStrategy, the
+    default; ``fsdp``: FullyShardedStrategy; ``ddp``), ``strategy`` (the strategy's kwargs),
+    ``techniques`` (contract rows' ids, built with the rows' arguments), ``optimizer`` (``lamb``/``lion``),
+    ``shape`` (model overrides), ``batch_size`` (the DataModule's), ``precision``;
     ``expect_error``: the run must fail (its message is recorded). ``devices=1``: the reference."""
     with registered_own_block() if run["family"] == "own" else contextlib.nullcontext():
         return _train(run, files, root, devices)
@@ -105,10 +120,10 @@ def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int)
     model, dm = build(run["family"], files, **run.get("shape", {}))
     record = Record()
     callbacks: list[Callback] = [record]
+    if run.get("batch_size"):
+        dm.batch_size = run["batch_size"]
     for name in run.get("techniques", []):
-        callbacks.insert(0, {"activation_checkpointing": lambda: ActivationCheckpointing(every=2),
-                             "trust_ratio": lambda: TrustRatioMonitor(every_n_steps=2, include_1d=True),
-                             "layer_drop": lambda: LayerDrop(drop_rate=0.2)}[name]())  # fmt: skip
+        callbacks.insert(0, ROWS[name]())
     if run.get("optimizer"):  # another optimizer instead of the module's own (constant LR)
         optimizer_class = {"lamb": LAMB, "lion": Lion, "adamw": torch.optim.AdamW}[run["optimizer"]]
         if run.get("optimizer_from_yaml"):  # as LightningCLI does for an `optimizer:` block: built before fit
@@ -122,9 +137,9 @@ def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int)
                 dirpath=root / run["name"], filename="{step}", every_n_train_steps=run["save_at"], save_top_k=-1
             )
         )
-    strategy: Any = TensorParallelStrategy(**run.get("strategy", {})) if devices > 1 else "auto"
     trainer = quiet_trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=run["steps"], limit_val_batches=0,
+        accelerator="cpu", devices=devices, strategy=_strategy(run, devices), max_steps=run["steps"], limit_val_batches=0,
+        precision=run.get("precision", "32-true"),
         gradient_clip_val=run.get("clip"), use_distributed_sampler=False, enable_checkpointing=bool(run.get("save_at")),
         default_root_dir=root / run["name"], callbacks=callbacks,
     )  # fmt: skip
@@ -137,7 +152,17 @@ def _train(run: dict[str, Any], files: dict[str, str], root: Path, devices: int)
         "batch_hash": str(record.batch_hash),
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
+        "tied": _tied_names(model),
+        "placements": {n: str(p.placements) for n, p in model.named_parameters() if isinstance(p, DTensor)},
     }
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that are one tensor (e.g. BERT's word embedding and MLM decoder)."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return sorted(names for names in by_id.values() if len(names) > 1)
 
 
 def main() -> None:

@@ -189,6 +189,17 @@ class EfficientModule(pl.LightningModule):
         #: Optimizer steps of the LR schedule (set when it is built, moved by :meth:`set_schedule_length`).
         self.schedule_length: int | None = None
 
+    @property
+    def class_name(self) -> str:
+        """The name of this module's class, as checkpoints record it.
+
+        FSDP2's ``fully_shard`` (:class:`~lightning_efficient.strategies.FullyShardedStrategy`) swaps a
+        sharded module's class for a subclass named ``FSDP<name>``; this is the name of the class it wrapped.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        return next(cls for cls in type(self).__mro__ if not issubclass(cls, FSDPModule)).__name__
+
     # -- data / model consistency ---------------------------------------------------------------
     def data_requirements(self) -> dict[str, Any]:
         """The values of ``datamodule.model_arguments()`` that this model must equal."""
@@ -360,7 +371,7 @@ class EfficientModule(pl.LightningModule):
         if "callbacks" not in checkpoint:  # weights_only: Lightning skips the callbacks' on_save_checkpoint, yet
             for technique in self._techniques():  # their records belong here (surgery, an adapter-only dropped base)
                 technique.on_save_checkpoint(self.trainer, self, checkpoint)
-        write_metadata(checkpoint, module=type(self).__name__, rng=capture_random_states())
+        write_metadata(checkpoint, module=self.class_name, rng=capture_random_states())
         write_metadata(checkpoint, initialised_from=self.initialised_from)
         if self.tokenizer is not None:
             write_tokenizer(checkpoint, self.tokenizer)
@@ -392,7 +403,7 @@ class EfficientModule(pl.LightningModule):
         meta = read_metadata(checkpoint)
         if meta is None:
             return  # not written by us (e.g. a plain Lightning checkpoint): load as Lightning would
-        check_module(checkpoint, type(self).__name__)
+        check_module(checkpoint, self.class_name)
         check_structure(checkpoint, self._technique_structures(), self._checkpoint_name())
         for technique in self._techniques():
             technique.check_checkpoint(checkpoint, self._checkpoint_name())
