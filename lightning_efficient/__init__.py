@@ -67,7 +67,7 @@ from lightning_efficient.optim import LAMB, Lion
 from lightning_efficient.pipeline.budget import FlopBudget
 from lightning_efficient.predictions import JsonlPredictionWriter
 from lightning_efficient.safeguards import LastCheckpoint, NonFiniteLossGuard, RandomStates
-from lightning_efficient.strategies import TensorParallelStrategy
+from lightning_efficient.strategies import FullyShardedStrategy, TensorParallelStrategy
 from lightning_efficient.technique import Technique
 
 __version__ = "0.2.0"
@@ -92,6 +92,7 @@ __all__ = [
     "EfficiencyMonitor",
     "FlopBudget",
     "FlopCounter",
+    "FullyShardedStrategy",
     "ImageClassificationDataModule",
     "ImportanceSampling",
     "JsonlPredictionWriter",
