@@ -6,6 +6,8 @@ suite (row ``activation_checkpointing`` in ``techniques.py``).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -266,12 +268,31 @@ def test_removing_it_keeps_layer_drop_and_restores_forward_and_cache(monkeypatch
     assert all("forward" not in vars(b) for b in blocks)
 
 
-def test_offload_on_cpu_warns_and_still_checkpoints(user_files: dict[str, str], tmp_path: Path) -> None:
+def test_offload_on_cpu_turns_itself_off_with_one_info_line(
+    user_files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     model, dm = tiny_family("bert", user_files)
     ac = ActivationCheckpointing(every=1, offload=True)
-    with pytest.warns(UserWarning, match="offload does nothing here"):
-        trainer([ac], steps=1, root=tmp_path).fit(model, dm)
-    assert ac.checkpointed_blocks == 3
+    offloads: list[bool] = []
+    original = torch.autograd.graph.save_on_cpu
+
+    def counting_save_on_cpu(*args: Any, **kwargs: Any) -> Any:
+        offloads.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting_save_on_cpu)
+    fit = trainer([ac], steps=2, root=tmp_path)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.filterwarnings("error", message=".*offload.*")  # no warning about offload any more
+        fit.fit(model, dm)
+        fit.validate(model, dm, verbose=False)  # a later stage says nothing again
+    records = [r for r in caplog.records if "offload" in r.getMessage()]
+    message = (
+        "ActivationCheckpointing: offload is off because this run is on the CPU: there is no GPU memory to "
+        "offload saved activations from (checkpointing still applies)"
+    )
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.INFO, message)]
+    assert offloads == [] and ac.checkpointed_blocks == 3  # really off, and the blocks still checkpoint
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -296,7 +317,10 @@ def test_bad_arguments_fail_in_init(kwargs: dict[str, Any], message: str) -> Non
 def test_a_pattern_matching_nothing_fails_before_training(user_files: dict[str, str], tmp_path: Path) -> None:
     model, dm = tiny_family("bert", user_files)
     fit = trainer([ActivationCheckpointing(names=["*.encoder.layer.0", "*.decoder.*"])], steps=2, root=tmp_path)
-    with pytest.raises(ConfigurationError, match=r"no Transformer block matched names pattern '\*\.decoder\.\*' in BertMLM; candidates: model\.bert"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"no Transformer block matched names pattern '\*\.decoder\.\*' in BertMLM; candidates: model\.bert",
+    ):
         fit.fit(model, dm)
     assert fit.global_step == 0
 

@@ -420,3 +420,25 @@ def test_vit_progressive_script_smoke_run(harness, tmp_path):
     assert set(sides) == {"16", "24", "32"} and all(numbers["ratio"] == 1.0 for numbers in sides.values())
     assert result["flops"]["exact"]
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_gpu_check_script_smoke_run(harness, user_files, tmp_path):
+    """``--device cpu --smoke`` on a few fragments: a callback, an optimizer, a ViT schedule shortened to fit, a skip."""
+    with pytest.raises(SystemExit):  # without --smoke the check refuses the CPU
+        run_script("gpu_check", ["--device", "cpu"])
+    only = ["activation_checkpointing", "lion", "autoprog", "bf16_mixed"]
+    args = ["--device", "cpu", "--smoke", "--only", *only, "--train-files", user_files["txt"], "--vocab-size", "300",
+            "--max-length", "17", "--batch-size", "4", "--out", str(tmp_path)]  # fmt: skip
+    result = run_script("gpu_check", args)
+    assert result["memory"] == "skipped: no CUDA" and result["smoke"]
+    assert 0 < result["mfu"]["mfu"] < math.inf and result["mfu"]["flops_per_step"] > 0
+    fragments = result["techniques"]["fragments"]
+    assert set(fragments) == set(only) and fragments["bf16_mixed"]["verdict"].startswith("skipped: no callback")
+    assert fragments["lion"]["classes"] == ["LRScaling", "Lion"] and fragments["autoprog"]["family"] == "vit"
+    for name in ("activation_checkpointing", "lion", "autoprog"):
+        runs = fragments[name]["runs"]
+        assert fragments[name]["verdict"] == "ok" and set(runs) == {"32-true", "bf16-mixed"}, runs
+        assert all(run["steps"] == 10 and math.isfinite(run["final_loss"]) for run in runs.values())
+        assert runs["bf16-mixed"]["relative_difference"] <= result["techniques"]["tolerance"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(result))
+    assert "| autoprog | vit |" in (tmp_path / "gpu_check.md").read_text()

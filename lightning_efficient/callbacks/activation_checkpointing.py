@@ -39,10 +39,12 @@ checkpointed decoder block would be written again by the recompute. Generation r
 (``activation_checkpointing_enable()``, formerly ``gradient_checkpointing_enable()``): the
 callback refuses blocks that already checkpoint.
 
-``offload=True`` additionally keeps the tensors the checkpoints save (the blocks' inputs) in
-pinned CPU memory instead of GPU memory (``torch.autograd.graph.save_on_cpu``). It only helps when
-the model runs on a GPU; on a CPU run the activations already live in host memory, so the option
-does nothing there (with a warning at setup).
+``offload=True`` is activation offload, a mode of the callback: it additionally keeps the tensors
+the checkpoints save (the blocks' inputs) in pinned CPU memory instead of GPU memory
+(``torch.autograd.graph.save_on_cpu``). It only helps when the model runs on a GPU. On a CPU-only
+run there is nothing to offload to (the activations already live in host memory), so offload turns
+itself off, never silently: one info line at the start of ``fit`` says so, no ``save_on_cpu``
+context is entered, and checkpointing still applies.
 
 Peak memory with and without the callback is what
 :class:`~lightning_efficient.monitor.EfficiencyMonitor` logs (``peak_memory``: the CUDA
@@ -75,7 +77,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -169,7 +171,7 @@ class ActivationCheckpointing(Technique):
         names: Instead of ``every``: ``fnmatch`` patterns matched against the blocks' qualified
             names, e.g. ``["*.encoder.layer.0", "*.decoder.layers.*"]`` (see the module docstring).
         offload: Also move the tensors the checkpoints save to pinned CPU memory (GPU runs only;
-            on a CPU run it does nothing and warns).
+            on a CPU run it turns itself off, with one info line per fit).
         block_paths: Attribute paths of the block lists, for models the block locator does not
             know (e.g. ``["model.layers"]``); by default every stack found.
 
@@ -222,16 +224,17 @@ class ActivationCheckpointing(Technique):
         if not (block.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)
         self.checkpointed_blocks += 1
+        # Offload is off for a block on the CPU (setup says so once per fit): nothing to offload to.
         offload = self.offload and any(p.device.type != "cpu" for p in block.parameters())
         context = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
         with context:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.offload and trainer.strategy.root_device.type == "cpu":
-            rank_zero_warn(
-                "ActivationCheckpointing(offload=True) moves saved activations from GPU to CPU memory; this run is "
-                "on the CPU, where they already are, so offload does nothing here (checkpointing still applies)"
+        if self.offload and stage == "fit" and trainer.strategy.root_device.type == "cpu":
+            rank_zero_info(
+                "ActivationCheckpointing: offload is off because this run is on the CPU: there is no GPU memory to "
+                "offload saved activations from (checkpointing still applies)"
             )
         super().setup(trainer, pl_module, stage)
 
