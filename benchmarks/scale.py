@@ -2,11 +2,12 @@
 
 Issue 27's measured claims: "dp2 x tp2 on 4 gloo processes matches one process to 1e-5 on loss and
 weights after 5 steps with clipping, and resumes exactly; FSDP2 dp2 the same." Runs, each 6
-optimizer steps with ``gradient_clip_val=0.25`` (active on every step), checkpointed after step 3
+optimizer steps with gradient clipping active on every step, checkpointed after step 3
 and resumed from that distributed checkpoint:
 
-- ViT (a per-example mean loss): the data-parallel ranks' batches of a step are together the batch
-  of one process with twice the batch size, so dp2 and dp2 x tp2 are compared with **one process**;
+- ViT and a BERT genre classifier (per-example mean losses): the data-parallel ranks' batches of a
+  step are together the batch of one process with twice the batch size, so dp2 and dp2 x tp2 are
+  compared with **one process**;
 - BERT MLM (tied decoder; vocabulary-parallel under 2D) and Marian MT (per-token mean losses, whose
   token counts differ between ranks): compared with **DDP** on the same two ranks, the established
   data-parallel reference (a one-process run averages over tokens, not over rank means).
@@ -43,30 +44,41 @@ import torch
 
 from benchmarks.harness import write_json
 
-STEPS, SAVE_AT, CLIP, VIT_BATCH = 6, 3, 0.25, 16
+STEPS, SAVE_AT, BATCH = 6, 3, 16  # BATCH: per data-parallel rank (ViT, classification)
 TWO_D = {"data_parallel_size": 2, "tensor_parallel_size": 2}
+ONE_PROCESS = ("vit", "classify")  # per-example mean losses
+FAMILIES = (*ONE_PROCESS, "bert", "mt")
+CLIPS = {"vit": 0.25, "classify": 0.02, "bert": 0.25, "mt": 0.25}  # below each family's gradient norms
 
 
 def data_files(root: Path) -> dict[str, str]:
-    """The test suite's small user files (Brown sentences, Bible pairs), written under ``root``."""
+    """Small user files as the test suite writes them, under ``root``: 600 Brown sentences of three
+    genres (text, and jsonl with ``sentence``/``category``) and 400 Bible sentence pairs."""
     from lightning_efficient.data.files import embedded_path, read_records
 
-    rows = read_records(embedded_path("brown.jsonl.gz"))[:600]
+    rows = read_records(embedded_path("brown.jsonl.gz"))
+    chosen: list[dict[str, Any]] = []
+    for genre in ("news", "fiction", "learned"):
+        chosen += [row for row in rows if row["genre"] == genre][:200]
     pairs = read_records(embedded_path("bible_en_fr.jsonl.gz"))[:400]
-    (root / "sentences.txt").write_text("\n".join(r["text"] for r in rows) + "\n", encoding="utf-8")
+    (root / "sentences.txt").write_text("\n".join(r["text"] for r in chosen) + "\n", encoding="utf-8")
+    (root / "sentences.jsonl").write_text(
+        "".join(json.dumps({"sentence": r["text"], "category": r["genre"]}) + "\n" for r in chosen), encoding="utf-8"
+    )
     (root / "pairs.jsonl").write_text(
         "".join(json.dumps({"src": p["en"], "tgt": p["fr"]}) + "\n" for p in pairs), encoding="utf-8"
     )
-    return {"txt": str(root / "sentences.txt"), "pairs": str(root / "pairs.jsonl")}
+    return {name: str(root / file) for name, file in (("txt", "sentences.txt"), ("jsonl", "sentences.jsonl"),
+                                                      ("pairs", "pairs.jsonl"))}  # fmt: skip
 
 
 def runs(out: Path, kind: str, strategy: dict[str, Any]) -> list[dict[str, Any]]:
-    """ViT, BERT and MT under ``kind`` (``fsdp`` or ``2d``): checkpointed at step 3 and resumed from it."""
+    """Every family under ``kind`` (``fsdp`` or ``2d``): checkpointed at step 3 and resumed from it."""
     specs = []
-    for family in ("vit", "bert", "mt"):
+    for family in FAMILIES:
         name = f"{family}_{kind}"
         options = {**strategy, "vocab_parallel": True} if kind == "2d" and family == "bert" else strategy
-        common = {"family": family, "steps": STEPS, "clip": CLIP, "kind": "fsdp" if kind == "fsdp" else "tp"}
+        common = {"family": family, "steps": STEPS, "clip": CLIPS[family], "kind": "fsdp" if kind == "fsdp" else "tp"}
         specs.append({"name": name, **common, "strategy": options, "save_at": SAVE_AT})
         resume = str(out / name / f"step={SAVE_AT}.ckpt")
         specs.append({"name": f"{name}_resumed", **common, "strategy": options, "resume": resume})
@@ -110,27 +122,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files = data_files(root)
-        reference = train({"name": "vit", "family": "vit", "steps": STEPS, "clip": CLIP, "batch_size": 2 * VIT_BATCH},
-                          files, root / "ref", devices=1)  # fmt: skip
+        references = {
+            family: train(
+                {"name": family, "family": family, "steps": STEPS, "clip": CLIPS[family], "batch_size": 2 * BATCH},
+                files,
+                root / "ref",
+                devices=1,
+            )
+            for family in ONE_PROCESS
+        }
         two = runs(root / "two", "fsdp", {})
-        two += [{"name": f"{f}_ddp", "family": f, "steps": STEPS, "clip": CLIP, "kind": "ddp"} for f in ("bert", "mt")]
+        two += [
+            {"name": f"{f}_ddp", "family": f, "steps": STEPS, "clip": CLIPS[f], "kind": "ddp"} for f in ("bert", "mt")
+        ]
         fsdp, fsdp_seconds = launch({"files": files, "runs": two, "devices": 2}, root / "two", args.timeout)
         four = runs(root / "four", "2d", TWO_D)
         two_d, two_d_seconds = launch({"files": files, "runs": four, "devices": 4}, root / "four", args.timeout)
     figures: dict[str, Any] = {"launch_seconds": {"fsdp_dp2": fsdp_seconds, "2d_dp2_tp2": two_d_seconds}}
     for kind, ranks, second in (("fsdp", fsdp, 1), ("2d", two_d, 2)):  # second: rank 0's partner replica
-        figures[f"vit_{kind} vs one process"] = differences(
-            ranks[0][f"vit_{kind}"], reference, mean_losses(ranks[0][f"vit_{kind}"], ranks[second][f"vit_{kind}"])
-        )
+        for family in ONE_PROCESS:
+            run = ranks[0][f"{family}_{kind}"]
+            replicas = mean_losses(run, ranks[second][f"{family}_{kind}"])
+            figures[f"{family}_{kind} vs one process"] = differences(run, references[family], replicas)
         for family in ("bert", "mt"):
             figures[f"{family}_{kind} vs ddp"] = differences(ranks[0][f"{family}_{kind}"], fsdp[0][f"{family}_ddp"])
-        for family in ("vit", "bert", "mt"):
+        for family in FAMILIES:
             resumed = ranks[0][f"{family}_{kind}_resumed"]
             figures[f"{family}_{kind} resumed vs uninterrupted"] = differences(resumed, ranks[0][f"{family}_{kind}"])
-    print(f"{'comparison':<36} {'steps':>5} {'max |d loss|':>13} {'max |d weight|':>15}")
+    print(f"{'comparison':<40} {'steps':>5} {'max |d loss|':>13} {'max |d weight|':>15}")
     for name, value in figures.items():
         if name != "launch_seconds":
-            print(f"{name:<36} {value['steps']:>5} {value['loss']:>13.2e} {value['weights']:>15.2e}")
+            print(f"{name:<40} {value['steps']:>5} {value['loss']:>13.2e} {value['weights']:>15.2e}")
     print("launch wall-clock (s):", {k: round(v, 1) for k, v in figures["launch_seconds"].items()})
     write_json(args.json, figures)
 

@@ -27,7 +27,7 @@ from techniques import CASES, tiny_family
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_efficient import LAMB, Lion
+from lightning_efficient import LAMB, BertClassifier, Lion, TextClassificationDataModule
 from lightning_efficient.data.translation import TranslationDataModule
 from lightning_efficient.strategies import FullyShardedStrategy, TensorParallelStrategy, clip_grad_norm_
 from lightning_efficient.testing import quiet_trainer
@@ -52,11 +52,19 @@ class EvenTranslationData(TranslationDataModule):
 def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.LightningModule, pl.LightningDataModule | None]:
     """A tiny model of ``family`` without dropout (a single process and TP ranks draw it differently).
 
-    ``own``: the user's block of ``own_block.py`` (FFN 38, 2 heads per rank), with its own loader."""
+    ``own``: the user's block of ``own_block.py`` (FFN 38, 2 heads per rank), with its own loader;
+    ``classify``: a BERT classifier of the genres of the test's jsonl sentences (batches of 16)."""
     if family == "own":
         model = OwnModel(depth=2)
         model.blocks = nn.ModuleList(OwnBlock(ffn=38) for _ in range(2))
         return model, None
+    if family == "classify":
+        dm = TextClassificationDataModule(
+            train_files=[files["jsonl"]], text_column="sentence", label_column="category", vocab_size=300,
+            max_length=32, batch_size=16,
+        )  # fmt: skip
+        model = BertClassifier(vocab_size=300, num_labels=3, max_length=32, **{**SHAPE, **shape})
+        return model, dm
     return tiny_family(family, files, mlm_length=32, translation_data=EvenTranslationData, **{**SHAPE, **shape})
 
 
