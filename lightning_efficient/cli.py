@@ -209,7 +209,19 @@ def check_callback_sources(callbacks: Any) -> None:
             check(dict(vars(init_args) if isinstance(init_args, Namespace) else init_args or {}))
 
 
-def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbacks: Any = None) -> None:
+def _is_sharded_strategy(strategy: Any) -> bool:
+    """Whether a parsed ``trainer.strategy`` (a name, or a ``class_path`` config) loads distributed checkpoints."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class_path = strategy.get("class_path") if isinstance(strategy, dict) else getattr(strategy, "class_path", None)
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    return class_path is not None and issubclass(_import_class(class_path), ModelParallelStrategy)
+
+
+def check_ckpt_path(
+    ckpt_path: str, model_class_path: str | None = None, callbacks: Any = None, strategy: Any = None
+) -> None:
     """Fail before anything is built when ``--ckpt_path`` cannot be loaded by this run.
 
     Reads the checkpoint's metadata only (memory-mapped; a distributed checkpoint's folder gives its
@@ -220,11 +232,13 @@ def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbac
         ckpt_path: The ``--ckpt_path`` given: a checkpoint file, or a distributed checkpoint's folder.
         model_class_path: The run's ``model.class_path`` (None: not checked against the checkpoint's).
         callbacks: The run's parsed ``trainer.callbacks``.
+        strategy: The run's parsed ``trainer.strategy`` (None: not checked).
 
     Raises:
         CheckpointMismatchError: Nothing is at ``ckpt_path``; another model type wrote it; it was
             trained with MagnitudePruning or sparse training (it holds weight masks) and this run has no
-            technique that masks weights.
+            technique that masks weights; it is a distributed checkpoint (a folder of shards) and the
+            run's strategy cannot load one.
         CorruptCheckpointError: The file is truncated or not a checkpoint; a folder is not a distributed checkpoint.
 
     Examples:
@@ -245,6 +259,13 @@ def check_ckpt_path(ckpt_path: str, model_class_path: str | None = None, callbac
         raise CheckpointMismatchError(
             f"checkpoint {ckpt_path!r} was written by {written_by}, but this run's model is {expected}; "
             f"use a {written_by} config with it, or a {expected} checkpoint"
+        )
+    if strategy is not None and is_distributed_checkpoint(path) and not _is_sharded_strategy(strategy):
+        raise CheckpointMismatchError(
+            f"{ckpt_path!r} is a distributed checkpoint (a folder of shards), which only a sharded strategy loads; "
+            "use the strategy fragment that wrote it (e.g. -c configs/techniques/fsdp.yaml), or make it one file "
+            f"first: python -m lightning.fabric.utilities.consolidate_checkpoint {ckpt_path} "
+            f"(then --ckpt_path {ckpt_path}.consolidated)"
         )
     masking = any(issubclass(cls, Technique) and cls.masks_weights for cls in _configured_classes(callbacks))
     if trained_with_pruning(checkpoint) and not masking:
@@ -562,7 +583,12 @@ class EfficientCLI(LightningCLI):
         if ckpt_path:
             model = config.get("model")
             trainer = config.get("trainer") or {}
-            check_ckpt_path(str(ckpt_path), getattr(model, "class_path", None), trainer.get("callbacks"))
+            check_ckpt_path(
+                str(ckpt_path),
+                getattr(model, "class_path", None),
+                trainer.get("callbacks"),
+                trainer.get("strategy") or "auto",
+            )
 
     def _option_keys(self, args: Any) -> list[str]:
         """The option keys of the subcommand named in ``args`` (all subcommands' when none is), for suggestions."""

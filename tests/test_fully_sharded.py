@@ -328,3 +328,22 @@ def test_fragments_load_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
         cli = EfficientCLI(args=["-c", str(configs / "vit" / "tiny_fashion.yaml"), "-c", str(path)], run=False)
         assert type(cli.trainer.strategy) is kind and cli.trainer.num_devices == devices
     assert cli.trainer.strategy._data_parallel_size == cli.trainer.strategy._tensor_parallel_size == 2
+
+
+def test_a_sharded_checkpoint_needs_a_sharded_strategy_or_consolidation(tmp_path: Path) -> None:
+    """``predict``/``fit`` with a checkpoint folder but no sharded strategy: one line naming both ways on."""
+    from lightning_efficient.checkpoint import CHECKPOINT_KEY, DISTRIBUTED_METADATA
+    from lightning_efficient.cli import check_ckpt_path
+    from lightning_efficient.errors import CheckpointMismatchError
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({CHECKPOINT_KEY: {"module": "ViTClassifier"}}, folder / DISTRIBUTED_METADATA)
+    model = "lightning_efficient.ViTClassifier"
+    with pytest.raises(CheckpointMismatchError, match=r"is a distributed checkpoint .*consolidate_checkpoint"):
+        check_ckpt_path(str(folder), model, None, "auto")
+    for strategy in (
+        {"class_path": "lightning_efficient.strategies.FullyShardedStrategy"},
+        {"class_path": "lightning_efficient.strategies.TensorParallelStrategy", "init_args": {}},
+    ):
+        check_ckpt_path(str(folder), model, None, strategy)
