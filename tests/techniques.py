@@ -159,6 +159,7 @@ CASES: list[TechniqueCase] = [
         id="block_noise",
         build=lambda: BlockOutputNoise(std=0.05, start_step=3, seed=1),
         yaml=noise_yaml("lightning_efficient.testing.BlockOutputNoise", std=0.05, start_step=3),
+        strategies=("fsdp",),
     ),
     TechniqueCase(
         id="first_block_noise",
@@ -240,6 +241,7 @@ CASES: list[TechniqueCase] = [
         interrupt_at=(3, 4, 6, 7),  # mid-schedule (mid-epoch, epoch end), at its end, after it
         unsupported=lambda: Translation(vocab_size=500, preset="tiny", max_length=40),
         expected_error=ConfigurationError,
+        strategies=("fsdp",),
     ),
     TechniqueCase(
         id="distillation",  # the student's own start as a frozen teacher ("self"), KL at T=2 mixed half with the labels
@@ -247,6 +249,7 @@ CASES: list[TechniqueCase] = [
         yaml=(TECHNIQUE_CONFIGS / "distillation.yaml").read_text(),  # its placeholder teacher is only read at fit
         interrupt_at=(3, 4),  # mid-epoch, epoch end (the teacher is copied again from the restarted student)
         expected_error=ConfigurationError,  # a model without distillation_logits
+        strategies=("fsdp",),  # the teacher stays a whole, unsharded copy on every rank
     ),
     TechniqueCase(
         id="dynamic_sparsity",  # RigL at 70%: masks rewired after steps 2 and 4 (moments of grown weights reset)
@@ -285,6 +288,7 @@ CASES: list[TechniqueCase] = [
         resume_family="vit",
         interrupt_at=(2, 3, 5),  # mid-epoch right before a growth, after it, after the last
         expected_error=ConfigurationError,
+        strategies=("fsdp",),
     ),
     TechniqueCase(
         id="autoprog",  # 2 blocks at 20x20 (steps 0-1); search of 2-3 blocks x 20/28 (steps 2-5); choice at 6; full at 7

@@ -44,7 +44,8 @@ TWO_D = {"data_parallel_size": 2, "tensor_parallel_size": 2}
 ONE_PROCESS = ("vit", "classify")  # per-example mean losses: compared with one process (BERT classifies genres)
 FAMILIES = (*ONE_PROCESS, "bert", "mt")
 CLIPS = {"classify": 0.02}  # a threshold below each family's gradient norms: clipping acts on every step
-TECHNIQUES = [case.id for case in CASES if "fsdp" in case.strategies]
+ROWS = [case for case in CASES if "fsdp" in case.strategies]
+TECHNIQUES = [case.id for case in ROWS]
 TECHNIQUES_2D = [case.id for case in CASES if "2d" in case.strategies]
 
 
@@ -72,11 +73,13 @@ def fsdp(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         for family in ("bert", "mt")
     ]
     runs += [{"name": "vit_fsdp_bf16", "family": "vit", "steps": 3, "kind": "fsdp", "precision": "bf16-mixed"}]
-    for technique in TECHNIQUES:  # the contract rows of the techniques declared to compose, against DDP
-        row = {"family": "bert", "steps": 4, "techniques": [technique]}
+    for case in ROWS:  # the contract rows declared to compose: against DDP, and resumed from step 1
+        row = {"family": case.base_family, "steps": 4, "techniques": [case.id]}
+        resume = str(out / f"{case.id}_fsdp" / "step=1.ckpt")
         runs += [
-            {"name": f"{technique}_fsdp", **row, "kind": "fsdp"},
-            {"name": f"{technique}_ddp", **row, "kind": "ddp", "strategy": {"find_unused_parameters": True}},
+            {"name": f"{case.id}_fsdp", **row, "kind": "fsdp", "save_at": 1},
+            {"name": f"{case.id}_fsdp_resumed", **row, "kind": "fsdp", "resume": resume},
+            {"name": f"{case.id}_ddp", **row, "kind": "ddp", "strategy": {"find_unused_parameters": True}},
         ]
     runs += [
         {
@@ -195,6 +198,7 @@ def test_fsdp_bf16_mixed_precision_stays_near_fp32(fsdp: tuple[dict, dict, dict]
 def test_declared_techniques_train_under_fsdp_as_under_ddp(fsdp: tuple[dict, dict, dict], technique: str) -> None:
     rank0, rank1, _ = fsdp
     _assert_same(rank0[f"{technique}_fsdp"], rank0[f"{technique}_ddp"], technique)
+    _assert_same(rank0[f"{technique}_fsdp_resumed"], rank0[f"{technique}_fsdp"], f"{technique} resumed", first_step=2)
     assert _max_diff(rank1[f"{technique}_fsdp"]["params"], rank0[f"{technique}_fsdp"]["params"]) == 0.0
 
 

@@ -59,11 +59,26 @@ __all__ = [
 
 #: Names of the techniques (``Technique.name``) verified under FSDP2 (:class:`FullyShardedStrategy`,
 #: and the data dimension of a 2D :class:`~lightning_efficient.strategies.TensorParallelStrategy`):
-#: they act through block forwards, the optimizer or the LR schedule, never on a parameter outside
-#: a forward. Any other technique in ``trainer.callbacks`` makes the strategy fail at setup (e.g.
-#: ``residual_init``: ReZero's and SkipInit's scalar gains are 0-d parameters, which FSDP2 cannot shard).
+#: they act through block forwards, inputs, a frozen teacher outside the sharded model, the optimizer
+#: or the LR schedule; each trains as under DDP and resumes exactly from a sharded checkpoint. Any
+#: other technique in ``trainer.callbacks`` makes the strategy fail at setup: ``residual_init``
+#: (ReZero's and SkipInit's gains are 0-d parameters, which FSDP2 cannot shard), ``progressive_stacking``
+#: and ``autoprog`` (blocks waiting to grow have no optimizer state, so a sharded checkpoint written
+#: before a growth does not load), pruning, QAT, RigL/SET, SNIP and importance sampling (masks,
+#: fake-quant scales or a scoring pass meet the sharded parameters outside the root's forward),
+#: ``lottery_ticket`` (its rewind weights would be one rank's shards) and ``parameter_efficient``
+#: (adapter-only checkpoints are not verified as sharded checkpoints).
 FULLY_SHARDED_COMPOSES_WITH: frozenset[str] = frozenset(
-    {"activation_checkpointing", "layer_drop", "lr_scaling", "trust_ratio"}
+    {
+        "activation_checkpointing",
+        "block_noise",
+        "distillation",
+        "layer_drop",
+        "lr_scaling",
+        "progressive_resizing",
+        "token_dropping",
+        "trust_ratio",
+    }
 )
 
 #: Trainer precisions and the FSDP2 parameter dtype they give (gradients are reduced in fp32).
