@@ -351,3 +351,18 @@ def test_a_sharded_checkpoint_needs_a_sharded_strategy_or_consolidation(tmp_path
         {"class_path": "lightning_efficient.strategies.TensorParallelStrategy", "init_args": {}},
     ):
         check_ckpt_path(str(folder), model, None, strategy)
+
+
+def test_2d_checks_the_techniques_against_both_dimensions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_efficient.technique import Technique
+
+    class TensorOnly(Technique):
+        name = "tensor_only"
+
+    monkeypatch.setattr(TensorParallelStrategy, "composes_with", frozenset({"tensor_only"}))
+    strategy = TensorParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
+    strategy._check_support([TensorOnly()], data_parallel_size=1)  # 1D: tensor parallelism's set only
+    with pytest.raises(
+        ConfigurationError, match=r"tensor_only \(TensorOnly\) is not supported under the data dimension"
+    ):
+        strategy._check_support([TensorOnly()], data_parallel_size=2)

@@ -322,7 +322,9 @@ class TensorParallelStrategy(FullyShardedStrategy):
     def _check_support(self, callbacks: Any, data_parallel_size: int) -> None:
         check_support(callbacks, self.composes_with, self.description)
         if data_parallel_size > 1:
-            check_support(callbacks, FULLY_SHARDED_COMPOSES_WITH, "its data dimension, FSDP2")
+            check_support(
+                callbacks, FULLY_SHARDED_COMPOSES_WITH, "the data dimension of TensorParallelStrategy (FSDP2)"
+            )
 
     # -- setup ----------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
