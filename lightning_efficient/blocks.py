@@ -228,7 +228,11 @@ class _ForwardChain:
         self.next_key = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        forward = self.previous if self.previous is not None else type(self.block).forward.__get__(self.block)
+        # A partial, not type(block).forward.__get__(block): after a graph break inside a wrapper, torch.compile
+        # rebuilds a bound method as block.forward, which is this chain, and the wrappers would run twice.
+        forward = (
+            self.previous if self.previous is not None else functools.partial(type(self.block).forward, self.block)
+        )
         for _, wrapper in sorted(self.wrappers.values(), key=lambda item: item[0]):
             forward = functools.partial(wrapper, forward)
         return forward(*args, **kwargs)

@@ -20,6 +20,9 @@ which weights are masked, which examples are drawn) without changing the user's 
   before in ``trainer.callbacks`` (:attr:`Technique.runs_before`) and those it cannot run with
   (:attr:`Technique.conflicts_with`). ``setup`` checks every technique in the trainer against
   these, and refuses distributed runs for techniques not marked :attr:`Technique.distributed_safe`.
+- **Compilation** is declared too: :attr:`Technique.compile_safe` says whether a model compiled with
+  ``torch.compile`` trains with the technique as it does uncompiled (:attr:`Technique.compile_note`:
+  how, or why not); our modules with ``compile`` on refuse the others at setup (:func:`check_compile_support`).
 
 Examples:
     >>> import torch
@@ -62,6 +65,7 @@ from lightning_efficient.errors import ConfigurationError, check_choice, check_r
 __all__ = [
     "Technique",
     "check_choice",
+    "check_compile_support",
     "check_composition",
     "check_plain_state",
     "check_range",
@@ -160,6 +164,37 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
                 )
 
 
+def check_compile_support(callbacks: Sequence[Callback]) -> None:
+    """Refuse, before training, the techniques among ``callbacks`` that cannot run under ``torch.compile``.
+
+    Our LightningModules call it from ``setup`` when their ``compile`` argument is on.
+
+    Raises:
+        ConfigurationError: A technique is not :attr:`Technique.compile_safe`; the message names it
+            and its :attr:`Technique.compile_note` (the reason).
+
+    Examples:
+        >>> class Shuffle(Technique):
+        ...     name = "shuffle"
+        ...     compile_note = "it adds hooks after the first step"
+        >>> class Noise(Technique):
+        ...     name = "noise"
+        ...     compile_safe = True
+        >>> check_compile_support([Noise()])
+        >>> check_compile_support([Noise(), Shuffle()])
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: shuffle (Shuffle) cannot run under compile: it adds hooks after the first step; set the model's compile: false or remove it
+    """
+    for technique in callbacks:
+        if isinstance(technique, Technique) and not technique.compile_safe:
+            reason = technique.compile_note or "it is not verified to train compiled as it does uncompiled"
+            raise ConfigurationError(
+                f"{technique.name} ({type(technique).__name__}) cannot run under compile: {reason}; "
+                "set the model's compile: false or remove it"
+            )
+
+
 def check_schedule_reached(
     trainer: pl.Trainer, name: str, step: int | None, strict: bool, relaxed_by: str | None = "strict_schedule"
 ) -> None:
@@ -245,6 +280,13 @@ class Technique(Callback):
             product) instead of undoing it at ``teardown``.
         masks_weights: Whether it adds the pruning package's mask buffers (``weight_mask``), so
             its checkpoints load only into a run that has it (or after ``export_pruned``).
+        compile_safe: Whether a model compiled with ``torch.compile`` (our modules' ``compile``
+            argument) trains with the technique as it does uncompiled, across its schedule changes
+            (measured by ``tests/test_compile.py``). Our modules refuse the others at setup
+            (:func:`check_compile_support`).
+        compile_note: For a compile-safe technique, how it works under compile when that is not
+            plain tracing (e.g. "recompiles once when fake quantization switches on"); for one
+            that is not, the reason, which the refusal names.
     """
 
     name: ClassVar[str] = "technique"
@@ -254,6 +296,8 @@ class Technique(Callback):
     distributed_safe: ClassVar[bool] = False
     keep_after_fit: ClassVar[bool] = False
     masks_weights: ClassVar[bool] = False
+    compile_safe: ClassVar[bool] = False
+    compile_note: ClassVar[str] = ""
 
     def __init__(self) -> None:
         self._handles: list[Any] = []

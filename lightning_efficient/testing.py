@@ -85,6 +85,8 @@ class BlockOutputNoise(Technique):
     name = "block_noise"
     hooks = ("on_train_batch_start",)
     distributed_safe = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "the noise draw (its own torch.Generator) breaks the graph after each block"
 
     def __init__(
         self, std: float = 0.01, start_step: int = 0, seed: int = 0, block_paths: Sequence[str] | None = None

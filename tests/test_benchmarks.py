@@ -442,3 +442,17 @@ def test_gpu_check_script_smoke_run(harness, user_files, tmp_path):
         assert runs["bf16-mixed"]["relative_difference"] <= result["techniques"]["tolerance"]
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == json.loads(json.dumps(result))
     assert "| autoprog | vit |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_compile_script_smoke_run(harness, user_files, tmp_path):
+    args = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "2", "--backend", "aot_eager",
+            "--techniques", "pruning", "--profile", "always", "--profile-rows", "5",
+            "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("compile", args)
+    assert set(result["variants"]) == {"eager", "compiled", "pruning eager", "pruning compiled"}
+    for numbers in result["comparisons"].values():
+        assert math.isfinite(numbers["ratio"]) and numbers["ratio"] > 0 and numbers["graphs"] > 0
+    assert set(result["profiles"]) == {"compiled", "eager"} and len(result["profiles"]["compiled"]["top"]) == 5
+    assert isinstance(result["passed"], bool) and result["backend"] == "aot_eager"
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))

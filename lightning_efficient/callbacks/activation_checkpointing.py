@@ -183,6 +183,8 @@ class ActivationCheckpointing(Technique):
     name = "activation_checkpointing"
     hooks = ("setup", "on_train_batch_start", "on_train_batch_end")
     distributed_safe = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "the non-reentrant checkpoint is traced into the graph (offload on a GPU: not verified)"
 
     def __init__(
         self,

@@ -153,6 +153,8 @@ class AutoProg(Technique):
     conflicts_with = ("progressive_resizing", "progressive_stacking", "layer_drop")
     distributed_safe = True  # search losses are averaged across ranks: every rank chooses alike
     keep_after_fit = True  # validate / test / predict after fit see the depth that was trained
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "recompiles at each change of depth or image size"
 
     def __init__(
         self,

@@ -186,6 +186,8 @@ class DynamicSparsity(Technique):
     distributed_safe = True
     keep_after_fit = True
     masks_weights = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "masks are rewired outside the forward"
 
     def __init__(
         self,

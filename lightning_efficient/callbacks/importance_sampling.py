@@ -249,6 +249,8 @@ class ImportanceSampling(Technique):
     name = "importance_sampling"
     hooks = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_train_batch_end")
     distributed_safe = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "the scoring pass (no_grad) compiles a second graph"
 
     def __init__(
         self,

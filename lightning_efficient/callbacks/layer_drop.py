@@ -68,7 +68,9 @@ def progressive_theta(step: int, drop_rate: float, gamma: float) -> float:
     return (1.0 - floor) * math.exp(-gamma * step) + floor
 
 
-def keep_probabilities(schedule: str, drop_rate: float, depth: int, step: int = 0, gamma: float = 0.001) -> torch.Tensor:
+def keep_probabilities(
+    schedule: str, drop_rate: float, depth: int, step: int = 0, gamma: float = 0.001
+) -> torch.Tensor:
     """The keep probability of each of ``depth`` blocks at optimizer step ``step`` (float64).
 
     Examples:
@@ -112,6 +114,8 @@ class LayerDrop(Technique):
     hooks = ("setup", "on_train_batch_start")
     conflicts_with = ("progressive_stacking",)
     distributed_safe = True
+    compile_safe = True
+    compile_note = "a graph break at the step's random draw in the block wrapper; the rest of the block compiles"
 
     def __init__(
         self,
@@ -167,7 +171,9 @@ class LayerDrop(Technique):
         check_unused_parameters_allowed(trainer, self.name)
         super().setup(trainer, pl_module, stage)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         self._keep = [keep_probabilities(self.schedule, self.drop_rate, d, step, self.gamma) for d in self._depths]
         self._kept = [torch.rand(len(p), generator=self.generator, dtype=torch.float64) < p for p in self._keep]
@@ -185,7 +191,11 @@ class LayerDrop(Technique):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "kept_blocks": self.kept_blocks, "block_slots": self.block_slots}
+        return {
+            "generator": self.generator.get_state(),
+            "kept_blocks": self.kept_blocks,
+            "block_slots": self.block_slots,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])

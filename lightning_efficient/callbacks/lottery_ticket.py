@@ -118,6 +118,8 @@ class LotteryTicket(Technique):
     distributed_safe = True
     keep_after_fit = True
     masks_weights = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "masks and rewinding act on the weights outside the forward"
 
     def __init__(
         self,

@@ -204,6 +204,8 @@ class LRScaling(Technique):
     name = "lr_scaling"
     hooks = ("on_fit_start", "on_train_start")
     distributed_safe = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "it changes only the learning rates, nothing in the forward"
 
     def __init__(
         self, reference_batch_size: int, rule: str = "linear", batch_size: int | None = None, warmup_steps: int = 0

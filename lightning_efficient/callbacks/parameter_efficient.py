@@ -253,6 +253,8 @@ class ParameterEfficientTuning(Technique):
     conflicts_with = ("progressive_stacking", "qat")
     distributed_safe = True
     keep_after_fit = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "the adapters are injected at setup, before the model is compiled"
 
     def __init__(
         self,

@@ -330,6 +330,8 @@ class ProgressiveResizing(Technique):
     hooks = ("setup", "on_train_start", "on_train_batch_start")
     conflicts_with = ("autoprog",)  # AutoProg chooses the sides itself
     distributed_safe = True  # the size is a function of the step: every rank resizes alike
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "recompiles when the image size changes"
 
     def __init__(self, schedule: Sequence[Sequence[int | float]], eval_size: str = "full") -> None:
         super().__init__()

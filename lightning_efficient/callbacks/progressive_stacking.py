@@ -519,6 +519,8 @@ class ProgressiveStacking(Technique):
     conflicts_with = ("layer_drop",)
     distributed_safe = True
     keep_after_fit = True  # validate / test / predict after fit see the depth that was trained
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "recompiles once at each growth (a new block list)"
 
     def __init__(
         self,

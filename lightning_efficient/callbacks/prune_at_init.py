@@ -127,6 +127,8 @@ class PruneAtInit(Technique):
     distributed_safe = True
     keep_after_fit = True
     masks_weights = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "scores and masks are computed outside the forward"
 
     def __init__(
         self,

@@ -284,6 +284,8 @@ class ResidualInit(Technique):
     name = "residual_init"
     distributed_safe = True
     keep_after_fit = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "its surgery is done at setup, before the model is compiled"
 
     def __init__(
         self,

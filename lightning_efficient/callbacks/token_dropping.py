@@ -336,6 +336,8 @@ class TokenDropping(Technique):
     name = "token_dropping"
     hooks = ("setup", "on_train_start", "on_train_batch_start", "on_train_batch_end")
     distributed_safe = True
+    compile_safe = True
+    compile_note = "a graph break at the kept tokens' draw in the block wrapper (new kept counts: new shapes)"
 
     def __init__(
         self,

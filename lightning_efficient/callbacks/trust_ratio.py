@@ -90,6 +90,8 @@ class TrustRatioMonitor(Technique):
     name = "trust_ratio"
     hooks = ("on_before_optimizer_step", "on_train_batch_end")
     distributed_safe = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "it reads weights and gradients after the backward, nothing in the forward"
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ __all__ = [
     "EfficientModule",
     "TextClassifier",
     "class_names",
+    "compile_backend",
     "decay_parameter_groups",
     "require_argument",
     "warmup_schedule",
@@ -54,6 +55,38 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
+#: ``torch.compile`` backends for checking semantics that ``torch._dynamo.list_backends()`` does not list.
+DEBUG_BACKENDS = ("aot_eager", "eager")
+
+
+def compile_backend(compile: bool | str) -> str | None:
+    """The ``torch.compile`` backend that a module's ``compile`` argument asks for; None when it is off.
+
+    ``True`` is Inductor (the fast one); a string names a backend: one of
+    ``torch._dynamo.list_backends()``, or ``"eager"`` / ``"aot_eager"`` (no code generation: for
+    checking that a run compiles and trains as it does uncompiled).
+
+    Raises:
+        ConfigurationError: ``compile`` is neither a bool nor a known backend name.
+
+    Examples:
+        >>> compile_backend(False), compile_backend(True), compile_backend("aot_eager")
+        (None, 'inductor', 'aot_eager')
+        >>> compile_backend("fastest")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: compile='fastest' is not a torch.compile backend; use true, false or one of: aot_eager, ...
+    """
+    if isinstance(compile, bool):
+        return "inductor" if compile else None
+    import torch._dynamo
+
+    allowed = sorted({*torch._dynamo.list_backends(), *DEBUG_BACKENDS})
+    if isinstance(compile, str) and compile in allowed:
+        return compile
+    raise ConfigurationError(
+        f"compile={compile!r} is not a torch.compile backend; use true, false or one of: {', '.join(allowed)}"
+    )
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -161,6 +194,11 @@ class EfficientModule(pl.LightningModule):
         weight_decay: Decoupled weight decay of matrices (biases and norms get none).
         warmup_fraction: Share of the run's optimizer steps spent warming the LR up linearly.
         lr_schedule: ``linear`` or ``cosine`` decay to zero after warmup, or ``constant``.
+        compile: Compile the model with ``torch.compile`` at the end of :meth:`setup` (after the
+            techniques' surgery): ``True`` for Inductor, or a backend name (see :func:`compile_backend`).
+            The modules of :meth:`compile_targets` are compiled in place (``nn.Module.compile``), so
+            checkpoint keys do not change. A technique that cannot run compiled is refused there,
+            before the first step (:func:`~lightning_efficient.technique.check_compile_support`).
     """
 
     #: Whether the model needs a tokenizer (text models) in its checkpoints.
@@ -169,7 +207,14 @@ class EfficientModule(pl.LightningModule):
     #: (``"masked_lm"``, ``"sequence_classification"``, ``"seq2seq"``, ``"image_classification"``).
     task: str | None = None
 
-    def __init__(self, learning_rate: float, weight_decay: float, warmup_fraction: float, lr_schedule: str) -> None:
+    def __init__(
+        self,
+        learning_rate: float,
+        weight_decay: float,
+        warmup_fraction: float,
+        lr_schedule: str,
+        compile: bool | str = False,
+    ) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ConfigurationError(f"learning_rate={learning_rate} must be positive")
@@ -188,6 +233,9 @@ class EfficientModule(pl.LightningModule):
         self.built_from_config = False
         #: Optimizer steps of the LR schedule (set when it is built, moved by :meth:`set_schedule_length`).
         self.schedule_length: int | None = None
+        #: The ``torch.compile`` backend of the ``compile`` argument, None when off (not named ``compile``:
+        #: that would hide ``nn.Module.compile``).
+        self.compile_backend: str | None = compile_backend(compile)
 
     @property
     def class_name(self) -> str:
@@ -214,6 +262,39 @@ class EfficientModule(pl.LightningModule):
         return batch_counts(batch)
 
     def setup(self, stage: str) -> None:
+        self._check_data(stage)
+        self.compile_model()
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules that ``compile`` compiles in place: the transformers model (``self.model``)."""
+        return [self.model]
+
+    def compile_model(self) -> None:
+        """Compile :meth:`compile_targets` in place with the ``compile`` backend (once; nothing when it is off).
+
+        Called at the end of :meth:`setup`, which Lightning runs after every callback's ``setup``: the
+        techniques' hooks and wrappers are in place before the first compiled call.
+
+        With Inductor, random operators (dropout) run as in eager (``fallback_random``): they draw
+        from torch's global generator, so a compiled run draws the masks an eager run draws and
+        resumes them from the random state our checkpoints carry; on the CPU, torch's own dropout is
+        also faster than Inductor's generated one (``benchmarks/compile.py``).
+
+        Raises:
+            ConfigurationError: A technique of the run cannot run compiled (naming it and the reason).
+        """
+        if self.compile_backend is None:
+            return
+        from lightning_efficient.technique import check_compile_support
+
+        check_compile_support(self._techniques())
+        options = {"fallback_random": True} if self.compile_backend == "inductor" else None
+        for module in self.compile_targets():
+            if getattr(module, "_compiled_call_impl", None) is None:  # compiled once, whatever the stages
+                module.compile(backend=self.compile_backend, options=options)
+
+    def _check_data(self, stage: str) -> None:
+        """Take the data module's tokenizer; fail when the data's vocabulary or labels differ from the model's."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return

@@ -225,6 +225,8 @@ class BertMLM(EfficientModule):
         seed: Seed of the masking generator (its state is checkpointed).
         model_config: Written by the module into its checkpoints when it started from a directory (the
             transformers config that rebuilds the same architecture without it); leave unset.
+        compile: Compile the encoder and the head with ``torch.compile`` at setup, after the techniques' surgery: ``True``
+            for Inductor, or a backend name (``"aot_eager"``, ...); checkpoint keys do not change.
 
     The mask token, and the special tokens that are never masked nor drawn as random replacements,
     come from the model's tokenizer (any BERT- or RoBERTa-style one, see :attr:`special_ids`).
@@ -268,8 +270,9 @@ class BertMLM(EfficientModule):
         lr_schedule: str = "linear",
         seed: int = 0,
         model_config: dict[str, Any] | None = None,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule, compile)
         self.save_hyperparameters()
         if pretrained is None and model_config is None:
             vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
@@ -305,6 +308,13 @@ class BertMLM(EfficientModule):
         super().setup(stage)
         if self.tokenizer is not None:
             check_pad_token(self.model, self.special_ids)
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The encoder and the masked-LM head: :meth:`masked_logits` calls them apart (the head on masked positions)."""
+        parts = masked_lm_head(self.model)
+        if parts is None:
+            return [self.model]
+        return [module for module in parts if isinstance(module, nn.Module)]  # DistilBERT's head is a function
 
     def mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
@@ -495,6 +505,8 @@ class BertClassifier(TextClassifier):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
         model_config: Written by the module into its checkpoints when it started from a directory;
             leave unset.
+        compile: Compile the model with ``torch.compile`` at setup, after the techniques' surgery: ``True``
+            for Inductor, or a backend name (``"aot_eager"``, ...); checkpoint keys do not change.
 
     Examples:
         >>> model = BertClassifier(vocab_size=100, num_labels=2, label_names=["imaginative", "informative"], preset="tiny")
@@ -524,8 +536,9 @@ class BertClassifier(TextClassifier):
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
         model_config: dict[str, Any] | None = None,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule, compile)
         self.save_hyperparameters()
         if pretrained_checkpoint is not None:
             warnings.warn(

@@ -134,6 +134,8 @@ class BiLSTMClassifier(TextClassifier):
         weight_decay: Weight decay of the default AdamW.
         warmup_fraction: Share of steps of linear LR warmup.
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        compile: Compile the module with ``torch.compile`` at setup: ``True`` for Inductor, or a backend name
+            (``"aot_eager"``, ...). ``torch.compile`` does not trace RNNs: the LSTM itself runs uncompiled.
 
     Raises:
         ConfigurationError: An argument is missing or out of range (naming it), or ``embedding_size``
@@ -164,8 +166,9 @@ class BiLSTMClassifier(TextClassifier):
         weight_decay: float = 0.0,
         warmup_fraction: float = 0.0,
         lr_schedule: str = "constant",
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule, compile)
         self.save_hyperparameters()
         for name, value in (
             ("embedding_size", embedding_size),
@@ -252,6 +255,10 @@ class BiLSTMClassifier(TextClassifier):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._follow_tokenizer()
+
+    def compile_targets(self) -> list[nn.Module]:
+        """This module itself (it has no ``self.model``): embeddings and heads compiled, the LSTM run as it is."""
+        return [self]
 
     def _follow_tokenizer(self) -> None:
         """The embedding's ``padding_idx`` (the row that gets no gradient) is the pad id of the model's tokenizer.

@@ -129,6 +129,8 @@ class Translation(EfficientModule):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
         model_config: Written by the module into its checkpoints when it started from a directory;
             leave unset.
+        compile: Compile the model with ``torch.compile`` at setup, after the techniques' surgery: ``True``
+            for Inductor, or a backend name (``"aot_eager"``, ...); checkpoint keys do not change.
 
     Examples:
         >>> model = Translation(vocab_size=100, preset="tiny")  # with data: vocab_size=datamodule.vocab_size
@@ -163,8 +165,9 @@ class Translation(EfficientModule):
         warmup_fraction: float = 0.1,
         lr_schedule: str = "linear",
         model_config: dict[str, Any] | None = None,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule, compile)
         self.save_hyperparameters()
         if pretrained is None and model_config is None:
             vocab_size = require_argument("vocab_size", vocab_size, "pass datamodule.vocab_size")
@@ -213,14 +216,19 @@ class Translation(EfficientModule):
         )
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1) -> list[str]:
-        """Translate a batch, greedy (``num_beams=1``) or with beam search; returns decoded strings."""
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            num_beams=num_beams,
-            do_sample=False,
-            max_new_tokens=self.hparams.max_length,
-        )
+        """Translate a batch, greedy (``num_beams=1``) or with beam search; returns decoded strings.
+
+        Generation runs uncompiled under ``compile``: each decoding step has other shapes (the growing
+        key/value cache), so a compiled model would recompile until torch gives up on it.
+        """
+        with torch.compiler.set_stance("force_eager"):
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                num_beams=num_beams,
+                do_sample=False,
+                max_new_tokens=self.hparams.max_length,
+            )
         return self.require_tokenizer().decode_batch(output.tolist(), skip_special_tokens=True)
 
     def importance_scores(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -53,6 +53,8 @@ class ViTClassifier(EfficientModule):
         lr_schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
         model_config: Written by the module into its checkpoints when it started from a directory;
             leave unset.
+        compile: Compile the model with ``torch.compile`` at setup, after the techniques' surgery: ``True``
+            for Inductor, or a backend name (``"aot_eager"``, ...); checkpoint keys do not change.
 
     Examples:
         >>> model = ViTClassifier(num_labels=10, preset="tiny")
@@ -83,8 +85,9 @@ class ViTClassifier(EfficientModule):
         warmup_fraction: float = 0.1,
         lr_schedule: str = "cosine",
         model_config: dict[str, Any] | None = None,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule)
+        super().__init__(learning_rate, weight_decay, warmup_fraction, lr_schedule, compile)
         self.save_hyperparameters()
         self.label_names = class_names(num_labels, label_names, "pass datamodule.model_arguments()['num_labels']")
         num_labels = len(self.label_names)

@@ -123,6 +123,8 @@ class Distillation(Technique):
     distributed_safe = True
     #: Examples without a gold label (:data:`~lightning_efficient.losses.MISSING_LABEL`) are trained on the teacher.
     fills_missing_labels = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "the teacher runs uncompiled; the layer-transfer hooks are in place before the first compiled call"
 
     def __init__(
         self,

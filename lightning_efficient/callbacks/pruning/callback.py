@@ -90,6 +90,8 @@ class MagnitudePruning(Technique):
     distributed_safe = True
     keep_after_fit = True
     masks_weights = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "masks multiply the weights and gradients outside the forward"
 
     def __init__(
         self,

@@ -181,6 +181,8 @@ class QuantizationAwareTraining(Technique):
     hooks = ("setup", "on_train_start", "on_train_batch_start")
     distributed_safe = True
     keep_after_fit = True
+    compile_safe = True  # tests/test_compile.py: compiled training equals eager
+    compile_note = "recompiles once when fake quantization switches on and once when the weight scales freeze"
 
     def __init__(
         self,
