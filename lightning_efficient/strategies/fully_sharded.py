@@ -18,12 +18,12 @@ subclass, which adds the Megatron plan on a tensor dimension and so gives 2D par
 gradient clipping over DTensor and plain parameters (:func:`clip_grad_norm_`), optimizers built
 before the model was sharded pointed at the sharded parameters (:func:`repoint_optimizers`), and
 the check that every technique in ``trainer.callbacks`` composes with the strategy
-(:func:`check_strategy_support`).
+(:func:`check_supported_techniques`).
 
 Examples:
     >>> from lightning_efficient import ActivationCheckpointing, LayerDrop
-    >>> check_strategy_support([ActivationCheckpointing(), LayerDrop(drop_rate=0.1)], FULLY_SHARDED_COMPOSES_WITH,
-    ...                        "FSDP2 (FullyShardedStrategy)")  # declared to compose: no error
+    >>> check_supported_techniques([ActivationCheckpointing(), LayerDrop(drop_rate=0.1)], FULLY_SHARDED_COMPOSES_WITH,
+    ...                            "FSDP2 (FullyShardedStrategy)")  # declared to compose: no error
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FULLY_SHARDED_COMPOSES_WITH",
     "FullyShardedStrategy",
-    "check_strategy_support",
+    "check_supported_techniques",
     "clip_grad_norm_",
     "mixed_precision_policy",
     "repoint_optimizers",
@@ -81,16 +81,11 @@ FULLY_SHARDED_COMPOSES_WITH: frozenset[str] = frozenset(
     }
 )
 
-#: Trainer precisions and the FSDP2 parameter dtype they give (gradients are reduced in fp32).
-PRECISION_DTYPES: dict[str, torch.dtype | None] = {
-    "32-true": None,
-    "bf16-mixed": torch.bfloat16,
-    "bf16-true": None,  # the parameters themselves are bf16: nothing to cast
-    "16-true": None,
-}
+#: Trainer precisions that FSDP2 runs as mixed precision: the dtype of the gathered parameters.
+MIXED_PRECISION_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16}
 
 
-def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str], strategy: str) -> None:
+def check_supported_techniques(callbacks: Iterable[Any], allowed: Iterable[str], strategy: str) -> None:
     """Fail if a technique in ``callbacks`` is not declared to compose with ``strategy``.
 
     Args:
@@ -100,7 +95,7 @@ def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str], str
 
     Examples:
         >>> from lightning_efficient import MagnitudePruning
-        >>> check_strategy_support([MagnitudePruning(final_sparsity=0.5)], {"layer_drop"}, "FSDP2 (FullyShardedStrategy)")
+        >>> check_supported_techniques([MagnitudePruning(final_sparsity=0.5)], {"layer_drop"}, "FSDP2 (FullyShardedStrategy)")
         Traceback (most recent call last):
         ...
         lightning_efficient.errors.ConfigurationError: pruning (MagnitudePruning) is not supported under FSDP2 (FullyShardedStrategy); techniques that compose with it: layer_drop; remove it from trainer.callbacks or train with DDP
@@ -166,7 +161,7 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
         >>> mixed_precision_policy("bf16-mixed").param_dtype, mixed_precision_policy("32-true").param_dtype
         (torch.bfloat16, None)
     """
-    dtype = PRECISION_DTYPES.get(str(precision))
+    dtype = MIXED_PRECISION_DTYPES.get(str(precision))
     if dtype is None:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -377,7 +372,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
         module = self.lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if trainer is not None:
-            check_strategy_support(trainer.callbacks, self.composes_with, self.description)
+            check_supported_techniques(trainer.callbacks, self.composes_with, self.description)
         return dp, tp
 
     def setup_environment(self) -> None:
@@ -420,7 +415,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Apply FSDP2 (:func:`shard_data_parallel`) on the ``data_parallel`` dimension of the device mesh."""
-        check_strategy_support(self.lightning_module.trainer.callbacks, self.composes_with, self.description)
+        check_supported_techniques(self.lightning_module.trainer.callbacks, self.composes_with, self.description)
         self.shard(model)
         return model
 

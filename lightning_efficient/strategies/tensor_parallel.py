@@ -45,10 +45,10 @@ from lightning_efficient.strategies.fully_sharded import (
     FullyShardedStrategy,
     _check_size,
     _has_dtensor,
+    check_supported_techniques,
     clip_grad_norm_,
     repoint_optimizers,
 )
-from lightning_efficient.strategies.fully_sharded import check_strategy_support as check_support
 from lightning_efficient.strategies.megatron_plans import (
     STYLES,
     check_plan,
@@ -82,7 +82,7 @@ COMPOSES_WITH: frozenset[str] = frozenset({"activation_checkpointing", "lr_scali
 def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
     """Fail if a technique in ``callbacks`` is not declared to compose with tensor parallelism.
 
-    :func:`lightning_efficient.strategies.fully_sharded.check_strategy_support` for this strategy.
+    :func:`~lightning_efficient.strategies.fully_sharded.check_supported_techniques` for this strategy.
 
     Examples:
         >>> from lightning_efficient import LayerDrop
@@ -91,7 +91,7 @@ def check_strategy_support(callbacks: Iterable[Any], allowed: Iterable[str] = CO
         ...
         lightning_efficient.errors.ConfigurationError: layer_drop (LayerDrop) is not supported under tensor parallelism (TensorParallelStrategy); techniques that compose with it: activation_checkpointing, lr_scaling, trust_ratio; remove it from trainer.callbacks or train with DDP
     """
-    check_support(callbacks, allowed, TensorParallelStrategy.description)
+    check_supported_techniques(callbacks, allowed, TensorParallelStrategy.description)
 
 
 def check_composition(callbacks: Iterable[Any], allowed: Iterable[str] = COMPOSES_WITH) -> None:
@@ -320,9 +320,9 @@ class TensorParallelStrategy(FullyShardedStrategy):
         return dp, tp
 
     def _check_support(self, callbacks: Any, data_parallel_size: int) -> None:
-        check_support(callbacks, self.composes_with, self.description)
+        check_supported_techniques(callbacks, self.composes_with, self.description)
         if data_parallel_size > 1:
-            check_support(
+            check_supported_techniques(
                 callbacks, FULLY_SHARDED_COMPOSES_WITH, "the data dimension of TensorParallelStrategy (FSDP2)"
             )
 
