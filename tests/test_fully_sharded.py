@@ -5,8 +5,8 @@ for FSDP2 (dp2) and the DDP runs it is compared with, 4 processes for 2D (dp2 x 
 
 What "the same" means, per loss:
 
-- ViT's loss is a mean over its examples, and the data-parallel ranks' batches of a step are together
-  one process's batch of twice the size (the sampler deals a seeded permutation out rank by rank), so
+- ViT's and the BERT classifier's losses are means over their examples, and the data-parallel ranks'
+  batches of a step are together one process's batch of twice the size (the sampler deals a seeded permutation out rank by rank), so
   dp2 and dp2 x tp2 must match **one process** with the doubled batch.
 - BERT MLM's and MT's losses are means over tokens (masked or target), whose counts differ between
   ranks, so data parallelism of any kind averages two rank means; there the reference is **DDP** on
