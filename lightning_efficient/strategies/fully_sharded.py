@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
+from lightning_efficient.strategies.megatron_plans import check_parallel_size
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -196,8 +197,11 @@ def shard_data_parallel(
         ['model.vit.layers.0', 'model.vit.layers.1', 'model.vit.layers.2']
         >>> dist.destroy_process_group()
     """
-    options: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    options["offload_policy"] = offload_policy or OffloadPolicy()
+    options: dict[str, Any] = {
+        "mesh": mesh,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload_policy or OffloadPolicy(),
+    }
     try:
         stacks = find_block_stacks(module, block_paths)
     except NoTargetModulesError:
@@ -335,7 +339,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        _check_size("data_parallel_size", data_parallel_size)
+        check_parallel_size("data_parallel_size", data_parallel_size)
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=1,
@@ -372,8 +376,12 @@ class FullyShardedStrategy(ModelParallelStrategy):
         module = self.lightning_module
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if trainer is not None:
-            check_supported_techniques(trainer.callbacks, self.composes_with, self.description)
+            self._check_support(trainer.callbacks, dp)
         return dp, tp
+
+    def _check_support(self, callbacks: Any, data_parallel_size: int) -> None:
+        """Fail on a technique in ``callbacks`` that is not in :attr:`composes_with`."""
+        check_supported_techniques(callbacks, self.composes_with, self.description)
 
     def setup_environment(self) -> None:
         """Check sizes and techniques on every rank, then start the process group and mesh."""
@@ -415,7 +423,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Apply FSDP2 (:func:`shard_data_parallel`) on the ``data_parallel`` dimension of the device mesh."""
-        check_supported_techniques(self.lightning_module.trainer.callbacks, self.composes_with, self.description)
+        self._check_support(self.lightning_module.trainer.callbacks, self.device_mesh["data_parallel"].size())
         self.shard(model)
         return model
 
@@ -478,8 +486,3 @@ class FullyShardedStrategy(ModelParallelStrategy):
             vars(self.precision_plugin).pop("clip_grad_by_norm", None)
             self._original_clip = None
         super().teardown()
-
-
-def _check_size(name: str, value: Any) -> None:
-    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ConfigurationError(f"{name}={value!r} must be a positive integer or 'auto'")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
@@ -55,7 +55,7 @@ from lightning_efficient.architectures import architecture_of, block_view, known
 from lightning_efficient.blocks import find_block_stacks
 from lightning_efficient.errors import ConfigurationError, NoTargetModulesError
 
-__all__ = ["STYLES", "check_plan", "megatron_plan", "parallel_sizes", "resolve_plan"]
+__all__ = ["STYLES", "check_parallel_size", "check_plan", "megatron_plan", "parallel_sizes", "resolve_plan"]
 
 
 def _styles() -> dict[str, ParallelStyle]:
@@ -83,6 +83,20 @@ def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
+def check_parallel_size(name: str, value: Any) -> None:
+    """Fail unless a mesh dimension's size ``value`` (argument ``name``) is a positive integer or ``"auto"``.
+
+    Examples:
+        >>> check_parallel_size("data_parallel_size", "auto")
+        >>> check_parallel_size("data_parallel_size", 0)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: data_parallel_size=0 must be a positive integer or 'auto'
+    """
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigurationError(f"{name}={value!r} must be a positive integer or 'auto'")
+
+
 def parallel_sizes(
     world_size: int,
     data_parallel_size: int | Literal["auto"] = "auto",
@@ -106,9 +120,8 @@ def parallel_sizes(
         ...
         lightning_efficient.errors.ConfigurationError: world size 3 does not factor into data_parallel_size x tensor_parallel_size=2; use a tensor_parallel_size that divides 3 (1, 3), or change the number of devices
     """
-    for name, value in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigurationError(f"{name}={value!r} must be a positive integer or 'auto'")
+    check_parallel_size("data_parallel_size", data_parallel_size)
+    check_parallel_size("tensor_parallel_size", tensor_parallel_size)
     if data_parallel_size == "auto" and tensor_parallel_size == "auto":
         data_parallel_size = num_nodes
     for name, known, other in (

@@ -43,7 +43,6 @@ from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.strategies.fully_sharded import (
     FULLY_SHARDED_COMPOSES_WITH,
     FullyShardedStrategy,
-    _check_size,
     _has_dtensor,
     check_supported_techniques,
     clip_grad_norm_,
@@ -51,6 +50,7 @@ from lightning_efficient.strategies.fully_sharded import (
 )
 from lightning_efficient.strategies.megatron_plans import (
     STYLES,
+    check_parallel_size,
     check_plan,
     megatron_plan,
     parallel_sizes,
@@ -272,7 +272,7 @@ class TensorParallelStrategy(FullyShardedStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        _check_size("tensor_parallel_size", tensor_parallel_size)
+        check_parallel_size("tensor_parallel_size", tensor_parallel_size)
         if plan is not None:
             if not isinstance(plan, Mapping) or not plan:
                 raise ConfigurationError(f"plan={plan!r} must be a non-empty mapping of module path -> style")
@@ -309,18 +309,15 @@ class TensorParallelStrategy(FullyShardedStrategy):
         return megatron_plan(model, tensor_parallel_size, self.block_paths, self.vocab_parallel, self.sequence_parallel)
 
     def _check(self) -> tuple[int, int]:
-        dp, tp = self._sizes()
+        dp, tp = super()._check()
         module = self.lightning_module
-        if module is not None:
-            trainer = getattr(module, "_trainer", None)
-            if trainer is not None:
-                self._check_support(trainer.callbacks, dp)
-            if any(True for _ in module.parameters()) and not _has_dtensor(module):
-                self.build_plan(module, tp)
+        if module is not None and any(True for _ in module.parameters()) and not _has_dtensor(module):
+            self.build_plan(module, tp)
         return dp, tp
 
     def _check_support(self, callbacks: Any, data_parallel_size: int) -> None:
-        check_supported_techniques(callbacks, self.composes_with, self.description)
+        """Fail on a technique not in :attr:`composes_with`, or with ``dp > 1`` not composing with FSDP2 either."""
+        super()._check_support(callbacks, data_parallel_size)
         if data_parallel_size > 1:
             check_supported_techniques(
                 callbacks, FULLY_SHARDED_COMPOSES_WITH, "the data dimension of TensorParallelStrategy (FSDP2)"
