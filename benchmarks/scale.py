@@ -44,12 +44,6 @@ import torch
 
 from benchmarks.harness import write_json
 
-STEPS, SAVE_AT, BATCH = 6, 3, 16  # BATCH: per data-parallel rank (ViT, classification)
-TWO_D = {"data_parallel_size": 2, "tensor_parallel_size": 2}
-ONE_PROCESS = ("vit", "classify")  # per-example mean losses
-FAMILIES = (*ONE_PROCESS, "bert", "mt")
-CLIPS = {"vit": 0.25, "classify": 0.02, "bert": 0.25, "mt": 0.25}  # below each family's gradient norms
-
 
 def data_files(root: Path) -> dict[str, str]:
     """Small user files as the test suite writes them, under ``root``: 600 Brown sentences of three
@@ -70,19 +64,6 @@ def data_files(root: Path) -> dict[str, str]:
     )
     return {name: str(root / file) for name, file in (("txt", "sentences.txt"), ("jsonl", "sentences.jsonl"),
                                                       ("pairs", "pairs.jsonl"))}  # fmt: skip
-
-
-def runs(out: Path, kind: str, strategy: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every family under ``kind`` (``fsdp`` or ``2d``): checkpointed at step 3 and resumed from it."""
-    specs = []
-    for family in FAMILIES:
-        name = f"{family}_{kind}"
-        options = {**strategy, "vocab_parallel": True} if kind == "2d" and family == "bert" else strategy
-        common = {"family": family, "steps": STEPS, "clip": CLIPS[family], "kind": "fsdp" if kind == "fsdp" else "tp"}
-        specs.append({"name": name, **common, "strategy": options, "save_at": SAVE_AT})
-        resume = str(out / name / f"step={SAVE_AT}.ckpt")
-        specs.append({"name": f"{name}_resumed", **common, "strategy": options, "resume": resume})
-    return specs
 
 
 def launch(spec: dict[str, Any], out: Path, timeout: int) -> tuple[list[dict[str, Any]], float]:
@@ -106,43 +87,28 @@ def differences(
     return {"loss": loss, "weights": weights, "steps": len(losses)}
 
 
-def mean_losses(*ranks: dict[str, Any]) -> dict[int, float]:
-    """The loss of the whole data-parallel batch: the mean of the replicas' (equal-sized) batch losses."""
-    return {step: sum(rank["losses"][step] for rank in ranks) / len(ranks) for step in ranks[0]["losses"]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per launch before it counts as hung")
     args = parser.parse_args()
-    from tp_worker import train
+    from tp_worker import FAMILIES, ONE_PROCESS, TWO_D, parity_runs, reference_runs, replica_losses, train
 
     torch.set_num_threads(1)  # as each worker rank
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files = data_files(root)
-        references = {
-            family: train(
-                {"name": family, "family": family, "steps": STEPS, "clip": CLIPS[family], "batch_size": 2 * BATCH},
-                files,
-                root / "ref",
-                devices=1,
-            )
-            for family in ONE_PROCESS
-        }
-        two = runs(root / "two", "fsdp", {})
-        two += [
-            {"name": f"{f}_ddp", "family": f, "steps": STEPS, "clip": CLIPS[f], "kind": "ddp"} for f in ("bert", "mt")
-        ]
+        one_process = [run for run in reference_runs() if run.get("kind") != "ddp"]
+        references = {run["name"]: train(run, files, root / "ref", devices=1) for run in one_process}
+        two = parity_runs(root / "two", "fsdp", {}) + [run for run in reference_runs() if run.get("kind") == "ddp"]
         fsdp, fsdp_seconds = launch({"files": files, "runs": two, "devices": 2}, root / "two", args.timeout)
-        four = runs(root / "four", "2d", TWO_D)
+        four = parity_runs(root / "four", "2d", TWO_D)
         two_d, two_d_seconds = launch({"files": files, "runs": four, "devices": 4}, root / "four", args.timeout)
     figures: dict[str, Any] = {"launch_seconds": {"fsdp_dp2": fsdp_seconds, "2d_dp2_tp2": two_d_seconds}}
     for kind, ranks, second in (("fsdp", fsdp, 1), ("2d", two_d, 2)):  # second: rank 0's partner replica
         for family in ONE_PROCESS:
             run = ranks[0][f"{family}_{kind}"]
-            replicas = mean_losses(run, ranks[second][f"{family}_{kind}"])
+            replicas = replica_losses(run, ranks[second][f"{family}_{kind}"])
             figures[f"{family}_{kind} vs one process"] = differences(run, references[family], replicas)
         for family in ("bert", "mt"):
             figures[f"{family}_{kind} vs ddp"] = differences(ranks[0][f"{family}_{kind}"], fsdp[0][f"{family}_ddp"])

@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch._dynamo
-from lightning.pytorch.callbacks import Callback
 from techniques import CASES, TechniqueCase, tiny_family
+from test_models import LossRecorder
 
 from lightning_efficient import BertClassifier, BertMLM, BiLSTMClassifier, MLMDataModule, Translation, ViTClassifier
 from lightning_efficient.errors import ConfigurationError
@@ -33,18 +33,6 @@ STEPS = 6
 ROW_STEPS = {"autoprog": 8}
 #: Rows whose mechanism another row already covers (test time): first_block_noise is block_noise's hook on one block.
 SAME_AS = {"first_block_noise": "block_noise"}
-
-
-class LossRecorder(Callback):
-    """Records the loss of every training step."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 @pytest.fixture(autouse=True)

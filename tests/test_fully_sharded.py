@@ -28,7 +28,18 @@ import pytest
 import torch
 from techniques import CASES
 from test_tensor_parallel import _launch, _max_diff
-from tp_worker import train
+from tp_worker import (
+    BATCH,
+    CLIPS,
+    FAMILIES,
+    ONE_PROCESS,
+    SAVE_AT,
+    TWO_D,
+    parity_runs,
+    reference_runs,
+    replica_losses,
+    train,
+)
 
 from lightning_efficient.errors import ConfigurationError
 from lightning_efficient.strategies import (
@@ -38,40 +49,18 @@ from lightning_efficient.strategies import (
     TensorParallelStrategy,
 )
 
-STEPS, SAVE_AT, CLIP, TOL = 6, 3, 0.25, 1e-5
-VIT_BATCH = 16  # per data-parallel rank; the one-process reference takes 2 x 16
-TWO_D = {"data_parallel_size": 2, "tensor_parallel_size": 2}
-ONE_PROCESS = ("vit", "classify")  # per-example mean losses: compared with one process (BERT classifies genres)
-FAMILIES = (*ONE_PROCESS, "bert", "mt")
-CLIPS = {"classify": 0.02}  # a threshold below each family's gradient norms: clipping acts on every step
+TOL = 1e-5
 ROWS = [case for case in CASES if "fsdp" in case.strategies]
 TECHNIQUES = [case.id for case in ROWS]
 TECHNIQUES_2D = [case.id for case in CASES if "2d" in case.strategies]
-
-
-def _parity_runs(out: Path, kind: str, strategy: dict[str, Any]) -> list[dict[str, Any]]:
-    """ViT, BERT MLM (tied decoder) and MT under ``kind``: with clipping, checkpointed at step 3, resumed."""
-    runs = []
-    for family in FAMILIES:
-        name = f"{family}_{kind}"
-        clip = CLIPS.get(family, CLIP)
-        common = {"family": family, "steps": STEPS, "clip": clip, "kind": "fsdp" if kind == "fsdp" else "tp"}
-        runs += [
-            {"name": name, **common, "strategy": strategy, "save_at": SAVE_AT},
-            {"name": f"{name}_resumed", **common, "strategy": strategy, "resume": str(out / name / f"step={SAVE_AT}.ckpt")},
-        ]  # fmt: skip
-    return runs
 
 
 @pytest.fixture(scope="module")
 def fsdp(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict]:
     """(rank 0's results, rank 1's results, one-process references) of the 2-process runs."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = _parity_runs(out, "fsdp", {})
-    runs += [
-        {"name": f"{family}_ddp", "family": family, "steps": STEPS, "clip": CLIP, "kind": "ddp"}
-        for family in ("bert", "mt")
-    ]
+    one_process = [run for run in reference_runs() if run.get("kind") != "ddp"]
+    runs = parity_runs(out, "fsdp", {}) + [run for run in reference_runs() if run.get("kind") == "ddp"]
     runs += [{"name": "vit_fsdp_bf16", "family": "vit", "steps": 3, "kind": "fsdp", "precision": "bf16-mixed"}]
     for case in ROWS:  # the contract rows declared to compose: against DDP, and resumed from step 1
         row = {"family": case.base_family, "steps": 4, "techniques": [case.id]}
@@ -92,12 +81,7 @@ def fsdp(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         }
     ]
     references = _references(
-        out,
-        [
-            *({"name": f, "family": f, "steps": STEPS, "clip": CLIPS.get(f, CLIP)} for f in ONE_PROCESS),
-            {"name": "vit_bf16", "family": "vit", "steps": 3},
-        ],
-        user_files,
+        out, [*one_process, {"name": "vit_bf16", "family": "vit", "steps": 3, "batch_size": 2 * BATCH}], user_files
     )
     result = _launch({"files": user_files, "runs": runs}, out)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -109,10 +93,7 @@ def fsdp(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 def two_d(user_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Each of the 4 ranks' results of the dp2 x tp2 runs."""
     out = tmp_path_factory.mktemp("two_d")
-    runs = _parity_runs(out, "2d", TWO_D)
-    for run in runs:
-        if run["family"] == "bert":  # the tied decoder sharded over the vocabulary too
-            run["strategy"] = {**TWO_D, "vocab_parallel": True}
+    runs = parity_runs(out, "2d", TWO_D)
     for technique in TECHNIQUES_2D:
         runs.append(
             {"name": f"{technique}_2d", "family": "bert", "steps": 4, "techniques": [technique], "strategy": TWO_D}
@@ -136,15 +117,14 @@ def _references(out: Path, runs: list[dict[str, Any]], files: dict[str, str]) ->
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker rank
     try:
-        return {run["name"]: train({**run, "batch_size": 2 * VIT_BATCH}, files, out / "ref", devices=1) for run in runs}
+        return {run["name"]: train(run, files, out / "ref", devices=1) for run in runs}
     finally:
         torch.set_num_threads(threads)
 
 
 def _replica_mean(*ranks: dict) -> dict:
-    """One data-parallel rank's results with the loss averaged over ``ranks`` (one per replica, equal batches)."""
-    losses = {step: sum(rank["losses"][step] for rank in ranks) / len(ranks) for step in ranks[0]["losses"]}
-    return {**ranks[0], "losses": losses}
+    """One data-parallel rank's results with the loss of the whole data-parallel batch (one rank per replica)."""
+    return {**ranks[0], "losses": replica_losses(*ranks)}
 
 
 def _assert_same(run: dict, ref: dict, what: str, tol: float = TOL, first_step: int = 1) -> None:
@@ -163,7 +143,7 @@ def test_fsdp_matches_one_process_with_twice_the_batch(fsdp: tuple[dict, dict, d
     _assert_same(_replica_mean(run, rank1[f"{family}_fsdp"]), ref, f"{family}_fsdp")
     assert _max_diff(run["first_grads"], ref["first_grads"]) < TOL, "gradients not averaged"
     assert _max_diff(rank1[f"{family}_fsdp"]["params"], run["params"]) == 0.0
-    assert min(ref["grad_norms"].values()) > CLIPS.get(family, CLIP), "clipping was not active on every step"
+    assert min(ref["grad_norms"].values()) > CLIPS[family], "clipping was not active on every step"
     assert run["world_size"] == 2 and run["batch_hash"] != rank1[f"{family}_fsdp"]["batch_hash"]
     assert set(run["placements"]) == set(ref["params"]) and set(run["placements"].values()) == {"(Shard(dim=0),)"}
 

@@ -61,11 +61,57 @@ def build(family: str, files: dict[str, str], **shape: Any) -> tuple[pl.Lightnin
     if family == "classify":
         dm = TextClassificationDataModule(
             train_files=[files["jsonl"]], text_column="sentence", label_column="category", vocab_size=300,
-            max_length=32, batch_size=16,
+            max_length=32, batch_size=BATCH,
         )  # fmt: skip
         model = BertClassifier(vocab_size=300, num_labels=3, max_length=32, **{**SHAPE, **shape})
         return model, dm
     return tiny_family(family, files, mlm_length=32, translation_data=EvenTranslationData, **{**SHAPE, **shape})
+
+
+# -- the FSDP2 and 2D parity runs (tests/test_fully_sharded.py and benchmarks/scale.py) -----------
+#: Optimizer steps of a parity run, and the step after which its sharded checkpoint is written.
+PARITY_STEPS, SAVE_AT = 6, 3
+#: Batch of each data-parallel rank (ViT's DataModule default, the classifier's): one process takes twice as many.
+BATCH = 16
+TWO_D = {"data_parallel_size": 2, "tensor_parallel_size": 2}
+#: Families whose loss is a mean over examples: data-parallel ranks together are one process with 2 x BATCH.
+ONE_PROCESS = ("vit", "classify")
+#: BERT MLM's and MT's losses are means over tokens, whose counts differ between ranks: DDP is their reference.
+FAMILIES = (*ONE_PROCESS, "bert", "mt")
+#: Gradient-clipping thresholds below each family's gradient norms: clipping acts on every step.
+CLIPS = {"vit": 0.25, "classify": 0.02, "bert": 0.25, "mt": 0.25}
+
+
+def parity_runs(out: Path, kind: str, strategy: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every family under ``kind`` (``fsdp``, or ``2d`` with ``strategy``): checkpointed after step 3, resumed from it.
+
+    Under 2D, BERT's tied MLM decoder is sharded over the vocabulary too."""
+    runs = []
+    for family in FAMILIES:
+        name = f"{family}_{kind}"
+        options = {**strategy, "vocab_parallel": True} if kind == "2d" and family == "bert" else strategy
+        common = {"family": family, "steps": PARITY_STEPS, "clip": CLIPS[family], "strategy": options,
+                  "kind": "fsdp" if kind == "fsdp" else "tp"}  # fmt: skip
+        runs.append({"name": name, **common, "save_at": SAVE_AT})
+        runs.append({"name": f"{name}_resumed", **common, "resume": str(out / name / f"step={SAVE_AT}.ckpt")})
+    return runs
+
+
+def reference_runs() -> list[dict[str, Any]]:
+    """The references of :func:`parity_runs`: one process with 2 x BATCH (run here), DDP on 2 ranks (launched)."""
+    one = [
+        {"name": f, "family": f, "steps": PARITY_STEPS, "clip": CLIPS[f], "batch_size": 2 * BATCH} for f in ONE_PROCESS
+    ]
+    ddp = [
+        {"name": f"{f}_ddp", "family": f, "steps": PARITY_STEPS, "clip": CLIPS[f], "kind": "ddp"}
+        for f in ("bert", "mt")
+    ]
+    return one + ddp
+
+
+def replica_losses(*ranks: dict[str, Any]) -> dict[int, float]:
+    """The loss of the whole data-parallel batch: the mean of one rank per replica's (equal-sized) batch losses."""
+    return {step: sum(rank["losses"][step] for rank in ranks) / len(ranks) for step in ranks[0]["losses"]}
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
