@@ -6,9 +6,18 @@ Models, data, optimizers, LR schedulers, callbacks and strategies all come from 
     lightning-efficient fit -c configs/bert/small_mlm.yaml
     lightning-efficient fit -c configs/bert/small_mlm.yaml --trainer.max_steps 50 --model.init_args.preset tiny
     lightning-efficient predict -c configs/bert/small_mlm.yaml --ckpt_path runs/bert_small_mlm/checkpoints/last.ckpt
-    lightning-efficient compare runs/bert_small_mlm runs/bert_small_mlm_layer_drop   # see compare.py
+    lightning-efficient fit -c configs/bert/small_mlm.yaml -c configs/techniques/layer_drop.yaml  # runs/bert_small_mlm+layer_drop
+    lightning-efficient plan -c configs/bert/small_mlm.yaml -c configs/techniques/layer_drop.yaml  # what that fit would do
+    lightning-efficient compare runs/bert_small_mlm runs/bert_small_mlm+layer_drop   # see compare.py
 
 On top of LightningCLI it
+- names each run and writes everything under ``runs/<run name>``: ``--run_name``, or the base
+  config's run with ``+<fragment>`` for each further ``-c`` file; a ``fit`` into a directory that
+  holds a run stops at once unless ``--resume`` or ``--overwrite`` (:mod:`lightning_efficient.runs`);
+- stacks fragments: a technique given by two files is merged into one, and the techniques run in
+  their declared order whatever order the files list them in (:mod:`lightning_efficient.fragments`);
+- ``plan`` (``fit --dry_run``) builds the run and prints what it would do without training
+  (:mod:`lightning_efficient.plan`); every ``fit`` starts with a short block of the same facts;
 - fills the model arguments that the data decides (``vocab_size``, ``num_labels``, ``label_names``,
   ``image_size``) when the YAML leaves them unset, from ``datamodule.model_arguments()``;
 - with ``--ckpt_path``, takes the tokenizer from the checkpoint (so ``predict`` needs only the
@@ -34,18 +43,19 @@ import argparse
 import functools
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 import torch
 import yaml
-from jsonargparse import Namespace, get_loader, set_loader
+from jsonargparse import ActionYesNo, Namespace, get_loader, set_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -63,8 +73,25 @@ from lightning_efficient.checkpoint import (
     trained_with_pruning,
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, NonFiniteLossError, did_you_mean
+from lightning_efficient.fragments import (
+    callback_sources,
+    check_strategy,
+    compose_techniques,
+    disagreements,
+    setting_source,
+)
 from lightning_efficient.import_noise import hide_log_lines
 from lightning_efficient.models.pretrained import tokenizer_source
+from lightning_efficient.runs import (
+    RUNS_DIR,
+    check_run_directory,
+    check_run_name,
+    default_run_name,
+    existing_checkpoints,
+    move_outputs,
+    output_paths,
+    resume_checkpoint,
+)
 from lightning_efficient.technique import Technique
 
 __all__ = [
@@ -171,6 +198,29 @@ def _load_yaml(text: str) -> Any:
 
 
 set_loader(PARSER_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
+
+
+def _read_config_file(file: str) -> dict[str, Any]:
+    """A ``-c`` file's YAML as the CLI reads it (class paths canonical); an empty dict when it is not a mapping."""
+    try:
+        config = _load_yaml(Path(file).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}  # a YAML string given to -c, or a file LightningCLI already reported
+    return config if isinstance(config, dict) else {}
+
+
+def _shown_path(file: str) -> str:
+    """``file`` relative to the working directory when it lies below it, else as given (for messages)."""
+    path = Path(file)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) if path.is_absolute() else file
+    except ValueError:
+        return file
+
+
+def _is_first_process() -> bool:
+    """Whether this is the first process of a run (rank 0 of its node and of the job, as the launchers set it)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 #: Checkpoint names that Lightning resolves itself (``--ckpt_path last``), and so are not checked here.
@@ -446,7 +496,16 @@ def hide_harmless_noise() -> None:
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, reading "Epoch 0" instead of "Epoch 0/-2" when only ``max_steps`` bounds training."""
+    """Lightning's rich progress bar, reading "Epoch 0" instead of "Epoch 0/-2" when only ``max_steps`` bounds training.
+
+    It leaves out Lightning's ``v_num`` (the logger's version: the last four letters of the run
+    name, which the first screen prints whole).
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = f"Epoch {current_epoch}"
@@ -484,6 +543,19 @@ class SummaryWithoutZeroFlops(ModelSummary):
         rank_zero_info("\n" + table.rpartition("\n")[0])  # its last line is the FLOPs total
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with jsonargparse Namespaces as dicts and paths as strings (JSON-serialisable where they are)."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
 def _adapter_technique(adapter: str, callbacks: list[Any]) -> Any:
     """``--adapter``: set the run's ParameterEfficientTuning to apply ``adapter``, or build one from the checkpoint.
 
@@ -511,8 +583,14 @@ class EfficientCLI(LightningCLI):
     """LightningCLI with data-derived model arguments and checkpoint-aware tokenizers (see module doc)."""
 
     #: Whether parsing also checks the files the run will read (``--ckpt_path``, a technique's
-    #: ``check_sources``); a pipeline's dry run checks configs whose inputs do not exist yet.
+    #: ``check_sources``) and the run directory; a pipeline's dry run checks configs whose inputs do not exist yet.
     check_inputs: bool = True
+    #: The run's directory (:mod:`~lightning_efficient.runs`); None when the config names no run.
+    run_directory: str | None = None
+    #: The technique callbacks in the order they run, each with the ``-c`` file(s) that gave it.
+    techniques: Sequence[Any] = ()
+    #: How the ``-c`` files were stacked: techniques merged, settings two fragments disagree on.
+    notes: Sequence[str] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -546,13 +624,45 @@ class EfficientCLI(LightningCLI):
         return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """``--adapter <adapter checkpoint>``: apply a ParameterEfficientTuning adapter to the run's base (any subcommand)."""
+        """Our options, on every subcommand.
+
+        ``--adapter <adapter checkpoint>`` applies a ParameterEfficientTuning adapter to the run's base;
+        ``--run_name``, ``--resume``, ``--overwrite`` say where the run writes and what happens when a
+        run is there already (:mod:`lightning_efficient.runs`); ``--dry_run`` (``plan``) prints what
+        ``fit`` would do and stops (``--plan_format json`` for tools).
+        """
         parser.add_argument(
             "--adapter",
             type=str | None,
             default=None,
             help="an adapter checkpoint of ParameterEfficientTuning (adapter_only): applied to the model's base, "
             "which the config builds (model.init_args.pretrained)",
+        )
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="the run's name: it writes under runs/<run_name> (default: the base config's run, then "
+            "+<fragment> for each further -c file, e.g. bert_small_mlm+layer_drop)",
+        )
+        parser.add_argument(
+            "--resume", action=ActionYesNo, default=False, help="fit: continue from the run directory's last.ckpt"
+        )
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="fit: delete what the run directory holds and start over",
+        )
+        parser.add_argument(
+            "--dry_run",
+            action=ActionYesNo,
+            default=False,
+            help="fit: build everything, print the plan (techniques in order, FLOPs, memory, time, "
+            "where it writes) and stop; `lightning-efficient plan` is the same",
+        )
+        parser.add_argument(
+            "--plan_format", type=Literal["text", "json"], default="text", help="the plan's format (--dry_run)"
         )
 
     def _subcommand_config(self) -> Any:
@@ -573,8 +683,11 @@ class EfficientCLI(LightningCLI):
             raise ConfigurationError(short_parse_error(str(error), self._option_keys(args))) from error
         canonical_class_paths(self.config)  # what the YAML loader did not see: dict args, command-line strings
         config = self._subcommand_config()
+        self._compose(config)
         if not self.check_inputs:
             return
+        if self.config.get("subcommand") == "fit" and not config.get("dry_run"):
+            self._check_run_directory(config)
         if self.config.get("subcommand") == "fit":
             check_callback_sources((config.get("trainer") or {}).get("callbacks"))
         if config.get("adapter") and not Path(config["adapter"]).is_file():
@@ -589,6 +702,56 @@ class EfficientCLI(LightningCLI):
                 trainer.get("callbacks"),
                 trainer.get("strategy") or "auto",
             )
+
+    def _compose(self, config: Any) -> None:
+        """Name the run and move its outputs (:mod:`~lightning_efficient.runs`); merge and sort its techniques (:mod:`~lightning_efficient.fragments`)."""
+        files = [_shown_path(str(path)) for path in config.get("config") or []]
+        read = [(file, _read_config_file(file)) for file in files]
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        base_root = (read[0][1].get("trainer") or {}).get("default_root_dir") if read else None
+        root = trainer.get("default_root_dir")
+        if config.get("run_name") is not None:
+            name = check_run_name(config["run_name"])
+        elif root and root != base_root:  # set on the command line or by a fragment: that directory, as given
+            name = Path(root).name
+        else:
+            name = default_run_name(base_root, files[1:])
+        self.run_directory = None
+        if name is not None:
+            directory = str(Path(root).parent / name) if root else str(Path(RUNS_DIR) / name)
+            move_outputs(trainer, [base_root, root], directory, version=name)
+            config["run_name"], self.run_directory = name, directory
+        callbacks, notes = compose_techniques(trainer.get("callbacks"), callback_sources(read))
+        if trainer.get("callbacks") is not None:
+            trainer["callbacks"] = [callback.entry for callback in callbacks]
+        self.techniques = [callback for callback in callbacks if callback.technique_class() is not None]
+        check_strategy(trainer.get("strategy"), self.techniques, setting_source(read, "trainer.strategy"))
+        self.notes = notes + disagreements(read[1:])
+
+    def _check_run_directory(self, config: Any) -> None:
+        """Stop a fit whose directory holds a run, unless ``--resume`` (which sets ``ckpt_path``) or ``--overwrite``."""
+        resume, overwrite = config.get("resume"), config.get("overwrite")
+        if self.run_directory is None:
+            if resume or overwrite:
+                raise ConfigurationError(
+                    "--resume and --overwrite need a run directory: set trainer.default_root_dir or --run_name"
+                )
+            return
+        if config.get("ckpt_path"):
+            if resume:
+                raise ConfigurationError("--resume and --ckpt_path both say where to continue from; give one")
+            return  # continuing from a checkpoint the user names
+        checkpoint_dirs = [mapping[key] for mapping, key in output_paths(config["trainer"]) if key == "dirpath"]
+        if not _is_first_process():  # the first process decided (and deleted, with --overwrite); the others follow
+            found = resume_checkpoint(checkpoint_dirs, self.run_directory) if resume else None
+        else:
+            found = check_run_directory(self.run_directory, checkpoint_dirs, bool(resume), bool(overwrite))
+            if resume and found is None:
+                rank_zero_info(f"--resume: {self.run_directory} holds no last.ckpt yet; starting the run")
+        if found is not None:
+            config["ckpt_path"] = str(found)
 
     def _option_keys(self, args: Any) -> list[str]:
         """The option keys of the subcommand named in ``args`` (all subcommands' when none is), for suggestions."""
@@ -644,6 +807,48 @@ class EfficientCLI(LightningCLI):
             kwargs["callbacks"] = [*given, *added]
         return super().instantiate_trainer(**kwargs)
 
+    def plan(self) -> Any:
+        """The :class:`~lightning_efficient.plan.RunPlan` of the built run: what ``fit`` would do, measured without training."""
+        from lightning_efficient.plan import build_plan
+
+        config = self._subcommand_config()
+        directories = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        logger = self.trainer.logger
+        log_dir = getattr(logger, "log_dir", None) or self.trainer.default_root_dir
+        found = existing_checkpoints([self.run_directory, *directories]) if self.run_directory else []
+        run = {
+            "name": config.get("run_name"),
+            "directory": self.run_directory,
+            "writes": {
+                "checkpoints": [str(directory) for directory in directories],
+                "tensorboard": getattr(logger, "save_dir", None) if logger is not None else None,
+                "config": str(Path(log_dir) / "config.yaml"),
+                "efficiency": str(Path(log_dir) / "efficiency.json"),
+            },
+            "existing_checkpoint": str(found[0]) if found and not config.get("ckpt_path") else None,
+        }
+        techniques = [
+            {
+                "name": callback.technique_class().name,
+                "class_path": callback.class_path,
+                "source": " + ".join([callback.source, *callback.merged_from]),
+                "arguments": _plain(callback.arguments()),
+            }
+            for callback in self.techniques
+        ]
+        return build_plan(self.trainer, self.model, self.datamodule, run, techniques, list(self.notes))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """``fit --dry_run``: print the plan and stop; ``fit``: print the plan's summary block, then fit."""
+        config = self._subcommand_config()
+        if subcommand == "fit" and config.get("dry_run"):
+            plan = self.plan()
+            print(json.dumps(plan.to_dict(), indent=2) if config.get("plan_format") == "json" else plan.text())
+            return
+        if subcommand == "fit" and _is_first_process():
+            print(self.plan().summary_block(), flush=True)
+        super()._run_subcommand(subcommand)
+
     def instantiate_classes(self) -> None:
         config = self._subcommand_config()
         data_cfg, model_cfg = config.get("data"), config.get("model")
@@ -680,7 +885,8 @@ class EfficientCLI(LightningCLI):
 
 
 _COMPARE_EPILOG = (
-    "Two more subcommands, outside LightningCLI: `lightning-efficient compare RUN_DIR RUN_DIR ... "
+    "`lightning-efficient plan -c CONFIG [-c FRAGMENT ...] [--format json]` prints what `fit` would do "
+    "(`fit --dry_run`). Two more subcommands, outside LightningCLI: `lightning-efficient compare RUN_DIR RUN_DIR ... "
     "[--output PNG] [--json]` puts the efficiency summaries of several runs side by side "
     "(see `lightning-efficient compare --help`); `lightning-efficient pipeline -c PIPELINE.yaml` runs "
     "a pipeline of stages (see `lightning-efficient pipeline --help`)."
@@ -691,8 +897,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-efficient`` console script.
 
     ``compare`` goes to :func:`lightning_efficient.compare.main` and ``pipeline`` to
-    :func:`lightning_efficient.pipeline.command.main` before LightningCLI sees the arguments; every
-    other subcommand (``fit``, ``validate``, ``test``, ``predict``) to :class:`EfficientCLI`.
+    :func:`lightning_efficient.pipeline.command.main` before LightningCLI sees the arguments; ``plan``
+    is ``fit --dry_run`` (its ``--format`` is ``--plan_format``); every other subcommand (``fit``,
+    ``validate``, ``test``, ``predict``) goes to :class:`EfficientCLI`.
 
     A mistake in the config or on the command line (:func:`user_error_message`: a misspelled key,
     a value out of range, an unknown class, a checkpoint that does not fit) prints one short
@@ -711,6 +918,10 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["compare"]:
         compare.main(argv[1:])
         return
+    if argv[:1] == ["plan"]:  # `fit --dry_run`, with `--format` for `--plan_format`
+        argv = ["fit", *("--plan_format" if arg == "--format" else arg for arg in argv[1:]), "--dry_run"]
+        if args is None:
+            sys.argv[1:] = argv
     if argv[:1] == ["pipeline"]:
         from lightning_efficient.pipeline.command import main as pipeline_main
 

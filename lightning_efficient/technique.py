@@ -17,7 +17,7 @@ which weights are masked, which examples are drawn) without changing the user's 
 - **Metrics** are logged as ``<name>/<metric>`` (:meth:`Technique.log_metrics`).
 - **Composition** is declared: the Lightning hooks the technique implements
   (:attr:`Technique.hooks`, verified when the class is defined), the techniques it must come
-  before in ``trainer.callbacks`` (:attr:`Technique.runs_before`) and those it cannot run with
+  before in ``trainer.callbacks`` (:attr:`Technique.runs_before`; :func:`sort_techniques` orders a list by them) and those it cannot run with
   (:attr:`Technique.conflicts_with`). ``setup`` checks every technique in the trainer against
   these, and refuses distributed runs for techniques not marked :attr:`Technique.distributed_safe`.
 - **Compilation** is declared too: :attr:`Technique.compile_safe` says whether a model compiled with
@@ -71,6 +71,8 @@ __all__ = [
     "check_range",
     "check_schedule_reached",
     "check_unused_parameters_allowed",
+    "sort_techniques",
+    "technique_order",
 ]
 
 #: Hooks of ``Callback`` that a technique may implement (for the declaration check).
@@ -115,6 +117,90 @@ def check_plain_state(state: Any, owner: str, where: str = "state") -> None:
     )
 
 
+def technique_order(techniques: Sequence[Any], sources: Sequence[str] | None = None) -> list[int]:
+    """The order in which ``techniques`` must run: their indices, sorted by their declarations.
+
+    A technique comes after every technique that declares it in :attr:`Technique.runs_before`;
+    otherwise the given order is kept (a stable topological sort: of the techniques free to go next,
+    the one listed first goes). Works on technique classes or instances (any object with ``name``,
+    ``runs_before`` and ``conflicts_with``).
+
+    Args:
+        techniques: Technique classes or instances, in the order given.
+        sources: Where each was given (a config file), for the messages; None: not named.
+
+    Raises:
+        ConfigurationError: Two of them conflict (:attr:`Technique.conflicts_with`, declared by either),
+            or their declarations form a cycle; the message names both (and their sources).
+
+    Examples:
+        >>> class Prune(Technique):
+        ...     name = "prune"
+        ...     runs_before = ("quantize",)
+        >>> class Quantize(Technique):
+        ...     name = "quantize"
+        >>> technique_order([Quantize, Prune])
+        [1, 0]
+    """
+
+    def called(index: int) -> str:
+        where = f" from {sources[index]}" if sources is not None and sources[index] else ""
+        kind = techniques[index] if isinstance(techniques[index], type) else type(techniques[index])
+        return f"{techniques[index].name} ({kind.__name__}{where})"
+
+    for i, first in enumerate(techniques):
+        for j in range(i + 1, len(techniques)):
+            second = techniques[j]
+            if second.name in first.conflicts_with or first.name in second.conflicts_with:
+                raise ConfigurationError(f"{called(i)} cannot run with {called(j)}; remove one of the two")
+    after = {  # index -> the indices that must run before it
+        j: {i for i, other in enumerate(techniques) if technique.name in other.runs_before and i != j}
+        for j, technique in enumerate(techniques)
+    }
+    order: list[int] = []
+    while len(order) < len(techniques):
+        ready = [j for j in range(len(techniques)) if j not in order and after[j] <= set(order)]
+        if not ready:
+            waiting = [j for j in range(len(techniques)) if j not in order]
+            j = waiting[0]
+            i = next(i for i in after[j] if i in waiting)
+            i, j = min(i, j), max(i, j)
+            raise ConfigurationError(
+                f"{called(i)} and {called(j)} each declare that they must run before the other (a cycle "
+                "in runs_before); remove one of them"
+            )
+        order.append(ready[0])
+    return order
+
+
+def sort_techniques(callbacks: Sequence[Callback]) -> list[Callback]:
+    """``callbacks`` with the techniques among them in the order they must run (:func:`technique_order`).
+
+    Only the techniques move, among the places techniques hold; every other callback keeps its place.
+    ``lightning-efficient`` sorts a config's callbacks this way; in Python, pass the sorted list to
+    the ``Trainer`` (Lightning runs callbacks in list order, and a technique's ``setup`` refuses a
+    wrong order).
+
+    Raises:
+        ConfigurationError: See :func:`technique_order`.
+
+    Examples:
+        >>> class Prune(Technique):
+        ...     name = "prune"
+        ...     runs_before = ("quantize",)
+        >>> class Quantize(Technique):
+        ...     name = "quantize"
+        >>> [type(c).__name__ for c in sort_techniques([Quantize(), Callback(), Prune()])]
+        ['Prune', 'Callback', 'Quantize']
+    """
+    places = [i for i, callback in enumerate(callbacks) if isinstance(callback, Technique)]
+    techniques = [callbacks[i] for i in places]
+    result = list(callbacks)
+    for place, index in zip(places, technique_order(techniques)):
+        result[place] = techniques[index]
+    return result
+
+
 def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> None:
     """Check the techniques among ``callbacks`` against each other's declarations.
 
@@ -133,7 +219,7 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
         >>> check_composition([A(), B()])
         Traceback (most recent call last):
         ...
-        lightning_efficient.errors.ConfigurationError: b must run before a: put B before A in trainer.callbacks
+        lightning_efficient.errors.ConfigurationError: b must run before a: put B before A in trainer.callbacks (sort_techniques(callbacks) does; lightning-efficient sorts a config's)
     """
     techniques = [cb for cb in callbacks if isinstance(cb, Technique)]
     position = {}
@@ -160,7 +246,8 @@ def check_composition(callbacks: Sequence[Callback], world_size: int = 1) -> Non
             if other.name in technique.runs_before and position[other.name] < position[technique.name]:
                 raise ConfigurationError(
                     f"{technique.name} must run before {other.name}: put {type(technique).__name__} before "
-                    f"{type(other).__name__} in trainer.callbacks"
+                    f"{type(other).__name__} in trainer.callbacks (sort_techniques(callbacks) does; "
+                    "lightning-efficient sorts a config's)"
                 )
 
 
@@ -432,6 +519,19 @@ class Technique(Callback):
         pl_module.log_dict(
             {f"{self.name}/{key}": value for key, value in metrics.items()}, on_step=True, on_epoch=False
         )
+
+    def plan_at(self, step: int, total_steps: int, num_blocks: int) -> dict[str, Any]:
+        """What the technique does at optimizer step ``step`` of a ``total_steps`` run, for ``lightning-efficient plan``.
+
+        Called without training (the surgery may or may not be applied); read only the arguments.
+
+        Returns:
+            Plain values named for what they are (``{"expected_keep": 0.8}``, ``{"sparsity": 0.5}``),
+            and optionally ``"block_work"``: a list of ``num_blocks`` fractions, the expected share of
+            each Transformer block's forward+backward work that runs at ``step`` (1.0: all of it), from
+            which the plan scales the FLOPs per step. Empty (the default): nothing changes over the run.
+        """
+        return {}
 
     def adjust_step_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, flops: float) -> float:
         """Correct the FLOPs the :class:`~lightning_efficient.monitor.EfficiencyMonitor` counted this step.

@@ -80,7 +80,7 @@ def test_cli_fit_then_predict_from_checkpoint(name, keys, tmp_path, monkeypatch)
     checkpoint = root / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
     assert list((root / "tensorboard").rglob("events.out.tfevents.*"))
-    assert (root / "tensorboard" / "version_0" / "config.yaml").is_file()
+    assert (root / "tensorboard" / root.name / "config.yaml").is_file()  # the logger version is the run name
     main(["predict", "-c", config, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1"])
     rows = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
     assert rows and keys <= set(rows[0])

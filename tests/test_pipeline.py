@@ -143,8 +143,8 @@ def test_merge_config_matches_lightning_cli_on_base_plus_fragments(tmp_path, mon
         def before_instantiate_classes(self):
             raise Parsed(self.config["fit"])
 
-    def parsed(*files):
-        args = ["fit"] + [word for file in files for word in ("-c", str(file))]
+    def parsed(*files):  # one run name: the composed file's run is named for one file, the other for three
+        args = ["fit"] + [word for file in files for word in ("-c", str(file))] + ["--run_name", "composed"]
         with pytest.raises(Parsed) as caught:
             ParseOnly(args=args)
         config = caught.value.args[0]

@@ -182,6 +182,8 @@ class DynamicSparsity(Technique):
 
     name = "dynamic_sparsity"
     hooks = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+    #: Weights are masked before QAT holds its weight scales at the same step (sparsify, then quantize).
+    runs_before = ("qat",)
     conflicts_with = ("pruning", "progressive_stacking")
     distributed_safe = True
     keep_after_fit = True

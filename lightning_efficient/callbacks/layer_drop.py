@@ -190,6 +190,24 @@ class LayerDrop(Technique):
             },
         )
 
+    def plan_at(self, step: int, total_steps: int, num_blocks: int) -> dict[str, Any]:
+        """The keep probability of each of ``num_blocks`` blocks (one stack) at optimizer step ``step``.
+
+        ``block_work`` is :func:`keep_probabilities` (a dropped block runs neither forward nor
+        backward, so its expected work is its keep probability); ``expected_keep`` is their mean,
+        the ``layer_drop/expected_keep`` the run logs. ``total_steps`` is not needed: every
+        schedule is a function of the step alone.
+
+        Examples:
+            >>> LayerDrop(drop_rate=0.5, schedule="linear").plan_at(0, 100, 4)
+            {'expected_keep': 0.6875, 'block_work': [0.875, 0.75, 0.625, 0.5]}
+            >>> plan = LayerDrop(drop_rate=0.5, schedule="progressive", gamma=0.01).plan_at(100, 1000, 2)
+            >>> round(plan["expected_keep"], 4), [round(p, 4) for p in plan["block_work"]]
+            (0.763, [0.842, 0.6839])
+        """
+        keep = keep_probabilities(self.schedule, self.drop_rate, num_blocks, step, self.gamma)
+        return {"expected_keep": float(keep.mean()), "block_work": keep.tolist()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "generator": self.generator.get_state(),

@@ -114,6 +114,8 @@ class LotteryTicket(Technique):
 
     name = "lottery_ticket"
     hooks = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+    #: Weights are masked before QAT holds its weight scales at the same step (sparsify, then quantize).
+    runs_before = ("qat",)
     conflicts_with = ("pruning", "dynamic_sparsity", "prune_at_init", "progressive_stacking")
     distributed_safe = True
     keep_after_fit = True

@@ -553,6 +553,20 @@ class ProgressiveStacking(Technique):
         """
         return [depth for start, depth in self.stages.items() if start <= step][-1]
 
+    def plan_at(self, step: int, total_steps: int, num_blocks: int) -> dict[str, Any]:
+        """The scheduled depth at optimizer step ``step``: blocks below it run (work 1.0), the rest are skipped (0.0).
+
+        A growth happens at the start of its step, so the step of a stage already runs at the new depth.
+
+        Examples:
+            >>> ProgressiveStacking({0: 2, 10: 4}).plan_at(9, 20, 4)
+            {'depth': 2, 'block_work': [1.0, 1.0, 0.0, 0.0]}
+            >>> ProgressiveStacking({0: 2, 10: 4}).plan_at(10, 20, 4)["depth"]
+            4
+        """
+        depth = self.depth_at(step)
+        return {"depth": depth, "block_work": [1.0 if index < depth else 0.0 for index in range(num_blocks)]}
+
     def apply(self, pl_module: nn.Module) -> list[Any]:
         stacks = find_block_stacks(pl_module, self.block_paths)
         final = list(self.stages.values())[-1]

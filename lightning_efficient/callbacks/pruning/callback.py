@@ -86,6 +86,8 @@ class MagnitudePruning(Technique):
 
     name = "pruning"
     hooks = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+    #: Weights are masked before QAT holds its weight scales at the same step (sparsify, then quantize).
+    runs_before = ("qat",)
     conflicts_with = ("progressive_stacking",)
     distributed_safe = True
     keep_after_fit = True
@@ -151,6 +153,22 @@ class MagnitudePruning(Technique):
     def events(self) -> list[int]:
         """The optimizer steps of the pruning events."""
         return pruning_steps(self.start_step, self.end_step, self.frequency)
+
+    def plan_at(self, step: int, total_steps: int, num_blocks: int) -> dict[str, Any]:
+        """The sparsity in force at optimizer step ``step`` (Zhu & Gupta's cubic schedule, :func:`cubic_sparsity`).
+
+        An event prunes at the start of its step. The masked weights still run in dense kernels,
+        so the work per block does not change (no ``block_work``).
+
+        Examples:
+            >>> pruning = MagnitudePruning(final_sparsity=0.8, start_step=10, end_step=20, frequency=5)
+            >>> [round(pruning.plan_at(step, 30, 4)["sparsity"], 4) for step in (0, 10, 15, 20)]
+            [0.0, 0.0, 0.7, 0.8]
+        """
+        sparsity = cubic_sparsity(
+            step, self.final_sparsity, self.start_step, self.end_step, self.frequency, self.initial_sparsity
+        )
+        return {"sparsity": sparsity}
 
     # -- surgery ------------------------------------------------------------------------------
     def apply(self, pl_module: nn.Module) -> Any:

@@ -340,6 +340,22 @@ class QuantizationAwareTraining(Technique):
             if q.frozen
         }
 
+    def plan_at(self, step: int, total_steps: int, num_blocks: int) -> dict[str, Any]:
+        """Whether fake quantization is on (from ``start_step``) and the weight scales held (from ``freeze_step``) at ``step``.
+
+        Fake quantization costs element-wise work only: the matmuls, and so the model FLOPs, stay
+        as they are (no ``block_work``).
+
+        Examples:
+            >>> qat = QuantizationAwareTraining(start_step=10, freeze_step=15)
+            >>> qat.plan_at(9, 20, 4), qat.plan_at(15, 20, 4)
+            ({'fake_quant': False, 'scales_frozen': False}, {'fake_quant': True, 'scales_frozen': True})
+        """
+        return {
+            "fake_quant": step >= self.start_step,
+            "scales_frozen": self.freeze_step is not None and step >= self.freeze_step,
+        }
+
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.is_applied and _holds_converted_layers(pl_module):  # export_quantized / load_quantized ran
