@@ -86,6 +86,7 @@ from lightning_efficient.runs import (
     RUNS_DIR,
     check_run_directory,
     check_run_name,
+    check_way_on,
     default_run_name,
     existing_checkpoints,
     move_outputs,
@@ -676,6 +677,8 @@ class EfficientCLI(LightningCLI):
             ConfigurationError: A parse error: an unknown option (with the nearest valid one), a value of
                 the wrong type, a ``class_path`` that does not import.
             CheckpointMismatchError: See :func:`check_ckpt_path`.
+            ConfigurationError: A bad run name, a technique conflict (:mod:`lightning_efficient.fragments`),
+                or a ``fit`` into a directory that holds a run (:func:`~lightning_efficient.runs.check_run_directory`).
         """
         try:
             super().parse_arguments(parser, args)
@@ -686,6 +689,7 @@ class EfficientCLI(LightningCLI):
         self._compose(config)
         if not self.check_inputs:
             return
+        check_way_on(bool(config.get("resume")), bool(config.get("overwrite")))
         if self.config.get("subcommand") == "fit" and not config.get("dry_run"):
             self._check_run_directory(config)
         if self.config.get("subcommand") == "fit":
@@ -752,6 +756,8 @@ class EfficientCLI(LightningCLI):
                 rank_zero_info(f"--resume: {self.run_directory} holds no last.ckpt yet; starting the run")
         if found is not None:
             config["ckpt_path"] = str(found)
+            # Lightning warns that the checkpoint folder is not empty: continuing it is what --resume asked for
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def _option_keys(self, args: Any) -> list[str]:
         """The option keys of the subcommand named in ``args`` (all subcommands' when none is), for suggestions."""
@@ -812,7 +818,7 @@ class EfficientCLI(LightningCLI):
         from lightning_efficient.plan import build_plan
 
         config = self._subcommand_config()
-        directories = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        directories = list(dict.fromkeys(c.dirpath for c in self.trainer.checkpoint_callbacks if c.dirpath))
         logger = self.trainer.logger
         log_dir = getattr(logger, "log_dir", None) or self.trainer.default_root_dir
         found = existing_checkpoints([self.run_directory, *directories]) if self.run_directory else []

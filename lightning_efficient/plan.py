@@ -278,7 +278,7 @@ class RunPlan:
         return "\n".join(lines)
 
     def summary_block(self) -> str:
-        """A few lines for the first screen of ``fit``: the run, its techniques, its FLOPs, TensorBoard."""
+        """A few lines for the first screen of ``fit``: the run, its techniques, its FLOPs, TensorBoard, the notes."""
         name, directory = self.run.get("name"), self.run.get("directory")
         lines = [f"Run {name or '(unnamed)'}" + (f" -> {directory}" if directory else "")]
         names = [_technique_name(t) for t in self.techniques]
@@ -298,6 +298,7 @@ class RunPlan:
         tensorboard = (self.run.get("writes") or {}).get("tensorboard")
         if tensorboard:
             lines.append(f"  TensorBoard: tensorboard --logdir {tensorboard}")
+        lines += [f"  note: {note}" for note in self.notes]  # how the fragments were stacked: which value won
         return "\n".join(lines)
 
     # -- text parts -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "RUNS_DIR",
     "check_run_directory",
     "check_run_name",
+    "check_way_on",
     "default_run_name",
     "existing_checkpoints",
     "move_outputs",
@@ -176,6 +177,19 @@ def resume_checkpoint(checkpoint_dirs: Sequence[str | Path], directory: str | Pa
     return found[0] if found else None
 
 
+def check_way_on(resume: bool, overwrite: bool) -> None:
+    """Refuse ``--resume`` together with ``--overwrite``.
+
+    Examples:
+        >>> check_way_on(resume=True, overwrite=True)
+        Traceback (most recent call last):
+        ...
+        lightning_efficient.errors.ConfigurationError: --resume and --overwrite contradict each other; give one
+    """
+    if resume and overwrite:
+        raise ConfigurationError("--resume and --overwrite contradict each other; give one")
+
+
 def check_run_directory(
     directory: str | Path, checkpoint_dirs: Sequence[str | Path] = (), resume: bool = False, overwrite: bool = False
 ) -> Path | None:
@@ -194,8 +208,7 @@ def check_run_directory(
         ConfigurationError: Both ``resume`` and ``overwrite``; or neither, and the directory (or a
             checkpoint folder) already holds a checkpoint: one line naming it and the three ways on.
     """
-    if resume and overwrite:
-        raise ConfigurationError("--resume and --overwrite contradict each other; give one")
+    check_way_on(resume, overwrite)
     directory = Path(directory)
     if resume:
         return resume_checkpoint(checkpoint_dirs, directory)

@@ -434,7 +434,7 @@ def test_gpu_check_script_smoke_run(harness, user_files, tmp_path):
     assert 0 < result["mfu"]["mfu"] < math.inf and result["mfu"]["flops_per_step"] > 0
     fragments = result["techniques"]["fragments"]
     assert set(fragments) == set(only) and fragments["bf16_mixed"]["verdict"].startswith("skipped: no callback")
-    assert fragments["lion"]["classes"] == ["LRScaling", "Lion"] and fragments["autoprog"]["family"] == "vit"
+    assert fragments["lion"]["classes"] == ["Lion"] and fragments["autoprog"]["family"] == "vit"
     for name in ("activation_checkpointing", "lion", "autoprog"):
         runs = fragments[name]["runs"]
         assert fragments[name]["verdict"] == "ok" and set(runs) == {"32-true", "bf16-mixed"}, runs

@@ -503,7 +503,7 @@ def test_end_to_end_bert_teacher_then_bilstm_student_from_yaml(
         "datamodule": {"init_args": {**inner, "label_map": None}}, "max_source_examples": 40, "n_iter": 3,
     }}}))  # fmt: skip
     main(["fit", "-c", str(CONFIGS / "bilstm/tiny_distil_prose.yaml"), "-c", str(smaller), *short])
-    student = torch.load(tmp_path / "runs/bilstm_tiny_distil_prose/checkpoints/last.ckpt", weights_only=True)
+    student = torch.load(tmp_path / "runs/bilstm_tiny_distil_prose+smaller/checkpoints/last.ckpt", weights_only=True)
     assert {key.split(".")[0] for key in student["state_dict"]} == {"embedding", "lstm", "fc", "classifier"}
     state = student["callbacks"]["lightning_efficient.distillation"]
     assert state["source"] == "runs/bert_tiny_classify_prose/checkpoints/last.ckpt" and "weights" not in state

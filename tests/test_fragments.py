@@ -123,6 +123,8 @@ def test_the_merged_technique_is_built_once_with_the_merged_arguments(tmp_path, 
     assert (drop.drop_rate, drop.seed) == (0.4, 3)
     assert cli.notes == ["LayerDrop.drop_rate: a.yaml sets 0.2, b.yaml sets 0.4; b.yaml's wins (the later -c)"]
     assert Path(cli.trainer.default_root_dir).name == "bert_tiny_mlm+a+b"
+    block = cli.plan().summary_block()  # the first screen of the fit says which value won
+    assert f"note: {cli.notes[0]}" in block and "techniques: layer_drop (LayerDrop)" in block
 
 
 def test_two_classes_claiming_one_technique_name_fail_naming_both(tmp_path):

@@ -505,9 +505,9 @@ def test_fit_then_predict_with_the_adapter_on_its_base_and_refuse_another_base(
     shape = ["--model.init_args.max_length", "64", "--data.init_args.max_length", "64"]
     main(["fit", "-c", config, "-c", str(CONFIGS / "techniques" / "lora.yaml"), "--model.init_args.pretrained",
           pretrained, *shape, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])  # fmt: skip
-    adapter = tmp_path / "runs/bert_tiny_classify_prose/checkpoints/last.ckpt"
+    adapter = tmp_path / "runs/bert_tiny_classify_prose+lora/checkpoints/last.ckpt"  # the run is named for both files
     assert torch.load(adapter, weights_only=True)["lightning_efficient"]["adapter"]["adapter_only"]
-    assert (tmp_path / "runs/bert_tiny_classify_prose/adapter/adapter_config.json").is_file()  # the fragment's peft_dir
+    assert (tmp_path / "runs/bert_tiny_classify_prose+lora/adapter/adapter_config.json").is_file()  # peft_dir
     predictions = tmp_path / "runs/bert_tiny_classify_prose/predictions.jsonl"
     main(["predict", "-c", config, "--model.init_args.pretrained", pretrained, *shape, "--adapter", str(adapter),
           "--trainer.limit_predict_batches", "1"])  # fmt: skip

@@ -144,3 +144,22 @@ def test_plan_trains_nothing_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert plan["run"]["name"] == "bert_tiny_mlm+layer_drop"
     assert [t["name"] for t in plan["techniques"]] == ["layer_drop"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--run_name", "a/b"], "error: run_name='a/b' must not contain a path separator"),
+        (["--run_name", ""], "error: run_name='' must be a non-empty directory name"),
+        (["--model.init_args.preset", "medium"], "error: preset='medium' is unknown; choose one of: tiny, small, base"),
+        (["--resume", "--overwrite"], "error: --resume and --overwrite contradict each other; give one"),
+    ],
+)
+def test_plan_and_fit_stop_on_bad_input_with_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in ("plan", "fit"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "-c", TINY_MLM, "--data.init_args.vocab_size", "300", *args])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(message), command
+    assert not (tmp_path / "runs").exists()
