@@ -754,6 +754,7 @@ class EfficientCLI(LightningCLI):
             found = check_run_directory(self.run_directory, checkpoint_dirs, bool(resume), bool(overwrite))
             if resume and found is None:
                 rank_zero_info(f"--resume: {self.run_directory} holds no last.ckpt yet; starting the run")
+        config["resume"] = config["overwrite"] = False  # acted on: the saved config.yaml must not delete its own run
         if found is not None:
             config["ckpt_path"] = str(found)
             # Lightning warns that the checkpoint folder is not empty: continuing it is what --resume asked for

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_efficient.cli import EfficientCLI, main
 from lightning_efficient.errors import ConfigurationError
@@ -57,6 +58,13 @@ def test_run_name_and_a_root_dir_given_on_the_command_line_name_the_run(tmp_path
     elsewhere = built("-c", TINY_MLM, "-c", LAYER_DROP, "--trainer.default_root_dir", str(tmp_path / "exp/mine"))
     assert elsewhere.run_directory == str(tmp_path / "exp/mine")  # as given: no fragment suffix
     assert {Path(c.dirpath) for c in elsewhere.trainer.checkpoint_callbacks} == {tmp_path / "exp/mine/checkpoints"}
+
+
+def test_run_name_in_yaml_names_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "named.yaml").write_text("run_name: ablation_a\n")
+    cli = built("-c", TINY_MLM, "-c", LAYER_DROP, "-c", str(tmp_path / "named.yaml"))
+    assert cli.run_directory == "runs/ablation_a" and Path(cli.trainer.logger.log_dir).name == "ablation_a"
 
 
 def test_only_output_locations_move():
@@ -131,6 +139,10 @@ def test_readme_compare_example_runs_as_written_and_a_rerun_resumes(tmp_path, mo
     main(["fit", "-c", small, "-c", LAYER_DROP, *shorter, "--overwrite"])
     last = torch.load("runs/bert_small_mlm+layer_drop/checkpoints/last.ckpt", weights_only=True, mmap=True)
     assert last["global_step"] == 2
+    saved = yaml.safe_load(
+        Path("runs/bert_small_mlm+layer_drop/tensorboard/bert_small_mlm+layer_drop/config.yaml").read_text()
+    )
+    assert saved["run_name"] == "bert_small_mlm+layer_drop" and not saved["overwrite"] and not saved["resume"]
 
 
 def test_plan_trains_nothing_and_writes_nothing(tmp_path, monkeypatch, capsys):
