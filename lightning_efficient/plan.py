@@ -35,6 +35,10 @@ What it does, on the copy:
    FLOPs leave out). The optimizer step and the loop are left out (about 4% of a BERT-small step).
    The FLOPs over the peak FLOP/s (the monitor's: given, else measured and cached) are a lower bound.
 
+A callback that ends the run by its own measure says how long the run will be with a method
+``plan_total_steps(total_steps, flops_per_step) -> total_steps`` (a pipeline stage's
+:class:`~lightning_efficient.pipeline.budget.FlopBudget`: its FLOPs over the counted step's).
+
 Memory (the peak the monitor reports: the process's peak RSS on the CPU, ``max_memory_allocated``
 on CUDA) is estimated as the process's RSS now (model, data, libraries; on CUDA the model's bytes)
 + the bytes the step keeps for the backward (each block's scaled by its largest work over the run)
@@ -881,6 +885,10 @@ def _measure(
             adjust = getattr(callback, "adjust_step_flops", None)
             if callable(adjust):
                 flops = float(adjust(trainer, replica, flops))
+        for callback in trainer.callbacks:  # a callback that ends the run by its own measure (a FLOP budget)
+            limit = getattr(callback, "plan_total_steps", None)
+            if callable(limit):
+                total_steps = limit(total_steps, flops)
         measured_s = _time_step(trainer, replica, batch, device)
         gradient_bytes = sum(p.numel() * p.element_size() for p in replica.parameters() if p.requires_grad)
         model_bytes = _unique_bytes([*replica.parameters(), *replica.buffers()])

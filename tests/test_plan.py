@@ -89,6 +89,19 @@ def test_counted_flops_equal_the_monitors_first_step(make: Any, mlm_data: MLMDat
     assert plan.flops["schedule"][0]["flops"] == pytest.approx(first.flops, rel=0.05)
 
 
+def test_a_flop_budget_sets_the_runs_length(mlm_data: MLMDataModule) -> None:
+    """A pipeline stage's max_steps is an upper bound of 10^7: the budget decides the length, as it will in fit."""
+    import math
+
+    from lightning_efficient.pipeline.budget import FlopBudget
+
+    trainer, _ = trainer_with([], steps=10_000_000)
+    trainer.callbacks.append(FlopBudget(flops=1e9))
+    plan = plan_of(trainer, tiny_model(mlm_data), mlm_data)
+    assert plan.total_steps == math.ceil(1e9 / plan.flops["full_step"])
+    assert plan.flops["total"] == pytest.approx(plan.total_steps * plan.flops["full_step"])
+
+
 def test_layer_drop_scales_each_blocks_flops_by_its_keep_probability(mlm_data: MLMDataModule) -> None:
     drop, gamma, total = 0.5, 0.1, 40
     trainer, _ = trainer_with([LayerDrop(drop_rate=drop, schedule="progressive", gamma=gamma)], steps=total)

@@ -123,6 +123,18 @@ class FlopBudget(pl.Callback):
         """The step at which the budget stopped this fit (None while it has not)."""
         return self._stopped_step
 
+    def plan_total_steps(self, total_steps: int | None, flops_per_step: float) -> int | None:
+        """The run's optimizer steps once the budget caps them, for ``lightning-efficient plan``.
+
+        Examples:
+            >>> FlopBudget(flops=1e12).plan_total_steps(10_000_000, flops_per_step=3e9)
+            334
+        """
+        if flops_per_step <= 0:
+            return total_steps
+        paid = max(1, math.ceil(self.flops / flops_per_step - _ROUNDING))
+        return paid if total_steps is None else min(total_steps, paid)
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"flops": self.flops, "planned": self._planned}
