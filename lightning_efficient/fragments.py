@@ -80,11 +80,7 @@ class ConfiguredCallback:
 
     def technique_class(self) -> type[Technique] | None:
         """The class, when it is a technique (None: another callback, or a class path that does not import)."""
-        module, _, name = self.class_path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            return None
+        cls = _imported(self.class_path)
         return cls if isinstance(cls, type) and issubclass(cls, Technique) else None
 
     def arguments(self) -> dict[str, Any]:
@@ -92,6 +88,15 @@ class ConfiguredCallback:
         init_args = dict(vars(self.init_args) if isinstance(self.init_args, Namespace) else self.init_args)
         keys = init_args if self.explicit is None else [key for key in init_args if key in self.explicit]
         return {key: init_args[key] for key in keys}
+
+
+def _imported(class_path: str) -> Any:
+    """The object ``class_path`` names, or None when it does not import (LightningCLI reports that)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _items(value: Any) -> list[Any]:
@@ -250,11 +255,8 @@ def check_strategy(strategy: Any, techniques: Sequence[ConfiguredCallback], sour
     class_path = strategy.get("class_path") if isinstance(strategy, (Mapping, Namespace)) else None
     if not class_path:
         return
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        allowed = getattr(getattr(importlib.import_module(module), name), "composes_with", None)
-    except (ImportError, AttributeError, ValueError):
-        return  # LightningCLI reports a class path that does not import
+    name = str(class_path).rpartition(".")[2]
+    allowed = getattr(_imported(str(class_path)), "composes_with", None)  # None also when it does not import
     if allowed is None:
         return
     for technique in techniques:
