@@ -10,17 +10,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
 
 from lightning_efficient.data.base import TextDataModule
-from lightning_efficient.data.files import embedded_path, read_column, read_numbered_records, read_texts
+from lightning_efficient.data.files import embedded_path
+from lightning_efficient.data.sources import load_source, source_name
+from lightning_efficient.data.streaming import (
+    STREAM_TOKENIZER_TEXTS,
+    PackedStream,
+    StreamingDataLoader,
+    check_streaming,
+    check_streaming_trainer,
+    stream_sample,
+)
+from lightning_efficient.data.tokenized import ArrowRows, TextColumns, cached_map
 from lightning_efficient.data.tokenizers import BERT_SPECIAL_TOKENS, SpecialIds, find_special_ids
 from lightning_efficient.errors import ConfigurationError, DataError
 
-__all__ = ["BROWN_PROSE", "BertTextDataModule", "MLMDataModule", "TextClassificationDataModule", "pad_batch"]
+__all__ = [
+    "BROWN_PROSE",
+    "PACK_BATCH",
+    "BertTextDataModule",
+    "MLMDataModule",
+    "PackBlocks",
+    "TextClassificationDataModule",
+    "pad_batch",
+]
 
 #: Brown's own division of its 15 genres into informative and imaginative prose, a natural
 #: binary task: pass as ``label_map`` to :class:`TextClassificationDataModule`.
@@ -88,32 +109,85 @@ class BertTextDataModule(TextDataModule):
         return find_special_ids(self.tokenizer, self.tokenizer_source or "trained", need_mask=self.needs_mask_token)
 
 
+class PackBlocks:
+    """The batched map that turns texts into ``[CLS] ... [SEP]`` blocks of ``max_length`` tokens.
+
+    Each batch of texts is tokenized, concatenated and cut into blocks; the tail of a batch that
+    does not fill a block is dropped (as Hugging Face's ``run_mlm`` ``group_texts``), under one
+    block per :data:`PACK_BATCH` texts. A picklable class, so ``num_proc`` processes can run it.
+
+    Examples:
+        >>> from lightning_efficient.data.tokenizers import train_wordpiece
+        >>> tok = train_wordpiece(["the cat sat on the mat"] * 10, vocab_size=60, show_progress=False)
+        >>> PackBlocks(tok, "text", cls_id=2, sep_id=3, max_length=5)({"text": ["the cat sat", "on the mat"]})
+        {'input_ids': [[2, 5, 6, 7, 3], [2, 8, 5, 9, 3]]}
+    """
+
+    def __init__(self, tokenizer: Tokenizer, column: str, cls_id: int, sep_id: int, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.column = column
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self.width = max_length - 2
+
+    def blocks(self, texts: Sequence[str]) -> list[list[int]]:
+        """``texts`` tokenized, concatenated and cut into full blocks (the tail is dropped)."""
+        stream: list[int] = []
+        for encoding in self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False):
+            stream.extend(encoding.ids)
+        width = self.width
+        return [[self.cls_id, *stream[i : i + width], self.sep_id] for i in range(0, len(stream) - width + 1, width)]
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        return {"input_ids": self.blocks(batch[self.column])}
+
+
+#: Texts packed together by :class:`PackBlocks` (the map's batch): the tail of each is dropped.
+PACK_BATCH = 10_000
+_BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+
+
 class MLMDataModule(BertTextDataModule):
     """Text for masked-LM pretraining, packed into full blocks of ``max_length`` tokens.
 
-    All training texts are tokenized, concatenated and cut into blocks ``[CLS] ... [SEP]`` (``<s>
-    ... </s>`` with a RoBERTa tokenizer); a seeded random share of blocks is held out for
-    validation and test. Masking (15%, 80/10/10)
-    happens in :class:`~lightning_efficient.models.bert.BertMLM`, on a generator it checkpoints.
+    The training texts are read through Hugging Face ``datasets``
+    (:func:`~lightning_efficient.data.sources.load_source`: files, saved datasets, hub ids),
+    tokenized and packed into blocks ``[CLS] ... [SEP]`` (``<s> ... </s>`` with a RoBERTa
+    tokenizer) by a batched ``Dataset.map`` in ``num_proc`` processes, and cached on disk as
+    memory-mapped Arrow: RAM stays flat with the corpus size, and the second run (and every DDP
+    rank after the first) reads the cache instead of tokenizing. A seeded random share of blocks
+    is held out for validation and test. Masking (15%, 80/10/10) happens in
+    :class:`~lightning_efficient.models.bert.BertMLM`, on a generator it checkpoints.
     Batches are ``{"input_ids", "attention_mask"}``, each ``(B, max_length)``.
 
+    With ``streaming=True`` the corpus is read as training goes, never cached
+    (:class:`~lightning_efficient.data.streaming.PackedStream`): each data-parallel process reads
+    its own share, packs blocks on the fly and shuffles them in a buffer of ``shuffle_buffer``
+    blocks, and a checkpoint holds the exact position (buffer included). The stream repeats
+    without end, so ``trainer.max_steps`` sets the run's length and ``val_check_interval`` must
+    count steps; validation comes from ``val_files``.
+
     Args:
-        train_files: jsonl / csv / txt files (``.gz`` allowed); default: the embedded Austen
-            novels and Brown Corpus.
-        text_column: Column holding the text (txt files: one text per non-empty line).
-        val_files: Validation files; default: ``val_fraction`` of the training blocks.
+        train_files: Sources (:func:`~lightning_efficient.data.sources.load_source`: jsonl / json,
+            csv / tsv, parquet, txt, each ``.gz`` allowed; a ``save_to_disk`` directory; a hub id);
+            default: the embedded Austen novels and Brown Corpus.
+        text_column: Column holding the text (txt files: one text per line).
+        val_files: Validation sources; default: ``val_fraction`` of the training blocks.
         val_fraction: Share of blocks held out for validation when ``val_files`` is not given.
         test_fraction: Share of blocks held out for ``test``.
         predict_files: Texts for ``predict`` (the tokenizer's mask token, ``[MASK]`` or ``<mask>``,
             marks the tokens to fill); default: the validation texts.
         tokenizer: A ``tokenizer.json`` (ours, or e.g. a public BERT's or RoBERTa's: it needs
             padding, start, end and mask tokens with BERT's or RoBERTa's names, at any ids) or a
-            checkpoint of ours; default: train WordPiece on the training texts (cached).
+            checkpoint of ours; default: train WordPiece on the training texts (cached; when
+            streaming, on the first :data:`STREAM_TOKENIZER_TEXTS` texts).
         vocab_size: Target size of a newly trained WordPiece vocabulary.
         max_length: Tokens per block, ``[CLS]`` and ``[SEP]`` included.
         batch_size: Blocks per batch.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the held-out split.
+        num_workers: DataLoader worker processes (0 when streaming).
+        seed: Seed of the held-out split and of the stream's shuffle.
+        num_proc: Processes that tokenize (``Dataset.map``); default: this one.
+        streaming: Read the training corpus as training goes instead of caching it.
+        shuffle_buffer: Blocks in the streaming shuffle buffer.
 
     Examples:
         >>> dm = MLMDataModule(max_length=64, batch_size=4, vocab_size=2000)
@@ -139,41 +213,119 @@ class MLMDataModule(BertTextDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        num_proc: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 2000,
     ) -> None:
         super().__init__(tokenizer, vocab_size, batch_size, num_workers, seed)
         self._keep_split_arguments(val_files, val_fraction, test_fraction, predict_files, max_length, min_length=8)
+        if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+            raise ConfigurationError(f"num_proc={num_proc!r} must be a positive number of processes, or None")
+        if not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool) or shuffle_buffer < 1:
+            raise ConfigurationError(f"shuffle_buffer={shuffle_buffer!r} must be a positive number of blocks")
+        if streaming:
+            check_streaming(self, val_files, val_fraction, test_fraction, num_workers)
         self.train_files = (
             list(train_files) if train_files else [embedded_path("austen.txt.gz"), embedded_path("brown.jsonl.gz")]
         )
         self.text_column = text_column
-        self._texts: list[str] | None = None
-        self.splits: dict[str, list[list[int]]] = {}
+        self.num_proc = num_proc
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        self._texts: TextColumns | list[str] | None = None
+        self.splits: dict[str, Sequence[list[int]]] = {}
 
-    def tokenizer_training_texts(self) -> list[str]:
+    def _tables(self, files: Sequence[str], role: str) -> list[datasets.Dataset]:
+        return [load_source(file, [self.text_column], role, text_column=self.text_column) for file in files]
+
+    def tokenizer_training_texts(self) -> Sequence[str]:
         if self._texts is None:
-            self._texts = read_texts(self.train_files, self.text_column)
+            if self.streaming:
+                self._texts = stream_sample(self._streams(), self.text_column, STREAM_TOKENIZER_TEXTS)
+            else:
+                self._texts = TextColumns.of(self.train_files, self.text_column)
         return self._texts
 
+    def _packer(self) -> PackBlocks:
+        ids = self.special_ids
+        return PackBlocks(self.tokenizer, self.text_column, ids.cls_id, ids.sep_id, self.max_length)
+
     def blocks(self, texts: Sequence[str]) -> list[list[int]]:
-        """Tokenize ``texts``, concatenate them and cut the stream into ``[CLS] ... [SEP]`` blocks."""
-        cls_id, sep_id = self.special_ids.cls_id, self.special_ids.sep_id
-        stream: list[int] = []
-        for encoding in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
-            stream.extend(encoding.ids)
-        width = self.max_length - 2
-        return [[cls_id, *stream[i : i + width], sep_id] for i in range(0, len(stream) - width + 1, width)]
+        """Tokenize ``texts`` in :data:`PACK_BATCH` texts at a time, and cut each into ``[CLS] ... [SEP]`` blocks."""
+        packer, texts = self._packer(), list(texts)
+        return [block for i in range(0, len(texts), PACK_BATCH) for block in packer.blocks(texts[i : i + PACK_BATCH])]
+
+    def block_table(self, files: Sequence[str], role: str = "train") -> datasets.Dataset:
+        """The blocks of ``files``' texts as one memory-mapped table (column ``input_ids``), mapped once and cached."""
+        packer = self._packer()
+        key = ("mlm-blocks", self.tokenizer.to_str(), self.text_column, self.max_length, PACK_BATCH)
+        tables = [
+            cached_map(
+                table,
+                packer,
+                key,
+                _BLOCK_FEATURES,
+                self.num_proc,
+                f"Packing {Path(source_name(file)).name}",
+                PACK_BATCH,
+            )
+            for table, file in zip(self._tables(files, role), files)
+        ]
+        return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+
+    def prepare_data(self) -> None:
+        """Train (or load) the tokenizer and tokenize the corpus into the cache, once per machine.
+
+        Lightning calls this on local rank 0 only; the other ranks' ``setup`` then finds both in
+        the cache, so no rank tokenizes twice.
+        """
+        super().prepare_data()
+        if not self.streaming:
+            self.block_table(self.train_files)
+            if self.val_files:
+                self.block_table(self.val_files, "validation")
 
     def setup(self, stage: str) -> None:
         if self.splits or (stage == "predict" and self.predict_files):
             return  # predicting from files needs no training data
-        blocks = self.blocks(self.tokenizer_training_texts())
-        self.splits = {name: [blocks[i] for i in part] for name, part in self.held_out_indices(len(blocks)).items()}
+        if self.streaming:
+            self._setup_streaming()
+            return
+        blocks = self.block_table(self.train_files)
+        parts = self.held_out_indices(len(blocks))
+        self.splits = {name: ArrowRows(blocks.select(part), ["input_ids"]) for name, part in parts.items()}
         if self.val_files:
-            self.splits["val"] = self.blocks(read_texts(self.val_files, self.text_column))
+            self.splits["val"] = ArrowRows(self.block_table(self.val_files, "validation"), ["input_ids"])
         if not self.splits["train"]:
             raise DataError(f"training files {self.train_files} hold fewer than one block of {self.max_length} tokens")
         self.check_train_batches(
             len(self.splits["train"]), f"blocks of {self.max_length} tokens from {self.train_files}"
+        )
+
+    def _streams(self) -> list[datasets.IterableDataset]:
+        return [
+            load_source(file, [self.text_column], "train", streaming=True, text_column=self.text_column)
+            for file in self.train_files
+        ]
+
+    def _setup_streaming(self) -> None:
+        check_streaming_trainer(self.trainer)
+        ranks = self._data_parallel_ranks()
+        self.stream = PackedStream(
+            self._streams(), self.text_column, self._packer(), self.shuffle_buffer, self.seed,
+            rank=ranks.get("rank", 0), world_size=ranks.get("num_replicas", 1),
+        )  # fmt: skip
+        self.splits = {"test": []}
+        if self.val_files:
+            self.splits["val"] = ArrowRows(self.block_table(self.val_files, "validation"), ["input_ids"])
+        else:
+            self.splits["val"] = []
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.streaming:
+            return super().train_dataloader()
+        return StreamingDataLoader(
+            self.stream, batch_size=self.batch_size, collate_fn=self._collate, trainer_prefetch=self.trainer is not None
         )
 
     def _collate(self, blocks: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -188,7 +340,7 @@ class MLMDataModule(BertTextDataModule):
 
     def predict_dataloader(self):
         if self.predict_files:
-            texts = read_texts(self.predict_files, self.text_column)
+            texts = list(TextColumns.of(self.predict_files, self.text_column, "test"))
         else:
             texts = [self.tokenizer.decode(block) for block in self.splits["val"]]
         return self._loader(texts, self._collate_predict, shuffle=False)
@@ -204,7 +356,8 @@ class TextClassificationDataModule(BertTextDataModule):
     "labels"}``.
 
     Args:
-        train_files: jsonl / csv files with a text and a label column; default: embedded Brown.
+        train_files: Sources with a text and a label column (files, saved datasets or hub ids, as
+            :func:`~lightning_efficient.data.sources.load_source` reads them); default: embedded Brown.
         text_column: Column holding the text.
         label_column: Column holding the label.
         label_map: Maps raw labels to task labels (every raw label must be a key).
@@ -269,20 +422,22 @@ class TextClassificationDataModule(BertTextDataModule):
         self._rows: dict[str, tuple[list[str], list[str]]] = {}
         self.given_label_names = [str(name) for name in label_names] if label_names is not None else None
         self._label_names: list[str] | None = None
-        self._first_label: tuple[type, str, int] | None = None  # type, file and line of the first label read
+        self._first_label: tuple[type, str, int] | None = None  # type, file and row of the first label read
         self.splits: dict[str, list[tuple[list[int], int]]] = {}
 
-    def _read_labelled(self, files: Sequence[str], with_groups: bool) -> tuple[list[str], list[str], list[Any] | None]:
+    def _read_labelled(
+        self, files: Sequence[str], with_groups: bool, role: str = "train"
+    ) -> tuple[list[str], list[str], list[Any] | None]:
         texts: list[str] = []
         labels: list[str] = []
         groups: list[Any] = []
+        grouped = with_groups and self.group_column
         for file in files:
-            numbered = read_numbered_records(file, self.text_column)
-            lines = [line for line, _ in numbered]
-            records = [record for _, record in numbered]
-            texts.extend(str(t) for t in read_column(records, self.text_column, file, lines))
-            values = read_column(records, self.label_column, file, lines)
-            raw = [self._checked_label(value, file, line) for value, line in zip(values, lines)]
+            columns = [self.text_column, self.label_column, *([self.group_column] if grouped else [])]
+            table = load_source(file, list(dict.fromkeys(columns)), role, text_column=self.text_column)
+            texts.extend(str(t) for t in table[self.text_column])
+            rows = range(1, len(table) + 1)
+            raw = [self._checked_label(value, file, row) for value, row in zip(table[self.label_column], rows)]
             if self.label_map is not None:
                 unknown = sorted(set(raw) - set(self.label_map))
                 if unknown:
@@ -292,31 +447,34 @@ class TextClassificationDataModule(BertTextDataModule):
                     )
                 raw = [self.label_map[label] for label in raw]
             if self.given_label_names is not None:
-                for label, line in zip(raw, lines):
+                for label, row in zip(raw, rows):
                     if label not in self.given_label_names:
                         raise DataError(
-                            f"data file {file!r}, line {line}: label {label!r} is not one of "
+                            f"data file {file!r}, row {row}: label {label!r} is not one of "
                             f"label_names {self.given_label_names}"
                         )
             labels.extend(raw)
-            if with_groups and self.group_column:
-                groups.extend(f"{file}:{g}" for g in read_column(records, self.group_column, file, lines))
-        return texts, labels, (groups if with_groups and self.group_column else None)
+            if grouped:
+                groups.extend(f"{file}:{g}" for g in table[self.group_column])
+        return texts, labels, (groups if grouped else None)
 
-    def _checked_label(self, value: Any, file: str, line: int) -> str:
-        """``value`` as a class name, failing on an empty label or, without ``label_names``, a change of type."""
-        where = f"data file {file!r}, line {line}: label {value!r} in column {self.label_column!r}"
+    def _checked_label(self, value: Any, file: str, row: int) -> str:
+        """``value`` as a class name, failing on an empty label or, without ``label_names``, a change of type.
+
+        ``row`` counts the data rows of ``file`` from 1 (a csv header is not a row).
+        """
+        where = f"data file {file!r}, row {row}: label {value!r} in column {self.label_column!r}"
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where} is empty")
         if not isinstance(value, (str, int, float)):
             raise DataError(f"{where} must be a string or a number, not a {type(value).__name__}")
         if self.given_label_names is None:
             if self._first_label is None:
-                self._first_label = (type(value), file, line)
-            first_type, first_file, first_line = self._first_label
+                self._first_label = (type(value), file, row)
+            first_type, first_file, first_row = self._first_label
             if type(value) is not first_type:
                 raise DataError(
-                    f"{where} is a {type(value).__name__}, but the first label (line {first_line} of {first_file!r}) "
+                    f"{where} is a {type(value).__name__}, but the first label (row {first_row} of {first_file!r}) "
                     f"is a {first_type.__name__}; give every label the same type, or list the classes in label_names"
                 )
         return str(value)
@@ -328,7 +486,7 @@ class TextClassificationDataModule(BertTextDataModule):
         parts = self.held_out_indices(len(texts), groups)
         self._rows = {name: ([texts[i] for i in part], [labels[i] for i in part]) for name, part in parts.items()}
         if self.val_files:
-            val_texts, val_labels, _ = self._read_labelled(self.val_files, with_groups=False)
+            val_texts, val_labels, _ = self._read_labelled(self.val_files, with_groups=False, role="validation")
             self._rows["val"] = (val_texts, val_labels)
         given = self.given_label_names
         self._label_names = list(given) if given is not None else sorted(set(self._rows["train"][1]))
@@ -381,5 +539,9 @@ class TextClassificationDataModule(BertTextDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "text": texts}
 
     def predict_dataloader(self):
-        texts = read_texts(self.predict_files, self.text_column) if self.predict_files else self._rows["val"][0]
+        texts = (
+            list(TextColumns.of(self.predict_files, self.text_column, "test"))
+            if self.predict_files
+            else self._rows["val"][0]
+        )
         return self._loader(texts, self._collate_predict, shuffle=False)

@@ -110,7 +110,9 @@ def _continuation_symbols(texts: Sequence[str], normalizer: normalizers.Normaliz
     character a word of its own, so neither is ever a continuation. A character that happens to
     occur only at the start of words still gets its (unused) ``##c``, which keeps this cheap.
     """
-    raw = set("".join(texts))
+    raw: set[str] = set()
+    for text in texts:  # one text at a time: ``texts`` may be a corpus read lazily from disk
+        raw.update(text)
     chars = {c for r in raw for c in normalizer.normalize_str(r)}
     return sorted(f"##{c}" for c in chars if not c.isspace() and not _is_punctuation(c))
 

@@ -12,8 +12,10 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from lightning_efficient.data.base import TextDataModule
-from lightning_efficient.data.files import embedded_path, read_column, read_records, read_texts
+from lightning_efficient.data.files import embedded_path
+from lightning_efficient.data.sources import load_source
 from lightning_efficient.data.text import pad_batch
+from lightning_efficient.data.tokenized import TextColumns
 from lightning_efficient.data.tokenizers import MT_SPECIAL_TOKENS
 from lightning_efficient.errors import ConfigurationError, DataError
 
@@ -32,7 +34,8 @@ class TranslationDataModule(TextDataModule):
     tokenizer's ``<pad>`` id (:attr:`pad_id`).
 
     Args:
-        train_files: jsonl / csv files of pairs; default: the embedded en-fr verse pairs.
+        train_files: Sources of pairs (files, saved datasets or hub ids, as
+            :func:`~lightning_efficient.data.sources.load_source` reads them); default: the embedded en-fr verse pairs.
         source_column: Column of the source sentence.
         target_column: Column of the reference translation.
         val_files: Validation files; default: ``val_fraction`` of the training pairs.
@@ -117,12 +120,11 @@ class TranslationDataModule(TextDataModule):
             raise ConfigurationError(f"the tokenizer from {self.tokenizer_source!r} has no {_PAD!r} token")
         return pad_id
 
-    def _read_pairs(self, files: Sequence[str]) -> list[tuple[str, str]]:
+    def _read_pairs(self, files: Sequence[str], role: str = "train") -> list[tuple[str, str]]:
         pairs: list[tuple[str, str]] = []
         for file in files:
-            records = read_records(file, self.source_column)
-            sources = read_column(records, self.source_column, file)
-            targets = read_column(records, self.target_column, file)
+            table = load_source(file, [self.source_column, self.target_column], role, text_column=self.source_column)
+            sources, targets = table[self.source_column], table[self.target_column]
             pairs.extend((str(s), str(t)) for s, t in zip(sources, targets) if str(s).strip() and str(t).strip())
         return pairs
 
@@ -132,7 +134,7 @@ class TranslationDataModule(TextDataModule):
         pairs = self._read_pairs(self.train_files)
         self._pairs = {name: [pairs[i] for i in part] for name, part in self.held_out_indices(len(pairs)).items()}
         if self.val_files:
-            self._pairs["val"] = self._read_pairs(self.val_files)
+            self._pairs["val"] = self._read_pairs(self.val_files, "validation")
 
     def tokenizer_training_texts(self) -> list[str]:
         self._load_pairs()
@@ -174,7 +176,7 @@ class TranslationDataModule(TextDataModule):
 
     def predict_dataloader(self):
         if self.predict_files:
-            texts = read_texts(self.predict_files, self.source_column)
+            texts = list(TextColumns.of(self.predict_files, self.source_column, "test"))
         else:
             texts = [s for _, _, s, _ in self.splits["val"]]
         return self._loader(texts, self._collate_predict, shuffle=False)
