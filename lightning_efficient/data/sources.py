@@ -233,7 +233,7 @@ def _column_names(table: Table, spec: str) -> list[str]:
 
 def load_source(
     spec: str | os.PathLike[str],
-    columns: Sequence[str],
+    columns: Sequence[str] | None,
     role: str = "train",
     streaming: bool = False,
     text_column: str = "text",
@@ -243,7 +243,7 @@ def load_source(
     Args:
         spec: A file, a directory (``save_to_disk`` or data files) or a hub id; ``#SPLIT``
             picks a split of a source that has several.
-        columns: The columns to keep; each must exist.
+        columns: The columns to keep; each must exist (``None``: every column).
         role: Which split a multi-split source gives: ``"train"``, ``"validation"`` or ``"test"``.
         streaming: Read as it goes (an ``IterableDataset``) instead of into the Arrow cache.
         text_column: The column a ``.txt`` file's lines go in.
@@ -275,9 +275,9 @@ def load_source(
         table = _load_directory_or_hub(spec, location, role, explicit, streaming)
     what = f"data file {location!r}" if path.is_file() else repr(source_name(spec))
     present = _column_names(table, spec)
-    missing = [column for column in columns if column not in present]
+    missing = [column for column in columns or () if column not in present]
     if missing:
         raise DataError(f"column {missing[0]!r} is not in {what}; available columns: {', '.join(sorted(present))}")
     if not streaming and len(table) == 0:
         raise DataError(f"{what} holds no rows")
-    return table.select_columns(list(columns))
+    return table if columns is None else table.select_columns(list(columns))
