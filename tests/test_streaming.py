@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule, RandomStates
+from lightning_efficient.data.streaming import StreamingDataLoader
 from lightning_efficient.testing import quiet_trainer
 
 STREAM = {"streaming": True, "val_fraction": 0.0, "test_fraction": 0.0}
@@ -84,6 +85,25 @@ def test_lightning_resume_mid_stream_equals_the_uninterrupted_run(corpus, tmp_pa
     state = torch.load(tmp_path / "run" / "step=3.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
     position = state["combined_loader"][0]["ranks"][0]
     assert position["buffer"].shape == (24 - 1, 12)  # the shuffle buffer travels in the checkpoint
+
+
+def test_a_loader_saves_the_position_before_the_batch_lightning_fetched_ahead(corpus):
+    dm = streamed(corpus, shuffle_buffer=8)
+    dm.setup("fit")
+    look = iter(dm.train_dataloader())  # e.g. the plan reads a batch first: the run must still start at the top
+    next(look), next(look)
+    loader = StreamingDataLoader(dm.stream, trainer_prefetch=True, batch_size=4, collate_fn=torch.tensor)
+    batches = iter(loader)
+    first, second = next(batches), next(batches)  # Lightning: training on `first`, `second` fetched ahead
+    resumed = StreamingDataLoader(dm.stream, batch_size=4, collate_fn=torch.tensor)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.equal(next(iter(resumed)), second)  # the position after `first`
+    fresh = StreamingDataLoader(dm.stream, trainer_prefetch=True, batch_size=4, collate_fn=torch.tensor)
+    again = iter(fresh)
+    assert torch.equal(next(again), first)
+    restarted = StreamingDataLoader(dm.stream, batch_size=4, collate_fn=torch.tensor)
+    restarted.load_state_dict(fresh.state_dict())  # after one batch handed out: the position is the start
+    assert torch.equal(next(iter(restarted)), first)
 
 
 def test_two_gloo_ranks_read_disjoint_shares_and_resume_exactly(corpus, tmp_path):

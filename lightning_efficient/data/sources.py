@@ -43,6 +43,7 @@ from lightning_efficient.errors import DataError
 
 __all__ = [
     "FILE_FORMATS",
+    "PROGRESS_BYTES",
     "PROGRESS_ROWS",
     "Table",
     "datasets_cache_dir",
@@ -88,6 +89,8 @@ def source_name(spec: str) -> str:
 
 #: Rows from which a table's tokenization shows a progress bar (below, it takes a second or two).
 PROGRESS_ROWS = 200_000
+#: File size from which reading a file into the Arrow cache shows a progress bar.
+PROGRESS_BYTES = 100 * 2**20
 
 
 @contextlib.contextmanager
@@ -181,7 +184,7 @@ def _load_file(path: Path, role: str, streaming: bool, text_column: str) -> Tabl
     if path.stat().st_size == 0:
         raise DataError(f"data file {str(path)!r} is empty")
     try:
-        with quiet_datasets():
+        with quiet_datasets(progress=not streaming and path.stat().st_size >= PROGRESS_BYTES):
             table = datasets.load_dataset(
                 builder,
                 data_files=[str(path.resolve())],

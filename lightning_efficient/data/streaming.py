@@ -151,8 +151,12 @@ class PackedStream(IterableDataset):
         }  # fmt: skip
 
     def position(self) -> dict[str, Any]:
-        """Where the stream stands: after the last block it yielded (or where it will start)."""
+        """Where the stream stands: after the last block it yielded, or where a loaded position resumes it."""
         return self._resume if self._resume is not None else self._current
+
+    def upcoming(self) -> dict[str, Any]:
+        """Where the next iteration starts: a loaded position, else the stream's beginning."""
+        return self._resume if self._resume is not None else self._start_position()
 
     @staticmethod
     def encode(position: dict[str, Any]) -> dict[str, Any]:
@@ -241,13 +245,13 @@ class StreamingDataLoader(DataLoader):
         super().__init__(stream, **kwargs)
         self.stream = stream
         self.lag = 1 if trainer_prefetch else 0
-        self._positions: collections.deque[dict[str, Any]] = collections.deque([stream.position()], maxlen=1)
+        self._positions: collections.deque[dict[str, Any]] = collections.deque([stream.upcoming()], maxlen=1)
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterate()
 
     def _iterate(self) -> Iterator[Any]:
-        self._positions = collections.deque([self.stream.position()], maxlen=self.lag + 1)
+        self._positions = collections.deque([self.stream.upcoming()], maxlen=self.lag + 1)
         for batch in super().__iter__():
             self._positions.append(self.stream.position())
             yield batch
