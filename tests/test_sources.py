@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -13,6 +14,7 @@ import pytest
 from lightning_efficient import DataError, MLMDataModule, TextClassificationDataModule, TranslationDataModule
 from lightning_efficient.data.sources import load_source
 from lightning_efficient.data.text import PackBlocks
+from lightning_efficient.data.tokenized import TextColumns
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +144,16 @@ def test_classification_and_translation_read_parquet_and_saved_datasets(tmp_path
     )  # fmt: skip
     mt.setup("fit")
     assert next(iter(mt.train_dataloader()))["input_ids"].shape[0] == 4
+
+
+def test_a_tokenizer_trained_on_a_source_is_cached_by_its_fingerprint(tmp_path, rows, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(row["sentence"] for row in rows[:300]) + "\n", encoding="utf-8")
+    options = {"train_files": [str(path)], "vocab_size": 200}
+    first = MLMDataModule(**options).tokenizer
+    with monkeypatch.context() as patch:  # the second run does not read the corpus again to hash it
+        patch.setattr(TextColumns, "__iter__", lambda self: pytest.fail("the corpus was read again"))
+        assert MLMDataModule(**options).tokenizer.to_str() == first.to_str()
+    path.write_text("\n".join(row["sentence"] for row in rows[300:]) + "\n", encoding="utf-8")
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))  # a new version of the file
+    assert MLMDataModule(**options).tokenizer.to_str() != first.to_str()

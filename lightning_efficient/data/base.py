@@ -223,7 +223,8 @@ class TextDataModule(EfficientDataModule):
                 self.check_tokenizer(tokenizer, self.tokenizer_source)
             else:
                 texts = self.tokenizer_training_texts()
-                tokenizer = cached_tokenizer(self.tokenizer_kind, texts, self.target_vocab_size)
+                key = getattr(texts, "fingerprint", None)  # tables read from disk: hash their fingerprint
+                tokenizer = cached_tokenizer(self.tokenizer_kind, texts, self.target_vocab_size, key=key)
             tokenizer.no_padding()
             tokenizer.no_truncation()
             self._tokenizer = tokenizer

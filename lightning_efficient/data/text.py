@@ -1,7 +1,8 @@
 """DataModules for BERT: masked-LM pretraining and sequence classification.
 
 Defaults are the embedded corpora (Jane Austen's novels and the Brown Corpus); every module also
-reads a user's jsonl / csv / txt files with the column names given as arguments. The tokenizer is
+reads a user's data through Hugging Face ``datasets`` (files, saved datasets, hub ids:
+:func:`~lightning_efficient.data.sources.load_source`) with the column names given as arguments. The tokenizer is
 trained on the data (our WordPiece, special tokens at ids 0..4) or given as a ``tokenizer.json``,
 such as a public BERT's or RoBERTa's, whose special tokens are found by name at any ids.
 """

@@ -149,6 +149,11 @@ class TextColumns(Sequence):
         """The ``column`` of every source (:func:`~lightning_efficient.data.sources.load_source`), in order."""
         return cls([load_source(source, [column], role, text_column=column) for source in sources], column)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the tables' ``datasets`` fingerprints (their sources and operations) and the column."""
+        return fingerprint(self.column, *(table._fingerprint for table in self.tables))
+
     def __len__(self) -> int:
         return sum(len(table) for table in self.tables)
 

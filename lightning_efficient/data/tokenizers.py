@@ -170,7 +170,7 @@ def cache_dir() -> Path:
     return cache_root() / "tokenizers"
 
 
-def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokenizer:
+def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int, key: str | None = None) -> Tokenizer:
     """Return a tokenizer of ``kind`` trained on ``texts``, from the cache when it was trained before.
 
     A cached file that cannot be loaded (truncated, corrupt, special tokens out of place) is
@@ -184,6 +184,8 @@ def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeni
         kind: ``"wordpiece"`` (BERT) or ``"bpe"`` (shared translation vocabulary).
         texts: Training texts; their content is part of the cache key.
         vocab_size: Target vocabulary size (the trained one can be smaller on a small corpus).
+        key: Stands for the texts' content in the cache key when given (e.g. the fingerprint of
+            the tables they are read from), so a large corpus is not read once more to hash it.
 
     Raises:
         ConfigurationError: Unknown ``kind`` or a ``vocab_size`` too small for the special tokens.
@@ -194,9 +196,12 @@ def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int) -> Tokeni
     if vocab_size <= len(specials):
         raise ConfigurationError(f"vocab_size={vocab_size} must be larger than the {len(specials)} special tokens")
     digest = hashlib.sha256(f"{_FORMAT_VERSION}|{kind}|{vocab_size}|".encode())
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\x00")
+    if key is not None:
+        digest.update(f"key|{key}".encode())
+    else:
+        for text in texts:
+            digest.update(text.encode("utf-8"))
+            digest.update(b"\x00")
     path = cache_dir() / f"{kind}-{vocab_size}-{digest.hexdigest()[:20]}.json"
     if path.is_file():
         try:
