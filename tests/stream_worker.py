@@ -1,8 +1,9 @@
-"""Two gloo processes read one streamed corpus; ``test_streaming.py`` starts it.
+"""Two gloo processes train on one streamed corpus; ``test_streaming.py`` starts it.
 
-Usage: ``python tests/stream_worker.py CORPUS TOKENIZER_JSON OUT_DIR``. Each rank reads 3 batches,
-saves the loader's state (a collective: both ranks' positions), reads 3 more, then a fresh loader
-loads the state and reads 3; ``OUT_DIR/rank<r>.pt`` holds the three lists of batches.
+``python tests/stream_worker.py CORPUS TOKENIZER_JSON OUT_DIR``: a Lightning DDP run of 6 steps
+(a checkpoint every 3, which gathers both ranks' stream positions), then, in the same two
+processes (Lightning's launcher reruns this script for rank 1), a run resumed from its step-3
+checkpoint; ``OUT_DIR/fit_rank<r>.pt`` holds both runs' weights and the batches each rank trained on.
 """
 
 from __future__ import annotations
@@ -10,38 +11,48 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import datasets
+import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_efficient.data.streaming import PackedStream, StreamingDataLoader
-from lightning_efficient.data.text import PackBlocks
-from lightning_efficient.data.tokenizers import load_tokenizer
+from lightning_efficient import BertMLM, MLMDataModule, RandomStates
 
 
-def loader(corpus: str, tokenizer_json: str, rank: int) -> StreamingDataLoader:
-    source = datasets.load_dataset("text", data_files=[corpus], split="train", streaming=True)
-    packer = PackBlocks(load_tokenizer(tokenizer_json), "text", cls_id=2, sep_id=3, max_length=12)
-    stream = PackedStream([source], "text", packer, buffer_size=16, seed=0, rank=rank, world_size=2)
-    return StreamingDataLoader(stream, batch_size=4, collate_fn=torch.tensor)
+class Batches(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.global_step, batch["input_ids"].clone()))
 
 
-def worker(rank: int, corpus: str, tokenizer_json: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{out}/process_group", rank=rank, world_size=2)
-    first_loader = loader(corpus, tokenizer_json, rank)
-    batches = iter(first_loader)
-    first = [next(batches) for _ in range(3)]
-    state = first_loader.state_dict()
-    rest = [next(batches) for _ in range(3)]
-    resumed = loader(corpus, tokenizer_json, rank)
-    resumed.load_state_dict(state)
-    again = [batch for _, batch in zip(range(3), resumed)]
-    torch.save(
-        {"first": first, "rest": rest, "again": again, "states": len(state["ranks"])}, Path(out) / f"rank{rank}.pt"
-    )
-    dist.destroy_process_group()
+def fit(corpus: str, tokenizer_json: str, root: Path, ckpt_path: str | None) -> tuple[BertMLM, Batches, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    data = MLMDataModule(
+        train_files=[corpus], tokenizer=tokenizer_json, max_length=12, batch_size=4, shuffle_buffer=16,
+        streaming=True, val_fraction=0.0, test_fraction=0.0,
+    )  # fmt: skip
+    model = BertMLM(vocab_size=data.vocab_size, preset="tiny", max_length=12)
+    batches = Batches()
+    saver = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=6, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[RandomStates(), saver, batches],
+    )  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model, batches, trainer
+
+
+def fit_twice(corpus: str, tokenizer_json: str, out: str) -> None:
+    whole, whole_batches, trainer = fit(corpus, tokenizer_json, Path(out) / "whole", None)
+    resumed, resumed_batches, _ = fit(corpus, tokenizer_json, Path(out) / "resumed", f"{out}/whole/step=3.ckpt")
+    result = {
+        "whole": whole.state_dict(), "resumed": resumed.state_dict(),
+        "whole_batches": whole_batches.seen, "resumed_batches": resumed_batches.seen,
+    }  # fmt: skip
+    torch.save(result, Path(out) / f"fit_rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=tuple(sys.argv[1:4]), nprocs=2)
+    fit_twice(*sys.argv[1:4])
