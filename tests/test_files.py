@@ -117,3 +117,8 @@ def test_missing_column_names_the_line(tmp_path):
         read_column(records, "text", str(path), lines)
     with pytest.raises(DataError, match=r"\(row 3\)"):  # without line numbers: the row's position
         read_column(records, "text", str(path))
+
+
+@pytest.mark.parametrize(("n", "fractions", "seed"), [(10, [0.2], 0), (1000, [0.02, 0.02], 3), (57, [0.0, 0.1], 1)])
+def test_the_vectorised_split_equals_the_split_of_one_item_groups(n, fractions, seed):
+    assert split_indices(n, fractions, seed) == split_indices(n, fractions, seed, groups=list(range(n)))

@@ -87,7 +87,7 @@ class EfficientDataModule(pl.LightningDataModule):
         a permutation fixed by ``(seed, epoch)``, resumed mid-epoch exactly from a checkpoint.
         Otherwise the items come in order (under DDP Lightning shards them, as usual).
         """
-        dataset = ListDataset(items)
+        dataset = items if isinstance(items, Dataset) else ListDataset(items)  # ArrowRows: a batch in one read
         options: dict[str, Any] = {
             "batch_size": self.batch_size,
             "drop_last": drop_last,

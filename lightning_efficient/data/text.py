@@ -259,7 +259,8 @@ class MLMDataModule(BertTextDataModule):
     def block_table(self, files: Sequence[str], role: str = "train") -> datasets.Dataset:
         """The blocks of ``files``' texts as one memory-mapped table (column ``input_ids``), mapped once and cached."""
         packer = self._packer()
-        key = ("mlm-blocks", self.tokenizer.to_str(), self.text_column, self.max_length, PACK_BATCH)
+        # num_proc decides where the packing batches start, so it is part of the key too
+        key = ("mlm-blocks", self.tokenizer.to_str(), self.text_column, self.max_length, PACK_BATCH, self.num_proc or 1)
         tables = [
             cached_map(
                 table,
