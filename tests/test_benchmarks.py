@@ -242,6 +242,17 @@ def test_script_smoke_run(name, harness, user_files, tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
 
 
+def test_data_scale_script_smoke_run(harness, user_files, tmp_path, monkeypatch):
+    """The training tokens/s part in this process; the corpus, memory and today's-path parts run processes of minutes."""
+    monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "cache"))
+    tiny = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0", "--loader-batches", "2"]  # fmt: skip
+    argv = [*tiny, "--parts", "throughput", "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")]
+    result = run_script("data_scale", argv)
+    assert {"throughput", "verdicts"} <= set(result)
+    assert set(result["throughput"]["variants"]) == {"today's path (list)", "new path (Arrow rows)"}
+
+
 def test_quantization_script_smoke_run(harness, user_files, tmp_path):
     args = ["--presets", "tiny", "--preset", "tiny", "--vocab-size", "300", "--max-length", "17", "--batch-size", "4",
             "--rounds", "1", "--steps", "1", "--warmup", "0", "--prefix-steps", "2", "--qat-steps", "2", "--val-batches", "1",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
@@ -295,7 +296,10 @@ class MLMDataModule(BertTextDataModule):
             return
         blocks = self.block_table(self.train_files)
         parts = self.held_out_indices(len(blocks))
-        self.splits = {name: ArrowRows(blocks.select(part), ["input_ids"]) for name, part in parts.items()}
+        self.splits = {  # an index array, kept in memory: a list of millions of ints takes seconds to select
+            name: ArrowRows(blocks.select(np.asarray(part, dtype=np.int64), keep_in_memory=True), ["input_ids"])
+            for name, part in parts.items()
+        }
         if self.val_files:
             self.splits["val"] = ArrowRows(self.block_table(self.val_files, "validation"), ["input_ids"])
         if not self.splits["train"]:
