@@ -94,7 +94,7 @@ def test_predict_tokenizer_comes_from_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_EFFICIENT_CACHE", str(tmp_path / "empty_cache"))
     checkpoint = "runs/bert_tiny_mlm/checkpoints/last.ckpt"
     main(["predict", "-c", config, "--ckpt_path", checkpoint, "--trainer.limit_predict_batches", "1"])
-    assert not (tmp_path / "empty_cache").exists()
+    assert not (tmp_path / "empty_cache" / "tokenizers").exists()  # (datasets' Arrow cache of the data may be there)
     saved = torch.load(checkpoint, weights_only=True)["lightning_efficient"]["tokenizer"]
     rows = (tmp_path / "runs/bert_tiny_mlm/predictions.jsonl").read_text().splitlines()
     assert rows and saved

@@ -121,8 +121,9 @@ class PackBlocks:
     Examples:
         >>> from lightning_efficient.data.tokenizers import train_wordpiece
         >>> tok = train_wordpiece(["the cat sat on the mat"] * 10, vocab_size=60, show_progress=False)
-        >>> PackBlocks(tok, "text", cls_id=2, sep_id=3, max_length=5)({"text": ["the cat sat", "on the mat"]})
-        {'input_ids': [[2, 5, 6, 7, 3], [2, 8, 5, 9, 3]]}
+        >>> blocks = PackBlocks(tok, "text", cls_id=2, sep_id=3, max_length=5)({"text": ["the cat sat", "on the mat"]})
+        >>> [[tok.id_to_token(i) for i in block] for block in blocks["input_ids"]]
+        [['[CLS]', 'the', 'cat', 'sat', '[SEP]'], ['[CLS]', 'on', 'the', 'mat', '[SEP]']]
     """
 
     def __init__(self, tokenizer: Tokenizer, column: str, cls_id: int, sep_id: int, max_length: int) -> None:

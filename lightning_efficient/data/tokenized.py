@@ -64,7 +64,7 @@ def cached_map(
     Examples:
         >>> table = datasets.Dataset.from_dict({"text": ["a b", "c"]})
         >>> double = lambda batch: {"n": [len(t) * 2 for t in batch["text"]]}
-        >>> cached_map(table, double, ["double"], datasets.Features({"n": datasets.Value("int32")}))["n"]
+        >>> list(cached_map(table, double, ["double"], datasets.Features({"n": datasets.Value("int32")}))["n"])
         [6, 2]
     """
     name = fingerprint(table._fingerprint, *key)
