@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_efficient import BertMLM, ConfigurationError, MLMDataModule, RandomStates
+from lightning_efficient import BertMLM, ConfigurationError, DataError, MLMDataModule, RandomStates
 from lightning_efficient.data.streaming import StreamingDataLoader
 from lightning_efficient.testing import quiet_trainer
 
@@ -147,3 +147,14 @@ def test_lightning_ddp_resume_mid_stream_equals_the_uninterrupted_run(corpus, tm
             assert torch.equal(value, rank["resumed"][name]), name
     seen = [{tuple(row) for _, batch in rank["whole_batches"] for row in batch.tolist()} for rank in ranks]
     assert not seen[0] & seen[1]  # each rank trains on its own share
+
+
+def test_a_stream_without_text_fails_instead_of_spinning(corpus, tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(streamed(corpus).tokenizer.to_str(), encoding="utf-8")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\n", encoding="utf-8")
+    dm = streamed(str(blank), tokenizer=str(tokenizer))
+    dm.setup("fit")
+    with pytest.raises(DataError, match="the streamed corpus holds no text for this process"):
+        next(iter(dm.train_dataloader()))

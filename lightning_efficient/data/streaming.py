@@ -191,7 +191,8 @@ class PackedStream(IterableDataset):
         buffer, pending, carry = list(start["buffer"]), collections.deque(start["pending"]), list(start["carry"])
         pass_index, source_index, source_state = start["pass"], start["source"], start["source_state"]
         width, cls_id, sep_id = self.packer.width, self.packer.cls_id, self.packer.sep_id
-        tokens_this_pass = len(carry) + len(pending) + len(buffer)
+        tokens_this_pass = 0  # tokens read in this pass: none in a whole pass means an empty corpus
+        whole_pass = source_index == 0 and source_state is None  # (a resumed pass may start at its very end)
         while True:
             source = self.sources[source_index]
             source.load_state_dict(source_state if source_state is not None else self._fresh_states[source_index])
@@ -214,16 +215,17 @@ class PackedStream(IterableDataset):
                     break
                 source_state = source.state_dict()
                 encodings = self.packer.tokenizer.encode_batch([str(t) for t in batch], add_special_tokens=False)
-                carry = carry + [i for encoding in encodings for i in encoding.ids]  # a new list: positions share it
-                tokens_this_pass += len(carry)
+                new_ids = [i for encoding in encodings for i in encoding.ids]
+                carry = carry + new_ids  # a new list: the saved positions share the old one
+                tokens_this_pass += len(new_ids)
                 full = len(carry) // width
                 pending.extend([cls_id, *carry[k * width : (k + 1) * width], sep_id] for k in range(full))
                 carry = carry[full * width :]
             source_index, source_state = source_index + 1, None
             if source_index == len(self.sources):
-                if tokens_this_pass == 0:
+                if whole_pass and tokens_this_pass == 0:
                     raise DataError("the streamed corpus holds no text for this process: nothing to train on")
-                source_index, pass_index, tokens_this_pass = 0, pass_index + 1, 0
+                source_index, pass_index, tokens_this_pass, whole_pass = 0, pass_index + 1, 0, True
 
 
 class StreamingDataLoader(DataLoader):
