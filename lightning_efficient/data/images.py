@@ -108,9 +108,9 @@ def _pixel_column(column: pa.ChunkedArray, name: str, spec: str) -> np.ndarray:
     return converted
 
 
-def _read_pixel_table(spec: str, label_column: str, columns: list[str], role: str) -> np.ndarray:
+def _read_pixel_table(table: datasets.Dataset, spec: str, label_column: str) -> np.ndarray:
     """Images ``(N, H, H)`` float32 from a table with one column per pixel (all but ``label_column``)."""
-    pixel_columns = [c for c in columns if c != label_column]
+    pixel_columns = [c for c in table.column_names if c != label_column]
     side = math.isqrt(len(pixel_columns))
     if side * side != len(pixel_columns) or side == 0:
         what = "data file " if Path(spec).is_file() else ""
@@ -118,10 +118,10 @@ def _read_pixel_table(spec: str, label_column: str, columns: list[str], role: st
             f"{what}{spec!r} has {len(pixel_columns)} pixel columns besides {label_column!r}; "
             "expected a square image (e.g. 784 = 28x28)"
         )
-    table = load_source(spec, pixel_columns, role=role).with_format("arrow")[:]
-    images = np.empty((table.num_rows, len(pixel_columns)), dtype=np.float32)
+    pixels = table.select_columns(pixel_columns).with_format("arrow")[:]
+    images = np.empty((pixels.num_rows, len(pixel_columns)), dtype=np.float32)
     for index, name in enumerate(pixel_columns):  # column by column, each one vectorised
-        images[:, index] = _pixel_column(table.column(name), name, spec)
+        images[:, index] = _pixel_column(pixels.column(name), name, spec)
     return images.reshape(-1, side, side)
 
 
@@ -193,15 +193,14 @@ def _load_source(
     spec: str, label_column: str, image_column: str | None, role: str
 ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """``(images (N, H, H), labels (N,), ClassLabel names or None)`` of a source ``load_source`` opens."""
-    table = load_source(spec, [label_column], role=role)  # fails on a missing source or label column
-    labels = _read_labels(table, label_column, spec)
+    table = load_source(spec, [label_column], role=role, keep_all=True)  # fails on a missing source or label column
+    labels = _read_labels(table.select_columns([label_column]), label_column, spec)
     label_feature = table.features[label_column]
     names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
-    columns = load_source(spec, None, role=role).column_names  # every column: the pixels are the rest
-    if image_column and image_column in columns and image_column != label_column:
-        images = _read_image_column(load_source(spec, [image_column], role=role), image_column, spec)
+    if image_column and image_column in table.column_names and image_column != label_column:
+        images = _read_image_column(table.select_columns([image_column]), image_column, spec)
     else:
-        images = _read_pixel_table(spec, label_column, columns, role)
+        images = _read_pixel_table(table, spec, label_column)  # every other column is a pixel
     return images, labels, names
 
 

@@ -82,9 +82,17 @@ def datasets_cache_dir() -> Path:
     return Path(hf_cache) if hf_cache else cache_root() / "datasets"
 
 
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """``(location, split)`` of ``"location#split"``; a path that exists with a ``#`` in its name is all location."""
+    if "#" in spec and not Path(spec).exists():
+        location, split = spec.rsplit("#", 1)
+        return location, split
+    return spec, None
+
+
 def source_name(spec: str) -> str:
     """``spec`` without its ``#split`` suffix (what error messages quote as the file)."""
-    return spec.rsplit("#", 1)[0] if "#" in spec and not Path(spec).exists() else spec
+    return _split_spec(spec)[0]
 
 
 #: Rows from which a table's tokenization shows a progress bar (below, it takes a second or two).
@@ -177,14 +185,15 @@ def _diagnose(path: Path, text_column: str) -> None:
                 )
 
 
-def _load_file(path: Path, role: str, streaming: bool, text_column: str) -> Table:
+def _load_file(path: Path, streaming: bool, text_column: str) -> Table:
     builder, options = _file_format(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist or is not a file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError(f"data file {str(path)!r} is empty")
     try:
-        with quiet_datasets(progress=not streaming and path.stat().st_size >= PROGRESS_BYTES):
+        with quiet_datasets(progress=not streaming and size >= PROGRESS_BYTES):
             table = datasets.load_dataset(
                 builder,
                 data_files=[str(path.resolve())],
@@ -236,20 +245,22 @@ def _column_names(table: Table, spec: str) -> list[str]:
 
 def load_source(
     spec: str | os.PathLike[str],
-    columns: Sequence[str] | None,
+    columns: Sequence[str],
     role: str = "train",
     streaming: bool = False,
     text_column: str = "text",
+    keep_all: bool = False,
 ) -> Table:
     """Open ``spec`` as a table of ``columns``, in the source's row order.
 
     Args:
         spec: A file, a directory (``save_to_disk`` or data files) or a hub id; ``#SPLIT``
             picks a split of a source that has several.
-        columns: The columns to keep; each must exist (``None``: every column).
+        columns: The columns to keep; each must exist.
         role: Which split a multi-split source gives: ``"train"``, ``"validation"`` or ``"test"``.
         streaming: Read as it goes (an ``IterableDataset``) instead of into the Arrow cache.
         text_column: The column a ``.txt`` file's lines go in.
+        keep_all: Keep every column of the source, not only ``columns`` (which must still exist).
 
     Returns:
         A ``datasets.Dataset`` (memory-mapped), or an ``IterableDataset`` when ``streaming``.
@@ -266,21 +277,19 @@ def load_source(
         lightning_efficient.errors.DataError: column 'title' is not in data file ...brown.jsonl.gz'; available columns: doc, genre, tags, text
     """
     spec = str(spec)
-    location, explicit = spec, None
-    if "#" in spec and not Path(spec).exists():
-        location, explicit = spec.rsplit("#", 1)
+    location, explicit = _split_spec(spec)
     path = Path(location)
     if path.is_file() or (not path.is_dir() and path.suffix):  # a file name (maybe a missing one)
         if explicit:
             raise DataError(f"data file {location!r} holds one table; '#{explicit}' names a split only of a dataset")
-        table = _load_file(path, role, streaming, text_column)
+        table = _load_file(path, streaming, text_column)
     else:
         table = _load_directory_or_hub(spec, location, role, explicit, streaming)
     what = f"data file {location!r}" if path.is_file() else repr(source_name(spec))
     present = _column_names(table, spec)
-    missing = [column for column in columns or () if column not in present]
+    missing = [column for column in columns if column not in present]
     if missing:
         raise DataError(f"column {missing[0]!r} is not in {what}; available columns: {', '.join(sorted(present))}")
     if not streaming and len(table) == 0:
         raise DataError(f"{what} holds no rows")
-    return table if columns is None else table.select_columns(list(columns))
+    return table if keep_all else table.select_columns(list(columns))

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_efficient.data.sampling import _world_and_rank
 from lightning_efficient.errors import ConfigurationError, DataError
 
 if TYPE_CHECKING:
@@ -190,7 +191,6 @@ class PackedStream(IterableDataset):
         rng.set_state(start["rng"])
         buffer, pending, carry = list(start["buffer"]), collections.deque(start["pending"]), list(start["carry"])
         pass_index, source_index, source_state = start["pass"], start["source"], start["source_state"]
-        width, cls_id, sep_id = self.packer.width, self.packer.cls_id, self.packer.sep_id
         tokens_this_pass = 0  # tokens read in this pass: none in a whole pass means an empty corpus
         whole_pass = source_index == 0 and source_state is None  # (a resumed pass may start at its very end)
         while True:
@@ -214,13 +214,10 @@ class PackedStream(IterableDataset):
                 if not batch:
                     break
                 source_state = source.state_dict()
-                encodings = self.packer.tokenizer.encode_batch([str(t) for t in batch], add_special_tokens=False)
-                new_ids = [i for encoding in encodings for i in encoding.ids]
-                carry = carry + new_ids  # a new list: the saved positions share the old one
+                new_ids = self.packer.ids(batch)
                 tokens_this_pass += len(new_ids)
-                full = len(carry) // width
-                pending.extend([cls_id, *carry[k * width : (k + 1) * width], sep_id] for k in range(full))
-                carry = carry[full * width :]
+                blocks, carry = self.packer.cut(carry + new_ids)  # a new carry list: saved positions share the old
+                pending.extend(blocks)
             source_index, source_state = source_index + 1, None
             if source_index == len(self.sources):
                 if whole_pass and tokens_this_pass == 0:
@@ -261,8 +258,9 @@ class StreamingDataLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         """The stream's position after the batches trained on, for every process."""
         mine = PackedStream.encode(self._positions[0])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
+        world, _ = _world_and_rank(None, None)
+        if world > 1:
+            gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, mine)
             return {"ranks": gathered}
         return {"ranks": [mine]}
@@ -270,9 +268,7 @@ class StreamingDataLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue this process's stream where the checkpoint left it."""
         ranks = state_dict["ranks"]
-        world, rank = (
-            (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-        )
+        world, rank = _world_and_rank(None, None)
         if len(ranks) != world:
             raise DataError(
                 f"this checkpoint's stream positions were saved by {len(ranks)} process(es), and {world} resume it; "

@@ -132,13 +132,20 @@ class PackBlocks:
         self.cls_id, self.sep_id = cls_id, sep_id
         self.width = max_length - 2
 
+    def ids(self, texts: Sequence[Any]) -> list[int]:
+        """The token ids of ``texts`` one after another, without special tokens."""
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)
+        return [i for encoding in encodings for i in encoding.ids]
+
+    def cut(self, stream: list[int]) -> tuple[list[list[int]], list[int]]:
+        """``stream`` cut into full ``[CLS] ... [SEP]`` blocks, and the tail that does not fill one."""
+        width, full = self.width, len(stream) // self.width
+        blocks = [[self.cls_id, *stream[k * width : (k + 1) * width], self.sep_id] for k in range(full)]
+        return blocks, stream[full * width :]
+
     def blocks(self, texts: Sequence[str]) -> list[list[int]]:
         """``texts`` tokenized, concatenated and cut into full blocks (the tail is dropped)."""
-        stream: list[int] = []
-        for encoding in self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False):
-            stream.extend(encoding.ids)
-        width = self.width
-        return [[self.cls_id, *stream[i : i + width], self.sep_id] for i in range(0, len(stream) - width + 1, width)]
+        return self.cut(self.ids(texts))[0]
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         return {"input_ids": self.blocks(batch[self.column])}
@@ -236,17 +243,24 @@ class MLMDataModule(BertTextDataModule):
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         self._texts: TextColumns | list[str] | None = None
+        self._opened: dict[tuple[tuple[str, ...], str], list[datasets.Dataset]] = {}
+        self._blocks: dict[tuple[tuple[str, ...], str], datasets.Dataset] = {}
         self.splits: dict[str, Sequence[list[int]]] = {}
 
     def _tables(self, files: Sequence[str], role: str) -> list[datasets.Dataset]:
-        return [load_source(file, [self.text_column], role, text_column=self.text_column) for file in files]
+        """The text column of each of ``files``, opened once (the tokenizer and the blocks read the same tables)."""
+        if (tuple(files), role) not in self._opened:
+            self._opened[tuple(files), role] = [
+                load_source(file, [self.text_column], role, text_column=self.text_column) for file in files
+            ]
+        return self._opened[tuple(files), role]
 
     def tokenizer_training_texts(self) -> Sequence[str]:
         if self._texts is None:
             if self.streaming:
                 self._texts = stream_sample(self._streams(), self.text_column, STREAM_TOKENIZER_TEXTS)
             else:
-                self._texts = TextColumns.of(self.train_files, self.text_column)
+                self._texts = TextColumns(self._tables(self.train_files, "train"), self.text_column)
         return self._texts
 
     def _packer(self) -> PackBlocks:
@@ -259,7 +273,15 @@ class MLMDataModule(BertTextDataModule):
         return [block for i in range(0, len(texts), PACK_BATCH) for block in packer.blocks(texts[i : i + PACK_BATCH])]
 
     def block_table(self, files: Sequence[str], role: str = "train") -> datasets.Dataset:
-        """The blocks of ``files``' texts as one memory-mapped table (column ``input_ids``), mapped once and cached."""
+        """The blocks of ``files``' texts as one memory-mapped table (column ``input_ids``), mapped once and cached.
+
+        Kept for this DataModule's life: ``prepare_data`` and ``setup`` of one process build it once.
+        """
+        if (tuple(files), role) not in self._blocks:
+            self._blocks[tuple(files), role] = self._block_table(files, role)
+        return self._blocks[tuple(files), role]
+
+    def _block_table(self, files: Sequence[str], role: str) -> datasets.Dataset:
         packer = self._packer()
         # num_proc decides where the packing batches start, so it is part of the key too
         key = ("mlm-blocks", self.tokenizer.to_str(), self.text_column, self.max_length, PACK_BATCH, self.num_proc or 1)
@@ -310,6 +332,7 @@ class MLMDataModule(BertTextDataModule):
         )
 
     def _streams(self) -> list[datasets.IterableDataset]:
+        """The training sources as new streams (a stream read once, e.g. for the tokenizer, keeps its position)."""
         return [
             load_source(file, [self.text_column], "train", streaming=True, text_column=self.text_column)
             for file in self.train_files

@@ -119,7 +119,7 @@ class ArrowRows(Dataset, Sequence):
             return self._rows(self.table[index])
         if not -len(self) <= index < len(self):
             raise IndexError(f"row {index} of {len(self)}")
-        return self._rows(self.table[index : index + 1 if index != -1 else None])[0]
+        return self.__getitems__([index % len(self)])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         return self._rows(self.table[list(indices)])
