@@ -2,7 +2,7 @@
 
 Claim measured: training the main job (``configs/bert/small_mlm.yaml``: ``BertMLM`` preset small,
 hidden 256, 4 layers, 4 heads, FFN 1024, masked-only MLM head, 30522-token WordPiece,
-``MLMDataModule`` batch 32 x 128) through ``Trainer.fit`` reaches an MFU >= 40% of the fp32
+``MLMDataModule`` batch 32 x 128) through ``Trainer.fit`` reaches an MFU >= 45% of the fp32
 matmul peak measured on this machine.
 
 * Peak: square fp32 ``torch.mm`` of a few sizes (default 1024, 2048, 4096), each timed
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = mlm_arguments(harness_arguments(__doc__, rounds=2, steps=8, warmup=3))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square matmul sizes")
     parser.add_argument("--matmul-repeats", type=int, default=5, help="timed matmuls per size and probe")
-    parser.add_argument("--target", type=float, default=0.40, help="pass if MFU >= target")
+    parser.add_argument("--target", type=float, default=0.45, help="pass if MFU >= target")
     return parser.parse_args(argv)
 
 

@@ -69,8 +69,8 @@ __all__ = [
     "SCORES_KEY",
     "SCORE_REQUEST_KEY",
     "SOFT_TARGETS_KEY",
-    "WEIGHTS_KEY",
     "TRAINING_ONLY",
+    "WEIGHTS_KEY",
     "SoftTargets",
     "classification_loss",
     "cross_entropy_gradient_norms",
@@ -79,6 +79,7 @@ __all__ = [
     "predicting",
     "prediction_losses",
     "row_gradient_norms",
+    "softmax_cross_entropy",
     "take_soft_targets",
 ]
 
@@ -176,6 +177,66 @@ def cross_entropy_gradient_norms(
         return squared.sqrt()
     norms = squared.sum(-1).sqrt()
     return norms / valid.sum(-1).clamp(min=1) if token_mean else norms
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy from one softmax; its backward turns the saved probabilities into the gradient in place."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(logits, dim=-1)
+        picked = probabilities.gather(1, targets[:, None]).squeeze(1)
+        losses = -picked.log()
+        tiny = picked < 1e-30  # the target's probability underflows (a logit gap > 69): exact for those rows
+        if bool(tiny.any()):
+            rows = tiny.nonzero().squeeze(1)
+            exact = torch.logsumexp(logits[rows], dim=-1) - logits[rows, targets[rows]]
+            losses = losses.index_put((rows,), exact)
+        ctx.save_for_backward(probabilities, targets)
+        ctx.consumed = False
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.consumed:
+            raise RuntimeError(
+                "softmax_cross_entropy's graph can be backpropagated once (retain_graph is not supported)"
+            )
+        ctx.consumed = True
+        probabilities, targets = ctx.saved_tensors
+        rows = torch.arange(len(targets), device=targets.device)
+        probabilities[rows, targets] -= 1.0  # softmax - one-hot, in the saved buffer: no second (M, C) tensor
+        return probabilities.mul_(grad / len(targets)), None
+
+
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, targets)`` (the mean over rows) at about half its cost over a large vocabulary.
+
+    ``F.cross_entropy`` runs ``log_softmax``, then in backward zero-fills an ``(M, C)`` gradient for
+    ``nll_loss`` and runs ``log_softmax``'s backward: about 60 ms of BERT-small's CPU training step
+    for 600 masked positions over 30,522 tokens. Here the forward is one softmax (kept for backward,
+    as ``log_softmax``'s output is), and the backward writes ``softmax - one_hot`` into it in place.
+    A row whose target probability underflows (below ``1e-30``) takes its loss from ``logsumexp``.
+    Off the CPU (where that check would synchronise the device) and under ``torch.compile`` it is
+    ``F.cross_entropy``. The graph can be backpropagated once.
+
+    Args:
+        logits: ``(M, C)`` float logits.
+        targets: ``(M,)`` class indices (no ignored index).
+
+    Returns:
+        The mean loss, a 0-d tensor.
+
+    Examples:
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], requires_grad=True)
+        >>> targets = torch.tensor([0, 1])
+        >>> loss = softmax_cross_entropy(logits, targets)
+        >>> torch.allclose(loss, F.cross_entropy(logits, targets))
+        True
+    """
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.cross_entropy(logits, targets)
+    return _SoftmaxCrossEntropy.apply(logits, targets)
 
 
 @torch.no_grad()

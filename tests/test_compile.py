@@ -31,6 +31,10 @@ BACKEND = "aot_eager"
 STEPS = 6
 #: AutoProg's row chooses its depth and size at step 6 and trains the full model from step 7.
 ROW_STEPS = {"autoprog": 8}
+#: Weight tolerance after the comparison's steps (default 1e-5). The compiled backward sums some gradients in
+#: another order than eager autograd (last-bit differences, ~1e-9 here); QAT's fake quantization turns a
+#: value that moves across a rounding boundary into a whole quantization step (measured 1.4e-4 after 6 steps).
+ROW_WEIGHT_TOLERANCE = {"qat": 1e-3}
 #: Rows whose mechanism another row already covers (test time): first_block_noise is block_noise's hook on one block.
 SAME_AS = {"first_block_noise": "block_noise"}
 
@@ -132,7 +136,7 @@ def test_safe_technique_trains_compiled_as_eager(case: TechniqueCase, user_files
     weights, expected = compiled.state_dict(), eager.state_dict()
     assert weights.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(weights[name], value, atol=ROW_WEIGHT_TOLERANCE.get(case.id, 1e-5), rtol=0, msg=name)
 
 
 def test_a_technique_that_is_not_declared_is_refused(user_files: dict[str, str]) -> None:

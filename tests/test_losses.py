@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lightning_efficient import losses
 from lightning_efficient.callbacks import importance_sampling
+from lightning_efficient.losses import softmax_cross_entropy
 from lightning_efficient.models.bert import BertMLM
 
 MODELS = Path(losses.__file__).parent / "models"
@@ -72,3 +73,31 @@ def test_bert_mlm_says_which_positions_it_predicts_only_while_its_encoder_runs()
     with pytest.raises(RuntimeError), losses.predicting(model, labels != -100):
         raise RuntimeError("an error inside the encoder")
     assert model.predicted_positions is None  # cleared even then
+
+
+def test_softmax_cross_entropy_equals_torch_cross_entropy_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(37, 1003) * 4
+    logits[3, :] = 0.0
+    logits[5, 7] = 150.0  # row 5's target (not 7) has probability exp(-150): below fp32's range
+    targets = torch.randint(0, 1003, (37,))
+    targets[5] = 8
+    ours = logits.clone().requires_grad_()
+    reference = logits.clone().requires_grad_()
+    loss = softmax_cross_entropy(ours, targets)
+    expected = F.cross_entropy(reference, targets)
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    (loss * 3).backward()
+    (expected * 3).backward()
+    assert torch.allclose(ours.grad, reference.grad, atol=1e-8)
+    with torch.no_grad():  # evaluation: no graph
+        assert torch.allclose(softmax_cross_entropy(logits, targets), expected)
+
+
+def test_softmax_cross_entropy_refuses_a_second_backward() -> None:
+    logits = torch.randn(4, 9, requires_grad=True)
+    loss = softmax_cross_entropy(logits, torch.tensor([1, 2, 3, 4]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()

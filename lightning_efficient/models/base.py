@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_efficient.checkpoint import (
@@ -33,6 +34,7 @@ from lightning_efficient.checkpoint import (
 )
 from lightning_efficient.errors import CheckpointMismatchError, ConfigurationError, check_int
 from lightning_efficient.losses import TRAINING_ONLY, classification_loss, cross_entropy_gradient_norms
+from lightning_efficient.models.dropout import use_fast_dropout
 from lightning_efficient.models.pretrained import (
     PretrainedSource,
     model_from_config,
@@ -366,7 +368,13 @@ class EfficientModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.AdamW(
-            decay_parameter_groups(self, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.98), eps=1e-6
+            decay_parameter_groups(self, hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            # One kernel per step, 3.5x faster than foreach on BERT-small's CPU step; torch's fused AdamW
+            # refuses DTensor parameters (FSDP2, tensor parallelism): its step counters are plain tensors.
+            fused=not any(isinstance(p, DTensor) for p in self.parameters()),
         )
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
@@ -597,7 +605,7 @@ class EfficientModule(pl.LightningModule):
             tokenizer = source.tokenizer()
             if tokenizer is not None:
                 self.tokenizer = tokenizer
-        return model
+        return use_fast_dropout(model)
 
     @staticmethod
     def _refuse_sizes(sizes: dict[str, Any], name: str) -> None:

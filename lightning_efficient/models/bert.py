@@ -19,7 +19,6 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric
@@ -35,6 +34,7 @@ from lightning_efficient.losses import (
     predicting,
     prediction_losses,
     row_gradient_norms,
+    softmax_cross_entropy,
 )
 from lightning_efficient.models.base import (
     EfficientModule,
@@ -350,7 +350,7 @@ class BertMLM(EfficientModule):
         """Mask, predict and score a batch: ``(loss, logits (M, V), targets (M,))``."""
         masked, labels = self.mask(batch["input_ids"], batch["attention_mask"], generator)
         logits, targets = self.masked_logits(masked, batch["attention_mask"], labels)
-        return F.cross_entropy(logits.float(), targets), logits, targets
+        return softmax_cross_entropy(logits.float(), targets), logits, targets
 
     def fix_random_inputs(self, batch: dict[str, torch.Tensor]) -> None:
         """Draw this step's masks into the batch (``mlm_input_ids``, ``mlm_labels``) unless they are there.
