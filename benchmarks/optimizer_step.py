@@ -1,9 +1,14 @@
-"""Optimizer step time on BERT-small: LAMB and Lion each <= 1.15x torch.optim.AdamW(foreach=True).
+"""Optimizer step time on BERT-small: LAMB and Lion each <= 1.10x torch.optim.AdamW(foreach=True).
 
 Claim measured: one ``optimizer.step()`` of :class:`lightning_efficient.optim.LAMB` and of
 :class:`lightning_efficient.optim.Lion` on BERT-small's parameters (``BertMLM(vocab_size=30522,
 preset="small")``: hidden 256, 4 layers, 74 tensors, 11.2M values, on the CPU) takes at most ``--max-ratio``
-(1.15x) the time of ``torch.optim.AdamW(foreach=True)`` on the same parameters.
+(1.10x, issue 30; 1.15x before) the time of ``torch.optim.AdamW(foreach=True)`` on the same parameters.
+
+Reference row, not a claim: ``torch.optim.AdamW(fused=True)`` (one ``aten::_fused_adamw_`` kernel per
+group), timed alongside so that readers see how far a single fused pass goes. LAMB runs its moments and
+update direction on that same kernel, then adds two norms and the trust-ratio update, so it cannot
+reach the fused AdamW's time; Lion stays on ``torch._foreach_*`` calls.
 
 What is timed: ``optimizer.step()`` alone. Each round builds, for every variant, a fresh model
 from the same seed whose parameters all hold the same fixed random gradient (so every step does its
@@ -49,6 +54,7 @@ from lightning_efficient.optim import LAMB, Lion
 
 WEIGHT_DECAY = 0.01
 ADAMW = "AdamW(foreach=True)"
+ADAMW_FUSED = "AdamW(fused=True)"  # a reference row, not a claim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,16 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = harness_arguments(__doc__, rounds=4, steps=30, warmup=3)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (claim: small)")
     parser.add_argument("--vocab-size", type=int, default=30522, help="vocabulary (claim: 30522, BERT's WordPiece)")
-    parser.add_argument("--max-ratio", type=float, default=1.15, help="pass if step time / AdamW's <= this")
+    parser.add_argument("--max-ratio", type=float, default=1.10, help="pass if step time / AdamW's <= this")
     parser.add_argument("--pytorch-optimizer", action="store_true", help="also time pytorch-optimizer's Lamb and Lion")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def optimizers(with_pytorch_optimizer: bool) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
-    """The compared optimizers by name, each built on the model's no-decay groups; AdamW first."""
+    """The compared optimizers by name, each built on the model's no-decay groups; AdamW(foreach=True) first."""
     builders: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
         ADAMW: lambda m: torch.optim.AdamW(decay_parameter_groups(m, WEIGHT_DECAY), lr=1e-3, foreach=True),
+        ADAMW_FUSED: lambda m: torch.optim.AdamW(decay_parameter_groups(m, WEIGHT_DECAY), lr=1e-3, fused=True),
         "LAMB (ours)": lambda m: LAMB(decay_parameter_groups(m, WEIGHT_DECAY), lr=1e-3),
         "Lion (ours)": lambda m: Lion(decay_parameter_groups(m, WEIGHT_DECAY), lr=1e-4),
     }
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdicts[name] = ratio <= args.max_ratio
         verdict = "PASS" if verdicts[name] else "FAIL"
         print(f"{verdict}: {name} step = {ratio:.3f}x AdamW(foreach=True) (target <= {args.max_ratio:.2f}x)")
+    fused = result["variants"][ADAMW_FUSED]["ratio"]
+    print(f"reference (no claim): {ADAMW_FUSED} step = {fused:.3f}x {ADAMW}")
     result.update(claim="optimizer step time relative to AdamW(foreach=True)", target=args.max_ratio, passed=verdicts)
     return write_json(args.json, result)
 

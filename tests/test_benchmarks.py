@@ -467,3 +467,109 @@ def test_compile_script_smoke_run(harness, user_files, tmp_path):
     assert set(result["profiles"]) == {"compiled", "eager"} and len(result["profiles"]["compiled"]["top"]) == 5
     assert isinstance(result["passed"], bool) and result["backend"] == "aot_eager"
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+# -- pruning_export.py: the speedup on padded and on full-length rows --------------------------------
+def test_full_length_batch_packs_the_examples_real_tokens_into_full_rows():
+    from benchmarks.pruning_export import full_length_batch
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    ids = torch.arange(1, 16).view(3, 5) * mask  # padding ids 0
+    full = full_length_batch({"input_ids": ids, "attention_mask": mask}, 7)
+    stream = [1, 2, 3, 6, 7, 8, 9, 10, 11, 12]  # each example's unpadded ids, in turn, then again
+    expected = (stream * 3)[:21]
+    assert full["input_ids"].tolist() == [expected[0:7], expected[7:14], expected[14:21]]
+    assert full["attention_mask"].shape == (3, 7) and bool(full["attention_mask"].all())
+
+
+def test_pruning_export_script_smoke_run(harness, user_files, tmp_path):
+    args = ["--preset", "tiny", "--vocab-size", "300", "--max-length", "96", "--batch-size", "4", "--infer-batch", "3",
+            "--rounds", "1", "--steps", "1", "--warmup", "0", "--dense-steps", "2", "--prune-steps", "2",
+            "--frequency", "1", "--val-batches", "1", "--train-files", user_files["jsonl"], "--text-column", "sentence",
+            "--label-column", "category", "--no-label-map", "--json", str(tmp_path / "result.json")]  # fmt: skip
+    result = run_script("pruning_export", args)
+    timing = result["timing"]
+    assert set(timing) == set(result["speedup"]) == set(result["passed_shapes"]) == {"padded", "full_length"}
+    assert timing["full_length"]["rows"] == timing["padded"]["rows"] == 3
+    assert timing["full_length"]["positions"] == 96 and timing["full_length"]["tokens"] == 3 * 96  # no padding
+    assert timing["padded"]["tokens"] < 3 * timing["padded"]["positions"] < 3 * 96  # the loader's padded rows
+    for shape, numbers in timing.items():
+        assert numbers["variants"]["exported (pruned)"]["ratio"] == result["speedup"][shape] > 0
+    assert (
+        result["max_logit_difference"] < 1e-4 and result["block_parameters_after"] < result["block_parameters_before"]
+    )
+    assert result["passed"] == (all(result["passed_shapes"].values()) and result["max_logit_difference"] < 1e-4)
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+# -- monitor_overhead.py: the monitor on and off within one fit ---------------------------------------
+def test_monitor_schedule_balances_the_arms_in_a_b_b_a_rounds():
+    from benchmarks.monitor_overhead import monitor_on, round_ratios
+
+    warmup, segment, rounds = 3, 2, 4
+    pattern = [monitor_on(b, warmup, segment) for b in range(warmup + 4 * segment * rounds)]
+    assert pattern[:warmup] == [True, False, True]
+    a, b = [True] * segment, [False] * segment
+    assert pattern[warmup:] == [*a, *b, *b, *a, *b, *a, *a, *b] * 2
+    times = [float(i % 7 + 1) for i in range(len(pattern))]
+    ratios = round_ratios(times, warmup, segment, rounds)
+    for r, ratio in enumerate(ratios):  # monitor-on time / monitor-off time over each round
+        batches = range(warmup + 8 * r, warmup + 8 * (r + 1))
+        on = sum(times[i] for i in batches if pattern[i])
+        assert ratio == pytest.approx(on / (sum(times[i] for i in batches) - on))
+
+
+def test_bootstrap_interval_brackets_the_median():
+    from benchmarks.monitor_overhead import bootstrap_interval
+
+    values = [1.0 + 0.01 * ((7 * i) % 11 - 5) for i in range(40)]
+    low, high = bootstrap_interval(values)
+    assert low < statistics.median(values) < high and min(values) < low and high < max(values)
+    assert bootstrap_interval([1.02] * 5) == (1.02, 1.02)
+
+
+def test_monitor_overhead_script_smoke_run(harness, user_files, tmp_path):
+    tiny = ["--preset", "tiny", "--train-files", user_files["txt"], "--vocab-size", "300", "--max-length", "17",
+            "--batch-size", "4", "--warmup", "1", "--forward-reps", "1"]  # fmt: skip
+    with pytest.raises(ConfigurationError, match="multiple of --log-every"):
+        run_script("monitor_overhead", [*tiny, "--rounds", "1", "--steps", "3", "--log-every", "2"])
+    argv = [*tiny, "--rounds", "3", "--steps", "2", "--log-every", "2", "--json", str(tmp_path / "result.json")]
+    result = run_script("monitor_overhead", argv)
+    for name in ("wall", "cpu"):  # the wall-clock verdict, the process CPU time beside it
+        measure = result[name]
+        assert len(measure["round_ratios"]) == 3 and measure["ratio"] == statistics.median(measure["round_ratios"])
+        assert min(measure["round_ratios"]) <= measure["low"] <= measure["ratio"] <= measure["high"]
+        assert measure["on_s"] > 0 and measure["off_s"] > 0
+    assert (result["ratio"], result["ratio_low"], result["ratio_high"]) == tuple(
+        result["wall"][key] for key in ("ratio", "low", "high")
+    )
+    assert result["passed"] == (result["ratio_high"] - 1 <= 0.01) and result["verdict"] in {"PASS", "FAIL", "UNDECIDED"}
+    assert result["log_every_n_steps"] == 2 and result["logger"] == "tensorboard" and result["calls_per_forward"] > 0
+    assert result["estimate_share"] == pytest.approx(
+        (result["hook_s_per_step"] + result["counter_s_per_step"]) / result["wall"]["off_s"]
+    )
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_alternating_monitor_counts_and_logs_only_on_its_steps(harness, tmp_path):
+    """Off steps run no monitor work and log none of its metrics (Lightning would re-log the last values)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from benchmarks.monitor_overhead import AlternatingMonitor, monitor_on
+
+    rows = [{"input_ids": torch.randint(5, 50, (8,)), "attention_mask": torch.ones(8, dtype=torch.long)}] * 16
+    loader = torch.utils.data.DataLoader(rows, batch_size=2)
+    monitor = AlternatingMonitor(lambda b: monitor_on(b, 0, 1), peak_flops=1e11)
+    trainer = harness.benchmark_trainer(
+        accelerator="cpu", max_steps=8, log_every_n_steps=1, logger=CSVLogger(tmp_path), callbacks=[monitor]
+    )
+    trainer.fit(BertMLM(vocab_size=50, preset="tiny"), loader)
+    on = [b for b in range(8) if monitor_on(b, 0, 1)]
+    assert on == [0, 3, 5, 6] and sorted(monitor.hook_seconds) == on
+    assert all(seconds > 0 for seconds in monitor.hook_seconds.values())
+    assert monitor.summary["samples"] == 2 * len(on) and monitor.summary["tokens"] == 16 * len(on)  # its steps only
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", encoding="utf-8") as handle:
+        logged = [int(row["step"]) for row in csv.DictReader(handle) if row["efficiency/mfu"]]
+    assert logged == on

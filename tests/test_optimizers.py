@@ -99,24 +99,109 @@ GROUPS = [  # per tensor: weight decay on/off, trust ratio on/off (tensor 4 with
 ]
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("bias_correction", [True, False])
-def test_lamb_equals_algorithm_2(steps, bias_correction):
-    params, optimizer = run(LAMB, steps, GROUPS, bias_correction=bias_correction, **LAMB_SETTINGS)
-    for index, (param, start, group) in enumerate(zip(params, make_tensors(), GROUPS)):
+GROUPS_DECAY = [  # weight decay on tensors with and without the trust ratio (AdamW's own update when off)
+    {"weight_decay": 0.1, "trust_ratio": False},
+    {"weight_decay": 0.3},
+    {"weight_decay": 0.1, "trust_ratio": False},
+    {"weight_decay": 0.1},  # ||w|| > clamp
+    {"weight_decay": 0.2},  # zero gradient: u = wd w only
+]
+
+
+def assert_lamb_matches_reference(params, optimizer, groups, steps, bias_correction, settings):
+    """Every tensor's weights, step and recorded trust ratio against ``lamb_reference`` (fp64)."""
+    for index, (param, start, group) in enumerate(zip(params, make_tensors(), groups)):
         grads = [g[index] for g in make_grads(steps)]
         expected, ratio = lamb_reference(
             start, grads, weight_decay=group["weight_decay"], trust_ratio=group.get("trust_ratio", True),
-            bias_correction=bias_correction, **LAMB_SETTINGS,
+            bias_correction=bias_correction, **settings,
         )  # fmt: skip
         if expected.norm() > 0:
             assert relative_error(param.detach(), expected) < 1e-6, f"tensor {index}"
         moved = expected - start.double()
         if moved.norm() > 0:  # the step itself (not only the weights) matches
             assert relative_error(param.detach() - start, moved) < 1e-5, f"tensor {index}"
+        else:
+            assert torch.equal(param.detach(), start), f"tensor {index}"
         recorded = optimizer.state[param]["trust_ratio"]
         assert recorded.dtype == torch.float32 and recorded.shape == ()
         assert recorded.item() == pytest.approx(ratio, rel=1e-6), f"tensor {index}"
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_equals_algorithm_2(steps, bias_correction):
+    params, optimizer = run(LAMB, steps, GROUPS, bias_correction=bias_correction, **LAMB_SETTINGS)
+    assert_lamb_matches_reference(params, optimizer, GROUPS, steps, bias_correction, LAMB_SETTINGS)
+
+
+@pytest.fixture(params=["fused", "foreach"])
+def lamb_path(request, monkeypatch):
+    """Which kernels LAMB's step runs on: ``torch._fused_adamw_`` (counted) or the ``torch._foreach_*`` path."""
+    from lightning_efficient.optim import lamb
+
+    calls = []
+    if request.param == "foreach":  # as on a device type without the fused kernel
+        monkeypatch.setattr(lamb, "_FUSED_DEVICE_TYPES", frozenset())
+    fused = torch._fused_adamw_
+
+    def counted(params, *args, **kwargs):
+        calls.append(len(params))
+        return fused(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counted)
+    return request.param, calls
+
+
+@pytest.mark.parametrize("groups", [GROUPS, GROUPS_DECAY], ids=["mixed", "decay"])
+@pytest.mark.parametrize("clamp", [10.0, None])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_steps_equal_algorithm_2_on_both_paths(lamb_path, groups, clamp, bias_correction):
+    """Five steps of the fused kernel path and of the foreach path against Algorithm 2: weight decay on
+    and off, trust ratio on and off, bias correction on and off, the clamp on and off (||w|| of tensor 3 > 10)."""
+    path, calls = lamb_path
+    steps, settings = 5, {**LAMB_SETTINGS, "clamp": clamp}
+    params, optimizer = run(LAMB, steps, groups, bias_correction=bias_correction, **settings)
+    assert len(calls) == (steps * len(groups) if path == "fused" else 0)  # one tensor per group here
+    assert_lamb_matches_reference(params, optimizer, groups, steps, bias_correction, settings)
+
+
+def test_lamb_fused_path_is_one_kernel_call_per_bucket(lamb_path):
+    """BERT-tiny's two groups: one ``torch._fused_adamw_`` call each, over all of the group's tensors."""
+    path, calls = lamb_path
+    model = BertMLM(vocab_size=97, preset="tiny")
+    optimizer = LAMB(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 97, (2, 8))).float().square().mean().backward()
+    optimizer.step()
+    assert calls == ([len(g["params"]) for g in optimizer.param_groups] if path == "fused" else [])
+
+
+def test_lamb_non_contiguous_tensors_take_the_foreach_path_with_the_same_result(lamb_path):
+    """The CPU kernel walks memory in order: transposed weights go the foreach way, to the same numbers."""
+    path, calls = lamb_path
+    start = make_tensors()[0]
+    plain = torch.nn.Parameter(start.clone())
+    transposed = torch.nn.Parameter(start.t().contiguous().t())  # same values, column-major
+    assert not transposed.is_contiguous()
+    optimizers = [LAMB([p], weight_decay=0.1, lr=0.05, no_decay_1d=False) for p in (plain, transposed)]
+    for grads in make_grads(3):
+        for p, optimizer in zip((plain, transposed), optimizers):
+            p.grad = grads[0].clone()
+            optimizer.step()
+    torch.testing.assert_close(transposed.detach(), plain.detach(), rtol=1e-6, atol=1e-7)
+    assert len(calls) == (3 if path == "fused" else 0)  # the contiguous one only
+
+
+def test_lamb_empty_parameter_takes_the_foreach_path(lamb_path):
+    """A 0-element tensor (which CUDA's fused kernel refuses) moves its bucket to the foreach path; others still step."""
+    _, calls = lamb_path
+    empty, weight = torch.nn.Parameter(torch.zeros(0, 4)), torch.nn.Parameter(make_tensors()[0].clone())
+    optimizer = LAMB([{"params": [weight, empty]}], lr=0.05, weight_decay=0.1)
+    weight.grad, empty.grad = make_grads(1)[0][0], torch.zeros(0, 4)
+    optimizer.step()
+    expected, _ = lamb_reference(make_tensors()[0], [make_grads(1)[0][0]], 0.05, (0.9, 0.999), 1e-6, 0.1, 10.0)
+    assert relative_error(weight.detach(), expected) < 1e-6 and empty.shape == (0, 4)
+    assert optimizer.state[empty]["trust_ratio"].item() == 1.0 and calls == []
 
 
 def test_lamb_special_cases_are_exercised():
@@ -382,8 +467,10 @@ def test_optimizer_step_benchmark_smoke(tmp_path, monkeypatch, capsys):
     script.main(["--preset", "tiny", "--vocab-size", "301", "--rounds", "2", "--steps", "3", "--warmup", "1",
                  "--json", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
-    assert set(result["variants"]) == {"AdamW(foreach=True)", "LAMB (ours)", "Lion (ours)"}
+    assert set(result["variants"]) == {"AdamW(foreach=True)", "AdamW(fused=True)", "LAMB (ours)", "Lion (ours)"}
     assert all(v["steps"] == 6 and v["rounds"] == 2 for v in result["variants"].values())
     assert set(result["passed"]) == {"LAMB (ours)", "Lion (ours)"}
     printed = capsys.readouterr().out
     assert "LAMB (ours) step =" in printed and "Lion (ours) step =" in printed
+    assert "reference (no claim): AdamW(fused=True) step =" in printed
+    assert result["target"] == 1.10  # issue 30

@@ -8,8 +8,24 @@ For each parameter tensor ``w`` with gradient ``g`` at step ``t``::
     ratio = min(||w||, clamp) / ||u||                (1 when ||w|| or ||u|| is 0, or trust_ratio is off)
     w = w - lr ratio u
 
-Written on ``torch._foreach_*`` kernels (our own rather than pytorch-optimizer 4.1.0, whose
-``Lamb`` is not this formula: see the CHANGELOG).
+Our own rather than pytorch-optimizer 4.1.0, whose ``Lamb`` is not this formula (see the CHANGELOG).
+
+How a step runs (per bucket, no per-tensor Python loop of tensor ops, no device sync): the moments
+and ``u`` come from one pass of PyTorch's fused AdamW kernel (``torch._fused_adamw_``, private like
+the ``torch._foreach_*`` ops; on CPU, CUDA, XPU, MPS), whose formula per element is::
+
+    p = p (1 - lr' wd')                                 (skipped when wd' = 0)
+    m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
+    p = p - (lr' / c1) m / (sqrt(v) / sqrt(c2) + eps)   c1 = 1 - beta1^t, c2 = 1 - beta2^t
+
+Run on a buffer ``p = weight_decay w`` with ``lr' = -1`` and ``wd' = 0`` it leaves ``p = u``,
+computed as the formula above is written (no difference of nearly equal numbers). Then two
+``_foreach_norm`` and one ``_foreach_addcmul_`` give ``w = w - lr ratio u``. A group with
+``trust_ratio: False`` is exactly AdamW (``lr' = lr``, ``wd' = weight_decay``), run in place.
+``bias_correction=False`` is the limit ``t -> inf`` (``beta^t -> 0``): the kernel gets a step count of
+2^62, for which ``1 - beta^t`` is exactly 1 in double precision for every beta in [0, 1).
+Devices without the kernel, and buckets with a tensor that is not contiguous or is empty, take an
+equivalent path of ``torch._foreach_*`` calls.
 """
 
 from __future__ import annotations
@@ -112,37 +128,106 @@ class LAMB(ForeachOptimizer):
     def update(self, group: dict[str, Any], bucket: Bucket) -> None:
         weights, grads = bucket.working()
         exp_avg, exp_avg_sq = bucket.state("exp_avg"), bucket.state("exp_avg_sq")
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        t = bucket.step
-        correction1, correction2 = (1 - beta1**t, 1 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
-
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-
-        # With c1 = 1 - beta1^t, c2 = 1 - beta2^t and q = m / (sqrt(v) + eps sqrt(c2)), r = (sqrt(c2) / c1) q.
-        # One buffer x per tensor, written in one pass, holds u up to a factor (u = factor x):
-        #   weight decay on:  x = w + (sqrt(c2) / (c1 wd)) q,  factor = wd
-        #   weight decay off: x = q,                          factor = sqrt(c2) / c1
-        scale = math.sqrt(correction2) / correction1
-        updates = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_add_(updates, eps * math.sqrt(correction2))
-        for w, m, x in zip(weights, exp_avg, updates):  # (no foreach op writes into its divisor)
-            if weight_decay > 0:
-                torch.addcdiv(w, m, x, value=scale / weight_decay, out=x)
-            else:
-                torch.div(m, x, out=x)
-        factor = weight_decay if weight_decay > 0 else scale
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        fused = _fused_kernel_applies(weights, grads, exp_avg, exp_avg_sq)
 
         if group["trust_ratio"]:
-            ratios = trust_ratios(weights, updates, group["clamp"], factor)
+            if fused:  # u = weight_decay w + m_hat / (sqrt(v_hat) + eps), in one pass over the bucket
+                updates = torch._foreach_mul(weights, weight_decay)
+                _fused_adamw(group, bucket, updates, grads, exp_avg, exp_avg_sq, lr=-1.0, weight_decay=0.0)
+            else:
+                updates = _foreach_direction(group, bucket.step, weights, grads, exp_avg, exp_avg_sq)
+            ratios = trust_ratios(weights, updates, group["clamp"])
             for state, ratio in zip(bucket.states, ratios):
                 state["trust_ratio"] = ratio
-            torch._foreach_addcmul_(weights, updates, ratios, value=-lr * factor)  # w -= lr ratio u
+            torch._foreach_addcmul_(weights, updates, ratios, value=-lr)  # w -= lr ratio u
         else:
             for state in bucket.states:
                 if "trust_ratio" not in state:
                     state["trust_ratio"] = torch.ones((), dtype=torch.float32, device=bucket.params[0].device)
-            torch._foreach_add_(weights, updates, alpha=-lr * factor)  # w -= lr u
+            if fused:  # w -= lr u: AdamW itself
+                _fused_adamw(group, bucket, weights, grads, exp_avg, exp_avg_sq, lr=lr, weight_decay=weight_decay)
+            else:
+                updates = _foreach_direction(group, bucket.step, weights, grads, exp_avg, exp_avg_sq)
+                torch._foreach_add_(weights, updates, alpha=-lr)
         bucket.write_back(weights)
+
+
+#: A step count ``t`` for which ``1 - beta^t`` is exactly 1 in double precision for every ``beta`` in [0, 1)
+#: (the largest, ``1 - 2^-53``, gives ``beta^t = exp(-2^9)``, about 1e-223); exact in fp32 and within int64
+#: (the same count whether a kernel reads it as a float or as an integer).
+_NO_BIAS_CORRECTION_STEP = 2.0**62
+
+
+def _fused_adamw(
+    group: dict[str, Any],
+    bucket: Bucket,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Update the moments and ``params -= lr (m_hat / (sqrt(v_hat) + eps) + weight_decay params)`` in one kernel.
+
+    ``lr`` may be negative (the kernel does not check it; ``torch.optim.AdamW`` does). The bucket's step
+    count goes in as one fp32 0-d tensor on the bucket's device (``torch.full``: a fill, no host-to-device
+    copy), shared by all its tensors; 2^62 without bias correction (see the module docstring).
+    """
+    beta1, beta2 = group["betas"]
+    step = float(bucket.step) if group["bias_correction"] else _NO_BIAS_CORRECTION_STEP
+    step_tensor = torch.full((), step, dtype=torch.float32, device=bucket.params[0].device)
+    # torch._fused_adamw_ is private (like the torch._foreach_* ops): the kernel of torch.optim.AdamW(fused=True).
+    torch._fused_adamw_(
+        params, grads, exp_avg, exp_avg_sq, [], [step_tensor] * len(params),
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=group["eps"], amsgrad=False, maximize=False,
+    )  # fmt: skip
+
+
+def _fused_kernel_applies(weights: list[torch.Tensor], *others: list[torch.Tensor]) -> bool:
+    """Whether ``torch._fused_adamw_`` takes these tensors: a device type it has a kernel for, all contiguous
+    (the CPU kernel walks memory in order, the CUDA one refuses other layouts), none empty (refused on CUDA)."""
+    if weights[0].device.type not in _FUSED_DEVICE_TYPES or not all(w.numel() for w in weights):
+        return False
+    return all(t.is_contiguous() for tensors in (weights, *others) for t in tensors)
+
+
+try:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    _FUSED_DEVICE_TYPES = frozenset(_get_fused_kernels_supported_devices()) & {"cpu", "cuda", "xpu", "mps"}
+except ImportError:  # pragma: no cover - the private helper moved
+    _FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+
+
+def _foreach_direction(
+    group: dict[str, Any],
+    step: int,
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Update the moments and return ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay w`` with foreach calls.
+
+    The path for devices and layouts that ``torch._fused_adamw_`` does not take; same formula.
+    """
+    beta1, beta2 = group["betas"]
+    eps, weight_decay = group["eps"], group["weight_decay"]
+    correction1, correction2 = (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
+
+    torch._foreach_lerp_(exp_avg, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+
+    # m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2))
+    denominators = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_add_(denominators, eps * math.sqrt(correction2))
+    updates = torch._foreach_div(exp_avg, denominators)
+    scale = math.sqrt(correction2) / correction1
+    if scale != 1.0:
+        torch._foreach_mul_(updates, scale)
+    if weight_decay != 0:
+        torch._foreach_add_(updates, weights, alpha=weight_decay)
+    return updates
