@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "MAIN_JOB",
     "baseline_run",
     "converge",
+    "counted_flops",
     "mlm_arguments",
     "mlm_data",
     "mlm_job_line",
@@ -180,6 +182,17 @@ def target_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--tolerance", type=float, default=0.01, help="default target: baseline's final x (1 + this)")
     group.add_argument("--skip-timing", action="store_true", help="skip part 1")
     return parser
+
+
+def counted_flops(
+    build: Callable[[], pl.LightningModule], data: MLMDataModule, callbacks: list[pl.Callback], steps: int = 2
+) -> float:
+    """Model FLOPs per training step that an ``EfficiencyMonitor`` counts over ``steps`` steps of ``build()``."""
+    torch.manual_seed(0)
+    monitor = EfficiencyMonitor(peak_flops=1.0)  # a given peak: none is measured (MFU is not read)
+    with tempfile.TemporaryDirectory() as root:
+        benchmark_trainer(max_steps=steps, default_root_dir=root, callbacks=[*callbacks, monitor]).fit(build(), data)
+    return float(monitor.summary["flops_per_step"])
 
 
 def step_time_part(

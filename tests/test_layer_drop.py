@@ -50,8 +50,11 @@ def trainer(callbacks: list[Callback], steps: int, root: Any, **kwargs: Any) -> 
 def test_keep_probabilities_follow_the_papers_formulas(step: int) -> None:
     depth, rate, gamma = 6, 0.3, 0.05
     assert keep_probabilities("fixed", rate, depth, step).tolist() == pytest.approx([0.7] * depth)
-    assert keep_probabilities("linear", rate, depth, step).tolist() == pytest.approx([1 - rate * l / depth for l in range(1, 7)])
-    theta = (1 - (1 - rate)) * math.exp(-gamma * step) + (1 - rate)  # Zhang & He: (1 - theta_bar) e^(-gamma t) + theta_bar
+    assert keep_probabilities("linear", rate, depth, step).tolist() == pytest.approx(
+        [1 - rate * l / depth for l in range(1, 7)]
+    )
+    # Zhang & He: (1 - theta_bar) e^(-gamma t) + theta_bar
+    theta = (1 - (1 - rate)) * math.exp(-gamma * step) + (1 - rate)
     assert progressive_theta(step, rate, gamma) == pytest.approx(theta)
     expected = [1 - l / depth * (1 - theta) for l in range(1, 7)]
     assert keep_probabilities("progressive", rate, depth, step, gamma).tolist() == pytest.approx(expected)
@@ -64,7 +67,9 @@ def test_average_keep_of_half_for_the_benchmark_settings() -> None:
 
 
 # -- the blocks are really skipped --------------------------------------------------------------
-def test_dropped_blocks_are_not_called_and_evaluation_runs_all(monkeypatch: pytest.MonkeyPatch, user_files: dict, tmp_path: Any) -> None:
+def test_dropped_blocks_are_not_called_and_evaluation_runs_all(
+    monkeypatch: pytest.MonkeyPatch, user_files: dict, tmp_path: Any
+) -> None:
     calls = count_calls(monkeypatch, BertLayer)
     model, dm = tiny_family("bert", user_files)
     drop = LayerDrop(drop_rate=0.5, seed=11)
@@ -81,7 +86,9 @@ def test_dropped_blocks_are_not_called_and_evaluation_runs_all(monkeypatch: pyte
     assert drop.is_applied is False and calls == [False] * 6  # 2 batches x every block, in eval mode
 
 
-def test_both_stacks_of_translation_drop_and_counts_match(monkeypatch: pytest.MonkeyPatch, user_files: dict, tmp_path: Any) -> None:
+def test_both_stacks_of_translation_drop_and_counts_match(
+    monkeypatch: pytest.MonkeyPatch, user_files: dict, tmp_path: Any
+) -> None:
     encoder_calls = count_calls(monkeypatch, MarianEncoderLayer)
     decoder_calls = count_calls(monkeypatch, MarianDecoderLayer)
     model, dm = tiny_family("mt", user_files)
@@ -124,6 +131,23 @@ def test_same_seed_same_drops_and_state_round_trip() -> None:
     first.on_train_batch_start(fake, pl_module, None, 0)
     restored.on_train_batch_start(fake, pl_module, None, 0)
     assert torch.equal(first._kept[0], restored._kept[0])
+
+
+def test_each_step_draws_with_that_steps_keep_probabilities() -> None:
+    """Fixed and linear probabilities are computed once, PLD's at every step, and changed settings are picked up."""
+    logged: list[float] = []
+    pl_module = SimpleNamespace(log_dict=lambda metrics, **kwargs: logged.append(metrics["layer_drop/expected_keep"]))
+    drop = LayerDrop(0.5, schedule="progressive", gamma=0.1, seed=3)
+    drop._depths = [4]
+    generator = torch.Generator().manual_seed(3)
+    settings = [("progressive", 0.5, step) for step in (0, 0, 3, 10)] + [("linear", 0.8, 11), ("linear", 0.8, 12)]
+    for schedule, rate, step in settings:
+        drop.schedule, drop.drop_rate = schedule, rate
+        drop.on_train_batch_start(SimpleNamespace(global_step=step), pl_module, None, 0)
+        keep = keep_probabilities(schedule, rate, 4, step, 0.1)
+        assert torch.equal(drop._kept[0], torch.rand(4, generator=generator, dtype=torch.float64) < keep)
+        assert logged[-1] == pytest.approx(float(keep.mean()))
+    assert logged[-1] == pytest.approx(0.5) and logged[0] == 1.0 and 0.5 < logged[2] < 1.0
 
 
 # -- outputs, rescaling, keys --------------------------------------------------------------------

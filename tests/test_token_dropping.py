@@ -138,6 +138,35 @@ def test_gather_scatter_round_trip_and_masks() -> None:
     assert gather_mask(None, kept) is None
 
 
+def test_gather_scatter_and_masks_equal_torch_gather_and_scatter_with_gradients() -> None:
+    """The indexed copies give what torch.gather / torch.scatter with an expanded index give, gradients included."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 4, generator=generator, requires_grad=True)
+    weight = torch.randn(3, 4, 4, generator=generator, requires_grad=True)  # the blocks' work on the kept tokens
+    indices = torch.rand(3, 7, generator=generator).topk(4, dim=1).indices.sort(dim=1).values
+    index = indices[:, :, None].expand(3, 4, 4)
+    upstream = (torch.randn(3, 4, 4, generator=generator), torch.randn(3, 7, 4, generator=generator))
+
+    def run(gather: Any, scatter: Any) -> list[torch.Tensor]:
+        short = gather(hidden)
+        restored = scatter(hidden, short * weight)
+        loss = (short * upstream[0]).sum() + (restored * upstream[1]).sum()
+        return [short, restored, *torch.autograd.grad(loss, (hidden, weight))]
+
+    ours = run(lambda h: gather_tokens(h, indices), lambda h, k: scatter_tokens(h, k, indices))
+    reference = run(lambda h: h.gather(1, index), lambda h, k: h.scatter(1, index, k))
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+    square = torch.rand(3, 1, 7, 7, generator=generator) < 0.7  # (B, 1, T, T): keys, then queries
+    keys = square.gather(3, indices[:, None, None, :].expand(3, 1, 7, 4))
+    assert torch.equal(gather_mask(square, indices), keys.gather(2, indices[:, None, :, None].expand(3, 1, 4, 4)))
+    additive = torch.randn(1, 1, 1, 7, generator=generator)  # (1, 1, 1, T): broadcast over the batch, keys only
+    assert torch.equal(gather_mask(additive, indices), additive.expand(3, 1, 1, 7).gather(3, indices[:, None, None, :]))
+    three = torch.rand(3, 7, 7, generator=generator)  # (B, T, T)
+    expected = three.gather(2, indices[:, None, :].expand(3, 7, 4)).gather(1, indices[:, :, None].expand(3, 4, 4))
+    assert torch.equal(gather_mask(three, indices), expected)
+
+
 # -- on BertMLM ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pad_from", [None, 14])
 def test_sequence_is_restored_and_masked_positions_are_never_dropped(

@@ -91,7 +91,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -196,6 +196,16 @@ def select_kept_tokens(
     return rank.topk(keep, dim=1).indices.sort(dim=1).values
 
 
+def _take(values: torch.Tensor, indices: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``values`` restricted, along ``dim``, to the positions ``indices`` ``(B, K)`` of each row of dimension 0.
+
+    One advanced-indexing copy of the kept rows (its backward an indexed add): ``torch.gather`` with an
+    index expanded over the hidden size costs several times more on the CPU, forward and backward.
+    """
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None]
+    return values.movedim(dim, 1)[rows, indices].movedim(1, dim)
+
+
 def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The rows ``indices`` ``(B, K)`` of each sequence of ``hidden`` ``(B, T, ...)``: ``(B, K, ...)``.
 
@@ -203,8 +213,7 @@ def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         >>> gather_tokens(torch.arange(6.0).view(1, 3, 2), torch.tensor([[0, 2]])).tolist()
         [[[0.0, 1.0], [4.0, 5.0]]]
     """
-    index = indices.view(*indices.shape, *([1] * (hidden.dim() - 2))).expand(*indices.shape, *hidden.shape[2:])
-    return hidden.gather(1, index)
+    return _take(hidden, indices)
 
 
 def scatter_tokens(full: torch.Tensor, kept: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -218,8 +227,8 @@ def scatter_tokens(full: torch.Tensor, kept: torch.Tensor, indices: torch.Tensor
         [[[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]]
     """
     dtype = torch.promote_types(full.dtype, kept.dtype)  # autocast may hand the two over in different dtypes
-    index = indices.view(*indices.shape, *([1] * (full.dim() - 2))).expand(*indices.shape, *full.shape[2:])
-    return full.to(dtype).scatter(1, index, kept.to(dtype))
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None]
+    return full.to(dtype).index_put((rows, indices), kept.to(dtype))  # indices are unique in a row: no accumulation
 
 
 def gather_mask(mask: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor | None:
@@ -236,9 +245,9 @@ def gather_mask(mask: torch.Tensor | None, indices: torch.Tensor) -> torch.Tenso
     """
     if mask is None:
         return None
-    batch, kept = indices.shape
+    batch = indices.shape[0]
     if mask.dim() == 2:
-        return mask.expand(batch, -1).gather(1, indices)
+        return _take(mask.expand(batch, -1), indices)
     if mask.dim() not in (3, 4):
         raise ValueError(
             f"token dropping cannot restrict an attention mask of shape {tuple(mask.shape)} to the kept tokens"
@@ -246,10 +255,11 @@ def gather_mask(mask: torch.Tensor | None, indices: torch.Tensor) -> torch.Tenso
     squeeze = mask.dim() == 3
     mask = mask.unsqueeze(1) if squeeze else mask
     mask = mask.expand(batch, *mask.shape[1:])
-    heads, queries, length = mask.shape[1:]
-    mask = mask.gather(3, indices[:, None, None, :].expand(batch, heads, queries, kept))  # keys
+    queries, length = mask.shape[2:]
+    mask = _take(mask, indices, dim=3)  # keys
     if queries == length:
-        mask = mask.gather(2, indices[:, None, :, None].expand(batch, heads, kept, kept))  # queries
+        mask = _take(mask, indices, dim=2)  # queries
+    mask = mask.contiguous()  # the copies leave the kept dimensions outermost
     return mask.squeeze(1) if squeeze else mask
 
 
@@ -288,6 +298,16 @@ class _Dropped:
 
     indices: torch.Tensor  # (B, K) kept positions, sorted
     entering: torch.Tensor  # (B, T, H) the hidden states entering the range
+    masks: dict[int | str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # where: (mask, restricted)
+
+    def restrict(self, where: int | str, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``mask`` restricted to the kept tokens, restricted once for the blocks of the range that share it."""
+        if mask is None:
+            return None
+        cached = self.masks.get(where)
+        if cached is None or cached[0] is not mask:
+            cached = self.masks[where] = (mask, gather_mask(mask, self.indices))
+        return cached[1]
 
 
 def _replace_hidden(
@@ -444,9 +464,9 @@ class TokenDropping(Technique):
                     "token dropping cannot restrict a src_mask (one mask for every sequence) to each row's kept tokens"
                 )
             if isinstance(where, int):
-                args = (*args[:where], gather_mask(mask, state.indices), *args[where + 1 :])
+                args = (*args[:where], state.restrict(where, mask), *args[where + 1 :])
             else:
-                kwargs = {**kwargs, where: gather_mask(mask, state.indices)}
+                kwargs = {**kwargs, where: state.restrict(where, mask)}
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
             positions = kwargs["position_ids"]
             kwargs = {**kwargs, "position_ids": positions.expand(state.indices.shape[0], -1).gather(1, state.indices)}
@@ -518,7 +538,7 @@ class TokenDropping(Technique):
         self._micro = self._micro + 1 if step == self._last_step else 0  # micro-batches of one optimizer step
         self._last_step = step
         self._fraction = scheduled_keep_fraction(step, self.keep_fraction, self.final_keep_fraction, self._total_steps)
-        self._generator = torch.Generator().manual_seed(_stream_seed(self.seed, trainer.global_rank, step, self._micro))
+        self._generator.manual_seed(_stream_seed(self.seed, trainer.global_rank, step, self._micro))  # no new generator
         self._realised = []
 
     def on_train_batch_end(
